@@ -1,0 +1,1 @@
+"""Networks for object-centric learning (encoders, Slot Attention, decoders). Not implemented yet."""

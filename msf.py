@@ -1,0 +1,1 @@
+"""The multi-scale fusion VQ-VAE and its quantisers. Not implemented yet."""

@@ -1,0 +1,81 @@
+"""Config loading: YAML then `--key value`, declared types, clear errors for unknown keys and wrong types."""
+
+import pytest
+import yaml
+
+from common import UserError, load_config, option, save_config
+
+OPTIONS = {
+    "steps": option(100, "training steps"),
+    "lr": option(1e-3, "learning rate"),
+    "name": option("run", "run name"),
+    "amp": option(True, "mixed precision"),
+    "scales": option([1], "guidance scales", type="int_list"),
+    "ckpt": option(None, "checkpoint", type="str"),
+    "fusion": option("concat_pinv", "fusion", choices=("concat_pinv", "mean")),
+}
+
+
+def write(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_yaml_and_cli_override(tmp_path):
+    path = write(tmp_path, {"steps": 5, "lr": 2, "scales": [1, 2], "ckpt": "a.pt"})
+    config = load_config(OPTIONS, [path, "--steps", "7", "--amp", "false", "--scales", "2", "--name", "x"])
+    assert config == {"steps": 7, "lr": 2.0, "name": "x", "amp": False, "scales": [2], "ckpt": "a.pt",
+                      "fusion": "concat_pinv"}
+    assert isinstance(config["lr"], float)  # YAML int accepted for a float key
+    assert load_config(OPTIONS, [path, "--scales", "[1, 2]", "--ckpt", "null"])["scales"] == [1, 2]
+    assert load_config(OPTIONS, [path, "--ckpt", "null"])["ckpt"] is None
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(UserError, match="unknown config key 'step' .*did you mean 'steps'"):
+        load_config(OPTIONS, [write(tmp_path, {"step": 5})])
+
+
+def test_unknown_cli_flag_is_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        load_config(OPTIONS, [write(tmp_path, {}), "--stepz", "3"])
+
+
+@pytest.mark.parametrize("data, pattern", [
+    ({"steps": "ten"}, "'steps' must be int"),
+    ({"steps": 1.5}, "'steps' must be int"),
+    ({"amp": "yes"}, "'amp' must be bool"),
+    ({"lr": True}, "'lr' must be float"),
+    ({"scales": 1}, "'scales' must be list of int"),
+    ({"scales": [1, "a"]}, "'scales' must be list of int"),
+    ({"fusion": "sum"}, "'fusion' must be one of"),
+    ({"name": None}, "'name' must be str, got null"),
+])
+def test_wrong_types_are_rejected(tmp_path, data, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_config(OPTIONS, [write(tmp_path, data)])
+
+
+def test_wrong_type_on_the_command_line(tmp_path):
+    with pytest.raises(UserError, match="'steps' must be int"):
+        load_config(OPTIONS, [write(tmp_path, {}), "--steps", "many"])
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(OPTIONS, [str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(OPTIONS, [str(bad)])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(OPTIONS, [str(listing)])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(OPTIONS, [write(tmp_path, {"steps": 3})])
+    save_config(config, str(tmp_path / "run" / "config.yaml"))
+    assert load_config(OPTIONS, [str(tmp_path / "run" / "config.yaml")]) == config

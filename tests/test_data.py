@@ -1,0 +1,247 @@
+"""Synthetic data generator, LMDB storage, Dataset/DataLoader behaviour and bad-database errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+
+import prepare_data
+from common import UserError
+from prepare_data import OCLDataset, StepSampler, decode_record, encode_record, load_split
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------ generator
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a = prepare_data.generate_image(3, "train", 7, 2, 6)
+    b = prepare_data.generate_image(3, "train", 7, 2, 6)
+    c = prepare_data.generate_image(4, "train", 7, 2, 6)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["image"], c["image"])
+    v1 = prepare_data.generate_video(0, "val", 1, 2, 4, 8)
+    v2 = prepare_data.generate_video(0, "val", 1, 2, 4, 8)
+    np.testing.assert_array_equal(v1["video"], v2["video"])
+    np.testing.assert_array_equal(v1["segment"], v2["segment"])
+
+
+def test_output_does_not_depend_on_worker_count(tmp_path):
+    counts = {"train": 10, "val": 3}
+    one = prepare_data.write_synthetic("shapes", str(tmp_path / "one"), counts, 1, 2, 5, 0, workers=1, progress=False)
+    two = prepare_data.write_synthetic("shapes", str(tmp_path / "two"), counts, 1, 2, 5, 0, workers=2, progress=False)
+    for split in counts:
+        a, b = load_split(one[split]), load_split(two[split])
+        assert len(a) == len(b) == counts[split]
+        for i in range(len(a)):
+            for key in ("image", "segment", "bbox"):
+                np.testing.assert_array_equal(a[i][key], b[i][key])
+
+
+def test_object_sizes_span_more_than_20x_and_every_object_is_visible():
+    areas = []
+    for index in range(300):
+        sample = prepare_data.generate_image(0, "train", index, 2, 6)
+        ids, counts = np.unique(sample["segment"], return_counts=True)
+        objects = counts[ids > 0]
+        assert len(objects) >= 1
+        assert objects.min() >= prepare_data.MIN_VISIBLE_PIXELS
+        areas.extend(objects.tolist())
+    p5, p95 = np.percentile(areas, [5, 95])
+    assert p95 / p5 > 20, (p5, p95)
+    assert p95 > 0.05 * 128 * 128  # large objects really are large (> 5% of the image)
+    assert p5 < 60  # and small ones are a few pixels across
+
+
+def test_video_objects_move_and_change_scale():
+    sample = prepare_data.generate_video(0, "train", 0, 3, 3, 24)
+    assert sample["video"].shape == (24, 128, 128, 3) and sample["segment"].shape == (24, 128, 128)
+    first, last = sample["segment"][0], sample["segment"][-1]
+    assert not np.array_equal(first, last)
+    for k in range(1, 4):  # every object is visible in the first frame so its box can seed a slot
+        assert (first == k).sum() >= prepare_data.MIN_VISIBLE_PIXELS
+
+
+def _boxes_by_loop(segment, max_objects):
+    """Oracle: per-object bounding boxes by explicit search."""
+    h, w = segment.shape
+    boxes = np.zeros((max_objects, 4), np.float32)
+    for k in range(1, max_objects + 1):
+        ys, xs = np.nonzero(segment == k)
+        if len(ys):
+            boxes[k - 1] = [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
+    return boxes
+
+
+def test_boxes_match_a_naive_search():
+    sample = prepare_data.generate_video(2, "train", 5, 2, 5, 10)
+    for t in range(10):
+        np.testing.assert_allclose(sample["bbox"][t], _boxes_by_loop(sample["segment"][t], 5))
+    image = prepare_data.generate_image(2, "val", 3, 2, 6)
+    np.testing.assert_allclose(image["bbox"], _boxes_by_loop(image["segment"], 6))
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+def test_record_round_trip_without_pickle():
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.integers(0, 255, (4, 5, 3), dtype=np.uint8), "b": rng.random((2, 3)).astype(np.float32),
+              "c": np.arange(6, dtype=np.int64).reshape(3, 2), "empty": np.zeros((0, 4), np.float32),
+              "flag": np.array([True, False])}
+    decoded = decode_record(encode_record(arrays))
+    assert list(decoded) == list(arrays)
+    for key in arrays:
+        assert decoded[key].dtype == arrays[key].dtype
+        np.testing.assert_array_equal(decoded[key], arrays[key])
+    with pytest.raises(ValueError):
+        encode_record({"o": np.array([object()], dtype=object)})
+
+
+def test_cli_writes_splits_load_split_reads_them(tmp_path):
+    out = tmp_path / "shapes"
+    result = subprocess.run([sys.executable, "prepare_data.py", "shapes", "--out", str(out), "--num_train", "12",
+                             "--num_val", "4", "--seed", "0", "--workers", "1"], cwd=ROOT, capture_output=True,
+                            text=True, env=dict(os.environ, CI="true"))
+    assert result.returncode == 0, result.stderr
+    assert str(out / "train.lmdb") in result.stdout
+    train = load_split(str(out / "train.lmdb"))
+    assert len(train) == 12 and len(load_split(str(out / "val.lmdb"))) == 4
+    sample = train[0]
+    assert sample["image"].shape == (128, 128, 3) and sample["image"].dtype == np.uint8
+    assert sample["segment"].shape == (128, 128) and sample["segment"].dtype == np.uint8
+    assert sample["bbox"].shape == (6, 4) and sample["bbox"].dtype == np.float32
+    for key in ("dataset", "count", "size", "frames", "max_objects", "format_version"):
+        assert key in train.meta
+    assert train.meta["count"] == 12 and train.meta["size"] == [128, 128] and train.meta["frames"] is None
+    assert not any(name.endswith((".partial", "-lock")) for name in os.listdir(out))
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+def test_image_dataset_tensors(shapes_dir):
+    dataset = OCLDataset(os.path.join(shapes_dir, "train.lmdb"), train=True)
+    raw = load_split(os.path.join(shapes_dir, "train.lmdb"))[3]
+    sample = dataset[3]
+    assert sample["image"].shape == (3, 128, 128) and sample["image"].dtype == torch.float32
+    expected = (torch.from_numpy(raw["image"].astype(np.float32)).permute(2, 0, 1) - 127.5) / 127.5
+    torch.testing.assert_close(sample["image"], expected)
+    assert sample["image"].min() >= -1 and sample["image"].max() <= 1
+    assert sample["segment"].dtype == torch.uint8 and sample["segment"].shape == (128, 128)
+    assert sample["bbox"].shape == (4, 4)
+
+
+def test_dataloader_with_worker_processes(shapes_dir):
+    dataset = OCLDataset(os.path.join(shapes_dir, "val.lmdb"), train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 4
+    assert batches[0]["image"].shape == (4, 3, 128, 128) and batches[0]["segment"].shape == (4, 128, 128)
+    direct = torch.stack([dataset[i]["image"] for i in range(4)])
+    torch.testing.assert_close(batches[0]["image"], direct)
+
+
+def test_video_windows(video_dir):
+    path = os.path.join(video_dir, "train.lmdb")
+    raw = load_split(path)[1]["video"]
+    train = OCLDataset(path, train=True, num_frames=4)
+    starts = set()
+    for draw in range(30):
+        clip = train[(1, draw)]
+        assert clip["video"].shape == (4, 3, 128, 128) and clip["segment"].shape == (4, 128, 128)
+        assert clip["bbox"].shape == (4, 3, 4)
+        frames = ((clip["video"] * 127.5 + 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)).numpy()
+        matches = [s for s in range(0, 12, 4) if np.array_equal(frames, raw[s:s + 4])]
+        assert len(matches) == 1  # one of the non-overlapping windows
+        starts.add(matches[0])
+        torch.testing.assert_close(train[(1, draw)]["video"], clip["video"])  # the draw decides the window
+    assert starts == {0, 4, 8}
+    full = OCLDataset(path, train=False)[1]
+    assert full["video"].shape == (12, 3, 128, 128) and full["bbox"].shape == (12, 3, 4)
+
+
+def test_resolution_resizes_images_and_masks(shapes_dir):
+    dataset = OCLDataset(os.path.join(shapes_dir, "val.lmdb"), train=False, resolution=64)
+    sample = dataset[0]
+    assert sample["image"].shape == (3, 64, 64) and sample["segment"].shape == (64, 64)
+    raw = load_split(os.path.join(shapes_dir, "val.lmdb"))[0]["segment"]
+    assert set(np.unique(sample["segment"].numpy())) <= set(np.unique(raw))  # nearest: no new ids
+
+
+def test_step_sampler_splits_global_batches_and_resumes():
+    def take(sampler, n):
+        iterator = iter(sampler)
+        return [next(iterator) for _ in range(n)]
+
+    single = take(StepSampler(10, 4, seed=3), 4 * 7)  # 7 steps over an epoch boundary
+    rank0 = take(StepSampler(10, 4, seed=3, rank=0, world_size=2), 2 * 7)
+    rank1 = take(StepSampler(10, 4, seed=3, rank=1, world_size=2), 2 * 7)
+    for step in range(7):
+        assert single[4 * step:4 * step + 4] == rank0[2 * step:2 * step + 2] + rank1[2 * step:2 * step + 2]
+    assert sorted(i for i, _ in single[:10]) == list(range(10))  # an epoch is a permutation
+    assert take(StepSampler(10, 4, seed=3, start_step=5), 8) == single[20:28]
+
+
+# ------------------------------------------------------------------------------------------------ bad databases
+
+def test_missing_database_names_path_and_command(tmp_path):
+    path = str(tmp_path / "shapes" / "train.lmdb")
+    with pytest.raises(UserError, match="does not exist.*prepare_data.py shapes"):
+        load_split(path)
+
+
+def test_half_written_database_is_refused(tmp_path):
+    directory = tmp_path / "shapes"
+    writer = prepare_data.SplitWriter(str(directory / "train.lmdb"))
+    writer.add({"image": np.zeros((2, 2, 3), np.uint8)})
+    writer.txn.commit()
+    writer.env.close()  # a crash before close(): only the .partial file exists
+    with pytest.raises(UserError, match="never finished"):
+        load_split(str(directory / "train.lmdb"))
+    os.replace(str(directory / "train.lmdb.partial"), str(directory / "train.lmdb"))  # renamed by hand
+    with pytest.raises(UserError, match="no metadata record"):
+        load_split(str(directory / "train.lmdb"))
+
+
+def test_corrupt_and_foreign_databases_are_refused(tmp_path, shapes_dir):
+    garbage = tmp_path / "shapes" / "train.lmdb"
+    garbage.parent.mkdir()
+    garbage.write_bytes(os.urandom(10000))
+    with pytest.raises(UserError, match="not a readable LMDB"):
+        load_split(str(garbage))
+
+    truncated = tmp_path / "cut.lmdb"
+    data = open(os.path.join(shapes_dir, "val.lmdb"), "rb").read()
+    truncated.write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError):
+        split = load_split(str(truncated))
+        for i in range(len(split)):
+            split[i]
+
+    old = tmp_path / "old.lmdb"
+    env = lmdb.open(str(old), subdir=False, map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"__meta__", json.dumps({"format": "msf-lmdb", "format_version": 0, "count": 0}).encode())
+    env.close()
+    with pytest.raises(UserError, match="version 0"):
+        load_split(str(old))
+
+
+def test_record_damage_is_reported_with_the_index(tmp_path):
+    path = tmp_path / "d.lmdb"
+    env = lmdb.open(str(path), subdir=False, map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"00000000", b"\x05\x00\x00\x00{bad}")
+        txn.put(b"__meta__", json.dumps({"format": "msf-lmdb", "format_version": 1, "count": 2, "size": [2, 2],
+                                         "max_objects": 1}).encode())
+    env.close()
+    split = load_split(str(path))
+    with pytest.raises(UserError, match="sample 0 is corrupt"):
+        split[0]
+    with pytest.raises(UserError, match="missing sample 1"):
+        split[1]

@@ -1,0 +1,6 @@
+"""Not implemented yet: this stage lands with its own issue (see README, 'Status')."""
+
+import sys
+
+if __name__ == "__main__":
+    sys.exit("error: train_ocl.py is not implemented yet; see README, 'Status'")
