@@ -53,6 +53,131 @@ def loader_images_per_s(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The VAE: MSF step cost relative to the VQ-VAE, and the batched fusion against a per-scale loop.
+
+def vae_config(quantizer: str) -> dict:
+    """The paper's VAE: 64 channels, c = 256, 4096 codes (VQ) or 64 x 64 combinations (MSF, N = 3)."""
+    import msf
+
+    return dict({k: o.default for k, o in msf.VAE_OPTIONS.items()}, quantizer=quantizer, gumbel=False)
+
+
+def time_interleaved(functions: dict, repeats: int, warmup: int = 2, sync=None) -> dict:
+    """Median seconds per call of each function, calls interleaved so machine noise hits all of them alike."""
+    import statistics
+
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            if sync:
+                sync()
+            start = time.perf_counter()
+            function()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _sync(device):
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+@figure
+def msf_vae_step_ratio(args):
+    """Training step time (forward, backward, Adam) of the MSF VAE (N=3) / the VQ-VAE at paper width, 128x128
+    input, batch 64 with --full (GPU) or 8 (CPU)."""
+    import msf
+
+    device = args.device
+    batch = 64 if args.full else 8
+    images = torch.rand(batch, 3, 128, 128, device=device) * 2 - 1
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    steps, peaks = {}, {}
+    for name in ("vq", "msf"):
+        torch.manual_seed(0)
+        model = msf.build_vae(vae_config(name)).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step(model=model, optimizer=optimizer):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, _ = model(images)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        steps[name] = step
+    timings = time_interleaved(steps, repeats=20 if args.full else 5, sync=_sync(device))
+    result = {"vae_step_s_vq": round(timings["vq"], 4), "vae_step_s_msf": round(timings["msf"], 4),
+              "msf_vae_step_ratio": round(timings["msf"] / timings["vq"], 3)}
+    if device.type == "cuda":
+        for name, step in steps.items():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        result.update(vae_peak_gib_vq=round(peaks["vq"], 2), vae_peak_gib_msf=round(peaks["msf"], 2),
+                      vae_peak_memory_ratio=round(peaks["msf"] / peaks["vq"], 3))
+    return result
+
+
+def fuse_per_scale_loop(z_list, codes, mode="adjacent"):
+    """The comparison point: the official code's structure. For every target scale, resize each candidate scale
+    to it (pool finer, upsample coarser), match the stack against the codebook, keep the most confident."""
+    import torch.nn.functional as F
+
+    import msf
+
+    fused = []
+    for n in range(len(z_list)):
+        candidates = []
+        for k in msf._candidate_scales(n, len(z_list), mode):
+            vectors = z_list[k]
+            if k < n:
+                vectors = F.avg_pool2d(vectors.permute(0, 3, 1, 2), 2 ** (n - k)).permute(0, 2, 3, 1)
+            elif k > n:
+                vectors = vectors.repeat_interleave(2 ** (k - n), 1).repeat_interleave(2 ** (k - n), 2)
+            candidates.append(vectors)
+        stack = torch.stack(candidates)  # (K,b,h,w,c)
+        probs = torch.softmax(msf.match_logits(stack.reshape(-1, stack.shape[-1]), codes), 1)
+        confidence, index = probs.max(1)
+        winner = confidence.view(stack.shape[:-1]).argmax(0)
+        fused.append(index.view(stack.shape[:-1]).gather(0, winner[None])[0])
+    return fused
+
+
+@figure
+def fusion_speedup_vs_loop(args):
+    """Inter-scale fusion (Eq. 4) of N=3 scales: the batched version vs the per-scale loop, same inputs."""
+    import msf
+
+    device = args.device
+    batch = 64 if args.full else 16
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    z = [torch.randn(batch, 32 // 2 ** n, 32 // 2 ** n, 256, generator=generator).to(device) for n in range(3)]
+    codes = torch.randn(64, 256, generator=generator).to(device)
+    result = {}
+    for mode, suffix in (("adjacent", ""), ("all", "_all")):  # Eq. 4's adjacent scales; the official every scale
+        batched = msf.fuse_inter_scale(z, codes, mode, return_vectors=False)[0]
+        looped = fuse_per_scale_loop(z, codes, mode)
+        agree = sum(int((a == b).sum()) for a, b in zip(batched, looped)) / sum(a.numel() for a in batched)
+        with torch.no_grad():
+            timings = time_interleaved(
+                {"batched": lambda: msf.fuse_inter_scale(z, codes, mode, return_vectors=False),
+                 "loop": lambda: fuse_per_scale_loop(z, codes, mode)},
+                repeats=50 if args.full else 20, sync=_sync(device))
+        result.update({f"fusion_s_batched{suffix}": round(timings["batched"], 5),
+                       f"fusion_s_loop{suffix}": round(timings["loop"], 5),
+                       f"fusion_speedup_vs_loop{suffix}": round(timings["loop"] / timings["batched"], 2),
+                       f"fusion_agreement{suffix}": round(agree, 6)})
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

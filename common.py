@@ -283,8 +283,10 @@ class RunLog:
     def info(self, message: str) -> None:
         if not self.enabled:
             return
+        from tqdm import tqdm
+
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        print(line, flush=True)
+        tqdm.write(line)  # keeps an active progress bar intact
         with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
             f.write(line + "\n")
 
@@ -295,6 +297,179 @@ class RunLog:
             f.write(json.dumps(entry) + "\n")
 
 
+def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
+    """tqdm that redraws often on a terminal and rarely in a log file (CI, nohup)."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.2 if interactive else 30.0)
+
+
 def read_jsonl(path: str) -> list:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: one dict per file, written atomically; the last `keep` are kept.
+
+CHECKPOINT_PATTERN = "ckpt_{step:07d}.pt"
+
+
+def list_checkpoints(out_dir: str) -> list:
+    """Checkpoint paths in `out_dir`, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n.endswith(".pt"))
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, or a run directory meaning its latest checkpoint."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise UserError(f"run directory {path} holds no checkpoint (ckpt_*.pt)")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
+    path = os.path.join(out_dir, CHECKPOINT_PATTERN.format(step=step))
+    atomic_torch_save(state, path)
+    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path: str, kind: str = None) -> dict:
+    """Load a checkpoint safely (weights_only: no code runs) and check it is of the expected kind."""
+    import torch
+
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error)[:200]}); "
+                        f"it may be truncated or from another program") from None
+    if not isinstance(state, dict) or "config" not in state or "kind" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project (no config/kind entry)")
+    if kind is not None and state["kind"] != kind:
+        raise UserError(f"{path} is a {state['kind']} checkpoint, but a {kind} checkpoint is needed here")
+    state["path"] = path
+    return state
+
+
+def check_same_config(saved: dict, current: dict, keys, what: str) -> None:
+    """Refuse a checkpoint whose config differs from the current one in keys that shape the model."""
+    for key in keys:
+        if saved.get(key) != current.get(key):
+            raise UserError(f"{what} was made with {key}={saved.get(key)!r} but the config says "
+                            f"{key}={current.get(key)!r}; use a matching config or another checkpoint")
+
+
+def rng_state() -> dict:
+    import torch
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def truncate_log(path: str, last_step: int) -> None:
+    """Drop log.jsonl entries after `last_step` (a resumed run rewrites them)."""
+    if not os.path.exists(path):
+        return
+    kept = [entry for entry in read_jsonl(path) if entry.get("step", -1) <= last_step]
+    atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in kept))
+
+
+def amp_dtype(setting: str, device):
+    """Autocast dtype for `amp: auto|bf16|fp16|off`; None means full precision (the CPU default)."""
+    import torch
+
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data loaders and the optimisation step shared by the two trainers.
+
+def train_loader(path: str, global_batch: int, num_workers: int, seed: int, d: Dist, start_step: int = 0,
+                 resolution: int = 0, num_frames: int = 6):
+    """An endless loader whose order is a pure function of (seed, step): see prepare_data.StepSampler."""
+    import torch
+
+    from prepare_data import OCLDataset, StepSampler
+
+    dataset = OCLDataset(path, train=True, num_frames=num_frames, resolution=resolution, seed=seed)
+    sampler = StepSampler(len(dataset), global_batch, seed, d.rank, d.world_size, start_step)
+    # Its own generator keeps the loader from drawing on the global RNG, which resume restores exactly.
+    return torch.utils.data.DataLoader(dataset, batch_size=global_batch // d.world_size, sampler=sampler,
+                                       num_workers=num_workers, pin_memory=d.device.type == "cuda",
+                                       persistent_workers=num_workers > 0, generator=torch.Generator())
+
+
+def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolution: int = 0, max_samples: int = 0):
+    """A finite loader over this rank's share (every world_size-th sample) of the first `max_samples` samples."""
+    import torch
+
+    from prepare_data import OCLDataset
+
+    dataset = OCLDataset(path, train=False, resolution=resolution)
+    count = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
+    subset = torch.utils.data.Subset(dataset, list(range(d.rank, count, d.world_size)))
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       pin_memory=d.device.type == "cuda", generator=torch.Generator())
+
+
+def all_finite(value, d: Dist) -> bool:
+    """True when `value` is finite on every rank (all ranks stop together otherwise)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(torch.isfinite(value.detach()).all())], device=value.device)
+    if d.enabled:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def optimizer_step(loss, parameters, optimizer, scaler, clip: float) -> float:
+    """Backward, unscale, clip the global L2 norm, step; returns the pre-clip gradient norm."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    return float(norm)
+
+
+def reduce_mean(values: dict, d: Dist) -> dict:
+    """Average a dict of scalars over ranks (for logging)."""
+    import torch
+    import torch.distributed as dist
+
+    if not d.enabled or not values:
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    stacked = torch.tensor([float(values[k]) for k in keys], device=d.device)
+    dist.all_reduce(stacked)
+    return {k: float(v) / d.world_size for k, v in zip(keys, stacked.tolist())}

@@ -1,1 +1,670 @@
-"""The multi-scale fusion VQ-VAE and its quantisers. Not implemented yet."""
+"""The multi-scale fusion (MSF) VQ-VAE and its baselines, Zhao et al. ICLR 2025 (SPEC §1-2).
+
+One VAE class covers the three guidance kinds an OCL model can be trained with:
+  vq       one codebook of 4096 codes (the VQ-VAE baseline, SlotDiffusion's guidance);
+  grouped  OGDR-style grouped codes: Z·pinv(W) split into groups, one 64-code codebook each, concat·W;
+  msf      image pyramid + inter-scale fusion over a shared codebook (Eq. 4) + intra-scale fusion (Eq. 5).
+
+Reading order: schedules, encoder/decoder, matching (Eq. 1), codebooks with code replacement, the three
+quantisers (the batched inter-scale fusion is `fuse_inter_scale`), the VAE, and the config keys.
+Tensors inside the quantisers are channels-last, (b, h, w, c).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError, cosine_anneal, option
+
+
+# ================================================================================================================
+# Schedules: pure functions of the step (resume is exact, and tests can check them directly).
+
+def residual_alpha(step: int, total_steps: int, config: dict) -> float:
+    """Weight of the continuous Z in the decoder input alpha·Z + (1-alpha)·X, cosine-annealed 1 -> 0 (OGDR)."""
+    if not config["residual_anneal"]:
+        return 0.0
+    return cosine_anneal(step, int(total_steps * config["residual_anneal_fraction"]), 1.0, 0.0)
+
+
+def gumbel_temperature(step: int, total_steps: int, config: dict) -> float:
+    """Scale of the Gumbel noise added to the matching logits; 0 means plain argmax matching."""
+    if not config["gumbel"]:
+        return 0.0
+    anneal = int(total_steps * config["gumbel_anneal_fraction"])
+    return cosine_anneal(step, anneal, config["gumbel_temperature_start"], config["gumbel_temperature_end"])
+
+
+# ================================================================================================================
+# Encoder and decoder: SLATE's dVAE layout (Singh et al. 2022a), 4x spatial down/up-sampling.
+# The encoder sees 4x4-pixel patches only, which is exactly why a pyramid helps it: a token of scale n covers
+# 4·2^(n-1) pixels of the original image.
+
+class ConvBlock(nn.Sequential):
+    """Conv (no bias) -> GroupNorm(1 group) -> ReLU, as in SLATE."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False),
+                         nn.GroupNorm(1, out_channels), nn.ReLU(inplace=True))
+
+
+class Encoder(nn.Sequential):
+    """(b,3,H,W) -> (b,c,H/4,W/4)."""
+
+    def __init__(self, width: int, code_dim: int):
+        super().__init__(ConvBlock(3, width, 4, 4),
+                         *[ConvBlock(width, width, 1) for _ in range(5)],
+                         nn.Conv2d(width, code_dim, 1))
+
+
+class Decoder(nn.Sequential):
+    """(b,c,h,w) -> (b,3,4h,4w)."""
+
+    def __init__(self, width: int, code_dim: int):
+        super().__init__(ConvBlock(code_dim, width, 1),
+                         ConvBlock(width, width, 3, 1, 1), ConvBlock(width, width, 1), ConvBlock(width, width, 1),
+                         ConvBlock(width, width * 4, 1), nn.PixelShuffle(2),
+                         ConvBlock(width, width, 3, 1, 1), ConvBlock(width, width, 1), ConvBlock(width, width, 1),
+                         ConvBlock(width, width * 4, 1), nn.PixelShuffle(2),
+                         nn.Conv2d(width, 3, 1))
+
+
+def image_pyramid(images: torch.Tensor, num_scales: int) -> list:
+    """T_1 = images, T_n = T_{n-1} bilinearly halved (an exact 2x2 mean, so T_n is the 2^(n-1) box average)."""
+    pyramid = [images]
+    for _ in range(1, num_scales):
+        pyramid.append(F.interpolate(pyramid[-1], scale_factor=0.5, mode="bilinear", align_corners=False))
+    return pyramid
+
+
+# ================================================================================================================
+# Matching (Eq. 1): P = softmax_m(-||Z - C||_2), I = argmax_m P, X = C[I].
+
+def chi_distance_std(dim: int) -> float:
+    """Std of the distance between two N(0, I_dim) vectors / sqrt(2) (a chi distribution); the official code
+    divides similarities by it."""
+    mean = math.sqrt(2) * math.exp(math.lgamma((dim + 1) / 2) - math.lgamma(dim / 2))
+    return math.sqrt(max(dim - mean ** 2, 1e-12))
+
+
+def squared_code_distances(vectors: torch.Tensor, codes: torch.Tensor, out: torch.Tensor = None,
+                           vector_norms: torch.Tensor = None) -> torch.Tensor:
+    """Squared Euclidean distances (M, m) between vectors (M, c) and codes (m, c), float32, one matmul."""
+    vectors, codes = vectors.float(), codes.float()
+    squared = torch.addmm(codes.pow(2).sum(1)[None], vectors, codes.t(), alpha=-2, out=out)  # |c|^2 - 2 z·c
+    if vector_norms is None:
+        vector_norms = torch.linalg.vector_norm(vectors, dim=1).square_()
+    squared += vector_norms[:, None]
+    return squared.clamp_min_(0)
+
+
+def logits_from_squared(squared: torch.Tensor, dim: int, matching: str = "paper",
+                        temperature: float = 0.0) -> torch.Tensor:
+    """Matching logits from squared distances, in place: -distance (paper, Eq. 1) or -distance / chi std
+    (official), plus `temperature`-scaled Gumbel noise in training, so that argmax samples from
+    softmax(logits / temperature) (Gumbel-max); temperature 0 is plain argmax matching."""
+    logits = squared.sqrt_().neg_()
+    if matching == "official":
+        logits /= chi_distance_std(dim)
+    if temperature > 0:
+        uniform = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
+        logits -= temperature * torch.log(-torch.log(uniform))
+    return logits
+
+
+@torch.no_grad()
+def match_logits(vectors: torch.Tensor, codes: torch.Tensor, matching: str = "paper",
+                 temperature: float = 0.0) -> torch.Tensor:
+    """Matching logits (M, m) of vectors (M, c) against codes (m, c); see `logits_from_squared`. Only indices come
+    out of matching, so no graph is kept (gradients flow through the straight-through estimator and VQ losses)."""
+    return logits_from_squared(squared_code_distances(vectors, codes), codes.shape[1], matching, temperature)
+
+
+# ================================================================================================================
+# Codebooks, with the code replacing trick (dead codes re-initialised from recent encoder outputs).
+
+class Codebook(nn.Module):
+    """m codes of dimension c: plain learnable vectors, or SimVQ (a frozen N(0,1) basis through a learnable
+    linear map, the official code's parametrisation)."""
+
+    def __init__(self, num_codes: int, dim: int, kind: str = "plain", basis_dim: int = 1024):
+        super().__init__()
+        self.num_codes, self.dim, self.kind = num_codes, dim, kind
+        if kind == "plain":
+            self.weight = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes))
+        elif kind == "simvq":
+            self.register_buffer("basis", torch.randn(num_codes, basis_dim))
+            self.project = nn.Linear(basis_dim, dim)
+        else:
+            raise ValueError(f"unknown codebook kind {kind}")
+        # Usage bookkeeping for code replacement and logging; synchronised across ranks in `maintain`.
+        self.register_buffer("usage", torch.zeros(num_codes))  # EMA of each code's share of assignments
+        self.register_buffer("usage_steps", torch.zeros(()))  # EMA updates so far, for the bias correction
+        self.register_buffer("step_counts", torch.zeros(num_codes), persistent=False)
+        self.recent = None  # a sample of this step's matched continuous vectors, (k, c), emptied by `maintain`
+
+    def codes(self) -> torch.Tensor:
+        """(m, c)"""
+        return self.weight if self.kind == "plain" else self.project(self.basis)
+
+    def track(self, indices: torch.Tensor, vectors: torch.Tensor, keep: int = 1024) -> None:
+        """Record a training step's assignments and keep a random sample of the vectors that were matched."""
+        self.step_counts += torch.bincount(indices.reshape(-1), minlength=self.num_codes).float()
+        flat = vectors.detach().reshape(-1, self.dim).float()
+        chosen = torch.randperm(flat.shape[0], device=flat.device)[:keep]
+        self.recent = flat[chosen] if self.recent is None else torch.cat([self.recent, flat[chosen]])[-keep:]
+
+    def usage_share(self, decay: float = 0.99) -> torch.Tensor:
+        """Bias-corrected EMA of each code's share of the assignments, (m,)."""
+        return self.usage / (1 - decay ** self.usage_steps).clamp_min(1e-12)
+
+    def dead_codes(self, decay: float = 0.99, dead_fraction: float = 0.03) -> torch.Tensor:
+        """Codes whose usage share fell under `dead_fraction` of a uniform share, (m,) bool."""
+        return self.usage_share(decay) < dead_fraction / self.num_codes
+
+    @torch.no_grad()
+    def maintain(self, replace: bool, decay: float = 0.99, dead_fraction: float = 0.03) -> int:
+        """Fold this step's counts into the usage EMA; if `replace`, re-initialise the dead codes from recent
+        encoder outputs (rank 0 draws, every rank copies). Returns the number of codes replaced."""
+        counts = self.step_counts.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        self.step_counts.zero_()
+        total = counts.sum()
+        if total > 0:
+            self.usage.mul_(decay).add_((1 - decay) * counts / total)
+            self.usage_steps += 1
+        pool, self.recent = self.recent, None  # the pool holds this step's vectors only (resume stays exact)
+        if not replace or self.kind != "plain" or pool is None or self.usage_steps == 0:
+            return 0
+        dead = self.dead_codes(decay, dead_fraction)
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return 0
+        picks = torch.randint(pool.shape[0], (num_dead,), device=pool.device)
+        fresh = pool[picks] + 1e-3 * pool.std() * torch.randn(num_dead, self.dim, device=pool.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(fresh, 0)
+        self.weight.data[dead] = fresh.to(self.weight.dtype)
+        # A grace period: revived codes start at a uniform share.
+        self.usage[dead] = (1 - decay ** self.usage_steps) / self.num_codes
+        return num_dead
+
+
+def codebook_stats(indices: torch.Tensor, num_codes: int) -> dict:
+    """Share of codes used in a batch and the perplexity of the assignment distribution."""
+    counts = torch.bincount(indices.reshape(-1), minlength=num_codes).float()
+    p = counts / counts.sum().clamp_min(1)
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return {"used": float((counts > 0).float().mean()), "perplexity": float(perplexity)}
+
+
+# ================================================================================================================
+# Quantiser output, shared by the three kinds.
+
+@dataclass
+class Quantized:
+    decoder_inputs: list  # per scale (b,h,w,c): the VAE decoder's input, straight-through and residual mixed
+    guidance: list  # per scale (b,h,w,c): the discrete representation X_n (no residual), detached from Z
+    indices: list  # per scale (b,h,w,G) LongTensor: code index per group (G = 1 for vq / msf without intra)
+    group_sizes: list  # per scale [m_1, ..., m_G]: codebook size of each group (combined vocab = product)
+    loss: torch.Tensor  # codebook + commitment terms summed over scales
+    stats: dict = field(default_factory=dict)
+    assignments: list = field(default_factory=list)  # (codebook, indices) pairs: what was matched against what
+    parts: dict = field(default_factory=dict)  # MSF analysis: before/after inter-scale fusion, scale-variant
+
+
+def vq_losses(continuous: torch.Tensor, quantized: torch.Tensor, beta: float) -> torch.Tensor:
+    """VQ-VAE codebook term ||sg(z) - q||^2 plus commitment beta·||z - sg(q)||^2."""
+    return F.mse_loss(quantized, continuous.detach()) + beta * F.mse_loss(continuous, quantized.detach())
+
+
+def straight_through(continuous: torch.Tensor, quantized: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Forward alpha·z + (1-alpha)·q (annealed residual), backward the identity to z."""
+    mixed = quantized if alpha == 0 else alpha * continuous + (1 - alpha) * quantized
+    return continuous + (mixed - continuous).detach()
+
+
+class VectorQuantizer(nn.Module):
+    """The VQ-VAE baseline: one codebook, nearest code (Eq. 1-2)."""
+
+    def __init__(self, dim: int, num_codes: int, codebook: str, basis_dim: int, matching: str, beta: float):
+        super().__init__()
+        self.codebook = Codebook(num_codes, dim, codebook, basis_dim)
+        self.matching, self.beta = matching, beta
+
+    def codebooks(self) -> list:
+        return [self.codebook]
+
+    def forward(self, z_list: list, alpha: float = 0.0, temperature: float = 0.0) -> Quantized:
+        (z,) = z_list  # (b,h,w,c)
+        codes = self.codebook.codes()
+        indices = match_logits(z.reshape(-1, z.shape[-1]), codes, self.matching, temperature).argmax(1)
+        indices = indices.view(z.shape[:-1])  # (b,h,w)
+        quantized = codes[indices]
+        if self.training:
+            self.codebook.track(indices, z)
+        return Quantized([straight_through(z, quantized, alpha)], [quantized.detach()], [indices[..., None]],
+                         [[self.codebook.num_codes]], vq_losses(z, quantized, self.beta),
+                         {"codes": codebook_stats(indices, self.codebook.num_codes)}, [(self.codebook, indices)])
+
+
+class ProjectPinv(nn.Module):
+    """The invertible project-up / project-down pair of OGDR (Eq. 3 and 5): up = Z·pinv(W), down = Y·W, with
+    W (g·c, c) trainable, so down(up(Z)) = Z whenever W has full column rank."""
+
+    def __init__(self, dim: int, groups: int = 2):
+        super().__init__()
+        # Stacked identities (scaled): full rank at init, and every group starts as a copy of Z.
+        self.weight = nn.Parameter(torch.eye(dim).repeat(groups, 1) / math.sqrt(groups))  # (g·c, c)
+
+    def up(self, z: torch.Tensor) -> torch.Tensor:
+        """(…, c) -> (…, g·c)"""
+        return z @ torch.linalg.pinv(self.weight.float()).to(z.dtype)
+
+    def down(self, y: torch.Tensor) -> torch.Tensor:
+        """(…, g·c) -> (…, c)"""
+        return y @ self.weight.to(y.dtype)
+
+
+class GroupedQuantizer(nn.Module):
+    """OGDR-style grouped codes: Z·pinv(W) chunked into G groups, each matched with its own codebook of
+    codebook_size^(1/G) codes, concatenated and projected back with W."""
+
+    def __init__(self, dim: int, combinations: int, groups: int, codebook: str, basis_dim: int, matching: str,
+                 beta: float):
+        super().__init__()
+        size = round(combinations ** (1 / groups))
+        if size ** groups != combinations:
+            raise UserError(f"codebook_size {combinations} is not a perfect power of num_groups={groups}")
+        self.project = ProjectPinv(dim, groups)
+        self.groups = nn.ModuleList([Codebook(size, dim, codebook, basis_dim) for _ in range(groups)])
+        self.matching, self.beta, self.dim = matching, beta, dim
+
+    def codebooks(self) -> list:
+        return list(self.groups)
+
+    def forward(self, z_list: list, alpha: float = 0.0, temperature: float = 0.0) -> Quantized:
+        (z,) = z_list
+        parts = self.project.up(z).split(self.dim, -1)  # G x (b,h,w,c)
+        continuous, quantized, indices, loss, stats = [], [], [], 0.0, {}
+        for g, (part, book) in enumerate(zip(parts, self.groups)):
+            codes = book.codes()
+            index = match_logits(part.reshape(-1, self.dim), codes, self.matching, temperature).argmax(1)
+            index = index.view(part.shape[:-1])
+            q = codes[index]
+            if self.training:
+                book.track(index, part)
+            loss = loss + vq_losses(part, q, self.beta)
+            continuous.append(part), quantized.append(q), indices.append(index)
+            stats[f"group{g}"] = codebook_stats(index, book.num_codes)
+        pre, post = torch.cat(continuous, -1), torch.cat(quantized, -1)
+        return Quantized([self.project.down(straight_through(pre, post, alpha))], [self.project.down(post).detach()],
+                         [torch.stack(indices, -1)], [[b.num_codes for b in self.groups]], loss, stats,
+                         list(zip(self.groups, indices)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inter-scale fusion (Eq. 4), batched.
+
+def _candidate_scales(scale: int, num_scales: int, mode: str) -> list:
+    """Scales whose super-pixels vote for scale `scale` (0-based): itself first, then finer, then coarser."""
+    if mode == "none":
+        return [scale]
+    if mode == "adjacent":
+        return [scale] + [k for k in (scale - 1, scale + 1) if 0 <= k < num_scales]
+    return [scale] + [k for k in range(num_scales) if k != scale]
+
+
+def fuse_inter_scale(z_list: list, codes: torch.Tensor, mode: str = "adjacent", matching: str = "paper",
+                     temperature: float = 0.0, return_vectors: bool = True):
+    """Eq. 4 for all scales at once: I_n(i,j) = argmax_m max_k P_k(m), over candidate scales k of scale n.
+
+    z_list: N tensors (b, h/2^(n-1), w/2^(n-1), c) of scale-invariant vectors; codes (m, c).
+    A finer scale's candidate for super-pixel (i,j) is its 2x2 block (2^(n-k) block for `all`) averaged, a coarser
+    scale's is the super-pixel covering (i,j). ONE distance computation (a single matmul) serves every candidate:
+    the own vectors of all scales are matched; a pooled finer candidate's distances follow from its block's own
+    distances; and a coarser candidate is the coarser scale's own super-pixel, so its match is reused by nearest
+    upsampling. No Python loop touches pixels, and the matching itself has no per-scale loop.
+
+    Returns per scale: fused indices (b,h,w); the winning candidate's continuous vector (b,h,w,c) (the straight-
+    through estimator and the VQ losses pair the code with the vector that chose it), or None without
+    `return_vectors`; the own-scale indices before fusion (b,h,w); and which candidate won (b,h,w), an index
+    into `_candidate_scales`.
+    """
+    num_scales, dim = len(z_list), codes.shape[1]
+    # pooled[(n, k)]: scale k's vectors (k finer than n) averaged over 2^(n-k) blocks, at scale n's resolution
+    pooled = {}
+    for n in range(num_scales):
+        for k in _candidate_scales(n, num_scales, mode)[1:]:
+            if k < n:
+                pooled[(n, k)] = F.avg_pool2d(z_list[k].permute(0, 3, 1, 2), 2 ** (n - k)).permute(0, 2, 3, 1)
+    with torch.no_grad():
+        confidence, best, own_sizes, pooled_sizes = _candidate_matches(z_list, pooled, codes, matching, temperature)
+    maps = list(z_list) + list(pooled.values())
+    results = [(c.view(m.shape[:3]), i.view(m.shape[:3]))
+               for c, i, m in zip(confidence.split(own_sizes + pooled_sizes), best.split(own_sizes + pooled_sizes),
+                                  maps)]
+    own, pooled_results = results[:num_scales], dict(zip(pooled, results[num_scales:]))
+
+    fused, winners, vectors = [], [], []
+    for n in range(num_scales):
+        candidate_conf, candidate_idx = [], []
+        for k in _candidate_scales(n, num_scales, mode):
+            if k == n:
+                conf, idx = own[n]
+            elif k < n:
+                conf, idx = pooled_results[(n, k)]
+            else:  # the covering coarser super-pixel: its own match, nearest-upsampled
+                f = 2 ** (k - n)
+                conf, idx = (t.repeat_interleave(f, 1).repeat_interleave(f, 2) for t in own[k])
+            candidate_conf.append(conf), candidate_idx.append(idx)
+        winner = torch.stack(candidate_conf, -1).argmax(-1)  # (b,h,w): the most confident candidate decides
+        fused.append(torch.stack(candidate_idx, -1).gather(-1, winner[..., None])[..., 0])
+        winners.append(winner)
+        vectors.append(_winning_vectors(z_list, pooled, n, winner, mode) if return_vectors else None)
+    return fused, vectors, [o[1] for o in own], winners
+
+
+def _candidate_matches(z_list: list, pooled: dict, codes: torch.Tensor, matching: str, temperature: float):
+    """log max_m P and argmax_m P (flat) of every own and pooled candidate, from one matmul."""
+    # The one matmul: own vectors of every scale against the codebook, into a buffer that also takes the pooled
+    # candidates' rows. A block mean v = mean_i z_i needs no matmul of its own, since
+    #   ||v - c||^2 = mean_i ||z_i - c||^2 - (mean_i ||z_i||^2 - ||v||^2),
+    # so its squared distances are the own ones average-pooled, minus the block's spread.
+    dim = codes.shape[1]
+    own_sizes = [z.shape[0] * z.shape[1] * z.shape[2] for z in z_list]
+    pooled_sizes = [v.shape[0] * v.shape[1] * v.shape[2] for v in pooled.values()]
+    squared = torch.empty(sum(own_sizes) + sum(pooled_sizes), codes.shape[0], device=codes.device)
+    own_flat = torch.cat([z.reshape(-1, dim) for z in z_list]).float()
+    own_norms = torch.linalg.vector_norm(own_flat, dim=1).square_()
+    own_squared = squared_code_distances(own_flat, codes, out=squared[:sum(own_sizes)], vector_norms=own_norms)
+    own_maps = [(d.view(*z.shape[:3], -1), q.view(z.shape[:3]))
+                for d, q, z in zip(own_squared.split(own_sizes), own_norms.split(own_sizes), z_list)]
+    offset = sum(own_sizes)
+    for ((n, k), vectors), size in zip(pooled.items(), pooled_sizes):
+        f = 2 ** (n - k)
+        distances, norms = own_maps[k]
+        block_distances = F.avg_pool2d(distances.permute(0, 3, 1, 2), f).permute(0, 2, 3, 1)
+        spread = F.avg_pool2d(norms[:, None], f)[:, 0] - torch.linalg.vector_norm(vectors.float(), dim=-1).square()
+        squared[offset:offset + size] = (block_distances - spread[..., None]).reshape(size, -1).clamp_min(0)
+        offset += size
+    logits = logits_from_squared(squared, dim, matching, temperature)  # (M, m), every candidate once
+    confidence, best = logits.max(1)
+    confidence -= torch.logsumexp(logits, 1)  # log max_m P, with P = softmax(logits)
+    return confidence, best, own_sizes, pooled_sizes
+
+
+def _winning_vectors(z_list: list, pooled: dict, n: int, winner: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scale n's own vectors with the positions won by another candidate overwritten by that candidate's vector;
+    only the won positions are gathered, so no upsampled copy of a coarser scale is ever built."""
+    vectors = z_list[n].clone()
+    for position, k in enumerate(_candidate_scales(n, len(z_list), mode)):
+        if k == n:
+            continue
+        b, i, j = (winner == position).nonzero(as_tuple=True)
+        if k < n:
+            vectors[b, i, j] = pooled[(n, k)][b, i, j]
+        else:
+            f = 2 ** (k - n)
+            vectors[b, i, j] = z_list[k][b, torch.div(i, f, rounding_mode="floor"), torch.div(j, f, rounding_mode="floor")]
+    return vectors
+
+
+def inter_scale_indices(z: list, codebook: torch.Tensor) -> list:
+    """Eq. 4 with argmax matching (SPEC §7): z is N tensors (b, h/2^(n-1), w/2^(n-1), c), codebook (m, c);
+    returns N LongTensors (b, h_n, w_n) of fused code indices (adjacent scales as candidates)."""
+    with torch.no_grad():
+        return fuse_inter_scale(z, codebook, "adjacent", "paper", 0.0, return_vectors=False)[0]
+
+
+def _identity(y):
+    return y
+
+
+class MultiScaleQuantizer(nn.Module):
+    """MSF: split Z_n into scale-invariant / scale-variant halves (Eq. 3), fuse the invariant half across scales
+    over one shared codebook (Eq. 4), match the variant half with a per-scale codebook, and recombine (Eq. 5)."""
+
+    def __init__(self, dim: int, num_scales: int, si_size: int, sv_sizes: list, inter_scale_fusion: bool,
+                 intra_scale_fusion: bool, sv_codebook: str, fusion: str, candidates: str, codebook: str,
+                 basis_dim: int, matching: str, beta: float):
+        super().__init__()
+        self.dim, self.num_scales, self.matching, self.beta = dim, num_scales, matching, beta
+        self.mode = candidates if inter_scale_fusion else "none"
+        self.intra = intra_scale_fusion
+        self.fusion = fusion
+        self.split = intra_scale_fusion and fusion == "concat_pinv"
+        if self.split:
+            self.project = ProjectPinv(dim, 2)
+        self.si = Codebook(si_size, dim, codebook, basis_dim)
+        if intra_scale_fusion:
+            # "shared": one scale-variant codebook for every scale (ablation); "specified": one per scale
+            count = 1 if sv_codebook == "shared" else num_scales
+            self.sv = nn.ModuleList([Codebook(sv_sizes[n], dim, codebook, basis_dim) for n in range(count)])
+
+    def codebooks(self) -> list:
+        return [self.si] + (list(self.sv) if self.intra else [])
+
+    def _sv_codebook(self, scale: int) -> Codebook:
+        return self.sv[scale if len(self.sv) > 1 else 0]
+
+    def forward(self, z_list: list, alpha: float = 0.0, temperature: float = 0.0) -> Quantized:
+        if self.split:
+            halves = [self.project.up(z).split(self.dim, -1) for z in z_list]
+            z_si, z_sv = [h[0] for h in halves], [h[1] for h in halves]
+        else:  # `mean` fusion (official code) and intra-scale fusion off: both halves are Z itself
+            z_si, z_sv = list(z_list), list(z_list)
+
+        codes_si = self.si.codes()
+        fused, winners_z, own_idx, _ = fuse_inter_scale(z_si, codes_si, self.mode, self.matching, temperature)
+        loss, stats, parts, assignments = 0.0, {}, {"si_before": [], "si_after": [], "sv": []}, []
+        decoder_inputs, guidance, indices, group_sizes = [], [], [], []
+        for n in range(self.num_scales):
+            q_si = codes_si[fused[n]]  # X_si dot of scale n: the fused scale-invariant code
+            if self.training:
+                self.si.track(fused[n], winners_z[n])
+            loss = loss + vq_losses(winners_z[n], q_si, self.beta)
+            stats[f"si_scale{n + 1}"] = codebook_stats(fused[n], self.si.num_codes)
+            assignments.append((self.si, fused[n]))
+            parts["si_before"].append(codes_si[own_idx[n]].detach())
+            parts["si_after"].append(q_si.detach())
+            if not self.intra:
+                pre, post = winners_z[n], q_si
+                index, sizes = fused[n][..., None], [self.si.num_codes]
+                combine = _identity
+            else:
+                book = self._sv_codebook(n)
+                codes_sv = book.codes()
+                index_sv = match_logits(z_sv[n].reshape(-1, self.dim), codes_sv, self.matching,
+                                        temperature).argmax(1).view(z_sv[n].shape[:-1])
+                q_sv = codes_sv[index_sv]
+                if self.training:
+                    book.track(index_sv, z_sv[n])
+                loss = loss + vq_losses(z_sv[n], q_sv, self.beta)
+                stats[f"sv_scale{n + 1}"] = codebook_stats(index_sv, book.num_codes)
+                assignments.append((book, index_sv))
+                parts["sv"].append(q_sv.detach())
+                index, sizes = torch.stack([fused[n], index_sv], -1), [self.si.num_codes, book.num_codes]
+                if self.split:  # Eq. 5: X_n = concat(X_si, X_sv)·W
+                    pre, post = torch.cat([winners_z[n], z_sv[n]], -1), torch.cat([q_si, q_sv], -1)
+                    combine = self.project.down
+                else:  # official code: plain mean of the shared and the specific vector
+                    pre, post = (winners_z[n] + z_sv[n]) / 2, (q_si + q_sv) / 2
+                    combine = _identity
+            decoder_inputs.append(combine(straight_through(pre, post, alpha)))
+            guidance.append(combine(post).detach())
+            indices.append(index)
+            group_sizes.append(sizes)
+        return Quantized(decoder_inputs, guidance, indices, group_sizes, loss, stats, assignments, parts)
+
+
+# ================================================================================================================
+# The VAE.
+
+class VAE(nn.Module):
+    """Shared encoder over the image pyramid, a quantiser, and a shared decoder that reconstructs every scale."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        c = config["code_dim"]
+        self.kind = config["quantizer"]
+        self.num_scales = config["num_scales"] if self.kind == "msf" else 1
+        self.encoder = Encoder(config["vae_width"], c)
+        self.decoder = Decoder(config["vae_width"], c)
+        common = dict(codebook=config["codebook"], basis_dim=config["simvq_basis_dim"], matching=config["matching"],
+                      beta=config["commitment"])
+        if self.kind == "vq":
+            self.quantizer = VectorQuantizer(c, config["codebook_size"], **common)
+        elif self.kind == "grouped":
+            self.quantizer = GroupedQuantizer(c, config["codebook_size"], config["num_groups"], **common)
+        else:
+            si_size, sv_sizes = msf_codebook_sizes(config)
+            self.quantizer = MultiScaleQuantizer(
+                c, self.num_scales, si_size, sv_sizes, config["inter_scale_fusion"], config["intra_scale_fusion"],
+                config["sv_codebook"], config["fusion"], config["candidates"], **common)
+
+    def encode(self, images: torch.Tensor, num_scales: int = None) -> tuple:
+        """Pyramid and per-scale continuous Z: lists of (b,3,H_n,W_n) and (b,h_n,w_n,c)."""
+        pyramid = image_pyramid(images, num_scales or self.num_scales)
+        return pyramid, [self.encoder(t).permute(0, 2, 3, 1) for t in pyramid]
+
+    def forward(self, images: torch.Tensor, alpha: float = 0.0, temperature: float = 0.0,
+                return_reconstructions: bool = False):
+        """Training loss: per-scale reconstruction MSE of T_n plus the codebook and commitment terms."""
+        pyramid, z = self.encode(images)
+        with torch.autocast(images.device.type, enabled=False):  # distances and argmins in float32
+            quantized = self.quantizer([v.float() for v in z], alpha, temperature)
+        reconstructions = [self.decoder(x.permute(0, 3, 1, 2)) for x in quantized.decoder_inputs]
+        recon_losses = [F.mse_loss(r.float(), t.float()) for r, t in zip(reconstructions, pyramid)]
+        loss = sum(recon_losses) + quantized.loss
+        stats = {"loss": loss.detach(), "vq_loss": quantized.loss.detach()}
+        for n, value in enumerate(recon_losses):
+            stats[f"recon_mse_scale{n + 1}"] = value.detach()
+        for name, book_stats in quantized.stats.items():
+            stats[f"{name}_perplexity"] = book_stats["perplexity"]
+        if return_reconstructions:
+            return loss, stats, quantized, reconstructions
+        return loss, stats
+
+    @torch.no_grad()
+    def quantize(self, images: torch.Tensor) -> Quantized:
+        """Evaluation-time quantisation of every scale (argmax matching, no residual)."""
+        _, z = self.encode(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.quantizer([v.float() for v in z], 0.0, 0.0)
+
+    @torch.no_grad()
+    def guidance(self, images: torch.Tensor, scales=(1,)) -> dict:
+        """What an OCL decoder is guided by: for each requested scale, the fused discrete vectors (b,h,w,c), the
+        code indices per group (b,h,w,G) and the group sizes. The decoder is not run."""
+        if max(scales) > self.num_scales:
+            raise UserError(f"guidance scale {max(scales)} asked of a VAE with {self.num_scales} scale(s)")
+        quantized = self.quantize(images)
+        return {"vectors": [quantized.guidance[s - 1] for s in scales],
+                "indices": [quantized.indices[s - 1] for s in scales],
+                "group_sizes": [quantized.group_sizes[s - 1] for s in scales]}
+
+    @torch.no_grad()
+    def decode(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(b,h,w,c) guidance vectors -> (b,3,4h,4w) image."""
+        return self.decoder(vectors.permute(0, 3, 1, 2))
+
+    def codebooks(self) -> list:
+        return self.quantizer.codebooks()
+
+
+def msf_codebook_sizes(config: dict) -> tuple:
+    """Shared (scale-invariant) and per-scale (scale-variant) codebook sizes; by default sqrt(codebook_size) each,
+    so the combinations per scale equal the VQ baseline's 4096."""
+    root = math.isqrt(config["codebook_size"])
+    si_size = config["si_codebook_size"] or root
+    sv = config["sv_codebook_sizes"] or [root]
+    if len(sv) == 1:
+        sv = sv * config["num_scales"]
+    if len(sv) != config["num_scales"]:
+        raise UserError(f"sv_codebook_sizes has {len(sv)} entries for num_scales={config['num_scales']}")
+    return si_size, sv
+
+
+# ================================================================================================================
+# Config keys of the VAE (pretrain_vae.py adds the training keys; checkpoints store all of them).
+
+VAE_OPTIONS = {
+    "quantizer": option("msf", "guidance kind: vq (one codebook), grouped (OGDR), msf", choices=("vq", "grouped", "msf")),
+    "code_dim": option(256, "code dimension c: 256 for transformer decoders, 4 for diffusion"),
+    "vae_width": option(64, "channels of the encoder/decoder conv blocks"),
+    "codebook_size": option(4096, "vq: number of codes; grouped/msf: number of code combinations"),
+    "num_groups": option(2, "grouped: number of groups (codebook_size^(1/groups) codes each)"),
+    "num_scales": option(3, "msf: pyramid scales N (1 = no pyramid); vq and grouped always use one scale"),
+    "inter_scale_fusion": option(True, "msf: fuse the scale-invariant half across scales (Eq. 4)"),
+    "intra_scale_fusion": option(True, "msf: split into invariant/variant halves and recombine (Eq. 3, 5)"),
+    "sv_codebook": option("specified", "msf: one scale-variant codebook per scale, or one shared",
+                          choices=("specified", "shared")),
+    "fusion": option("concat_pinv", "msf intra-scale fusion: concat·W with pinv split (paper) or mean (official)",
+                     choices=("concat_pinv", "mean")),
+    "candidates": option("adjacent", "msf inter-scale candidates: adjacent scales (Eq. 4) or all (official)",
+                         choices=("adjacent", "all")),
+    "si_codebook_size": option(0, "msf: shared codebook size (0 = sqrt(codebook_size))"),
+    "sv_codebook_sizes": option([], "msf: per-scale codebook sizes, one value or one per scale (empty = sqrt)",
+                                type="int_list"),
+    "codebook": option("plain", "code parametrisation: plain vectors or simvq (frozen basis + linear, official)",
+                       choices=("plain", "simvq")),
+    "simvq_basis_dim": option(1024, "simvq: dimension of the frozen random basis"),
+    "matching": option("paper", "logits: -L2 distance (paper) or divided by the chi std (official)",
+                       choices=("paper", "official")),
+    "commitment": option(0.25, "commitment loss weight beta"),
+    "gumbel": option(True, "Gumbel sampling of the code match during pretraining"),
+    "gumbel_temperature_start": option(1.0, "Gumbel noise scale at step 0"),
+    "gumbel_temperature_end": option(0.0, "Gumbel noise scale at the end of its anneal"),
+    "gumbel_anneal_fraction": option(0.5, "fraction of training over which the Gumbel scale is annealed"),
+    "residual_anneal": option(True, "decoder input alpha·Z + (1-alpha)·X with alpha cosine-annealed 1 -> 0"),
+    "residual_anneal_fraction": option(0.5, "fraction of training over which alpha goes from 1 to 0"),
+    "code_replacement": option(True, "re-initialise dead codes from recent encoder outputs"),
+    "replace_every": option(100, "steps between code replacements"),
+    "dead_fraction": option(0.03, "a code is dead when its usage EMA falls under this fraction of uniform"),
+}
+
+
+def check_vae_config(config: dict, resolution: int) -> None:
+    """Assert the VAE config's invariants before anything is built (clear errors instead of shape failures)."""
+    scales = config["num_scales"] if config["quantizer"] == "msf" else 1
+    if not 1 <= scales <= 4:
+        raise UserError(f"num_scales must be 1..4, got {scales}")
+    if resolution % (4 * 2 ** (scales - 1)):
+        raise UserError(f"resolution {resolution} must be divisible by 4·2^(num_scales-1) = {4 * 2 ** (scales - 1)}")
+    if config["code_replacement"] and config["codebook"] == "simvq":
+        raise UserError("code_replacement needs codebook: plain (SimVQ codes are a function of a frozen basis)")
+    if config["quantizer"] == "msf":
+        msf_codebook_sizes(config)
+        if not config["intra_scale_fusion"] and config["fusion"] == "mean":
+            raise UserError("fusion: mean is an intra-scale fusion; it needs intra_scale_fusion: true")
+
+
+def build_vae(config: dict) -> VAE:
+    return VAE(config)
+
+
+# ================================================================================================================
+# Visualisation of code maps: DINO-style PCA colouring (first three principal components as RGB).
+
+@torch.no_grad()
+def pca_colours(vectors: torch.Tensor) -> torch.Tensor:
+    """(b,h,w,c) vectors -> (b,3,h,w) colours in [0,1]; the PCA basis is shared by the whole batch so colours are
+    comparable across images."""
+    b, h, w, c = vectors.shape
+    flat = vectors.reshape(-1, c).float()
+    flat = flat - flat.mean(0)
+    components = min(3, c)
+    _, _, v = torch.linalg.svd(flat, full_matrices=False)
+    projected = flat @ v[:components].t()
+    if components < 3:
+        projected = F.pad(projected, (0, 3 - components))
+    low, high = projected.quantile(0.01, 0), projected.quantile(0.99, 0)
+    colours = ((projected - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+    return colours.reshape(b, h, w, 3).permute(0, 3, 1, 2)

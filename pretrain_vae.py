@@ -1,6 +1,236 @@
-"""Not implemented yet: this stage lands with its own issue (see README, 'Status')."""
+"""Stage 1: pretrain the guidance VAE (VQ-VAE, grouped OGDR codes, or MSF) on images or video frames.
 
-import sys
+    python pretrain_vae.py configs/vae_msf_shapes.yaml [--key value ...]
+    torchrun --nproc_per_node K pretrain_vae.py configs/vae_msf_clevrtex.yaml
+
+Per scale n: reconstruction MSE of T_n plus the VQ codebook and commitment terms (SPEC §1.10). Adam with linear
+warm-up and cosine decay, AMP on GPU, global-norm clipping, code replacement, validation with per-scale MSE and
+codebook usage, PNG grids of reconstructions and code maps, atomic checkpoints (last K kept), exact `--resume`.
+"""
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import msf
+from common import (RunLog, UserError, all_finite, amp_dtype, check_same_config, cleanup_distributed, eval_loader,
+                    list_checkpoints, load_checkpoint, load_config, option, optimizer_step, progress_bar, reduce_mean, rng_state,
+                    run_main, save_checkpoint, save_config, set_rng_state, setup_distributed, train_loader,
+                    truncate_log, warmup_cosine)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
+
+TRAIN_OPTIONS = {
+    "data_dir": option("data/shapes", "directory with train.lmdb / val.lmdb"),
+    "train_split": option("train", "training split name"),
+    "val_split": option("val", "validation split name"),
+    "resolution": option(0, "input resolution (0 = as stored; the CPU demo trains at 64)"),
+    "num_frames": option(6, "video datasets: frames per training clip (flattened into the batch)"),
+    "out_dir": option("runs/vae", "run directory"),
+    "steps": option(30000, "training iterations"),
+    "batch_size": option(64, "global batch (images, or video clips) over all ranks"),
+    "lr": option(2e-3, "peak Adam learning rate"),
+    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps"),
+    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak"),
+    "grad_clip": option(1.0, "global L2 norm clip (0 = off)"),
+    "amp": option("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
+                  choices=("auto", "bf16", "fp16", "off")),
+    "num_workers": option(4, "data loader workers per rank"),
+    "log_every": option(50, "steps between log lines"),
+    "val_every": option(600, "steps between validations and checkpoints"),
+    "val_samples": option(0, "validation samples (0 = the whole split)"),
+    "val_batch_size": option(64, "validation batch per rank"),
+    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted)"),
+    "seed": option(0, "global seed (rank r uses seed * world_size + r)"),
+    "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
+    "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
+}
+OPTIONS = {**msf.VAE_OPTIONS, **TRAIN_OPTIONS}
+MODEL_KEYS = list(msf.VAE_OPTIONS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers.
+
+def frames_of(batch: dict) -> torch.Tensor:
+    """Images (b,3,H,W), or video clips (b,T,3,H,W) flattened to frames."""
+    if "video" in batch:
+        return batch["video"].flatten(0, 1)
+    return batch["image"]
+
+
+@torch.no_grad()
+def validate(model: msf.VAE, loader, d, autocast_dtype) -> dict:
+    """Per-scale reconstruction MSE and codebook usage over the validation split (all ranks reduced)."""
+    model.eval()
+    sums = torch.zeros(model.num_scales + 1, device=d.device, dtype=torch.float64)  # per-scale SE, pixel count
+    books = model.codebooks()
+    counts = [torch.zeros(b.num_codes, device=d.device) for b in books]
+    for batch in loader:
+        images = frames_of(batch).to(d.device, non_blocking=True)
+        with torch.autocast(d.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            _, _, quantized, recons = model(images, return_reconstructions=True)
+        pyramid = msf.image_pyramid(images, model.num_scales)
+        for n, (r, t) in enumerate(zip(recons, pyramid)):
+            sums[n] += F.mse_loss(r.float(), t, reduction="sum").double() / (t[0].numel() / images[0].numel())
+        sums[-1] += images.numel()
+        for book, indices in quantized.assignments:
+            count = counts[books.index(book)]
+            count += torch.bincount(indices.reshape(-1), minlength=book.num_codes).float()
+    if d.enabled:
+        torch.distributed.all_reduce(sums)
+        for count in counts:
+            torch.distributed.all_reduce(count)
+    model.train()
+    result = {f"val_recon_mse_scale{n + 1}": float(sums[n] / sums[-1]) for n in range(model.num_scales)}
+    for i, (book, count) in enumerate(zip(books, counts)):
+        p = count / count.sum().clamp_min(1)
+        result[f"val_codebook{i}_usage"] = float((count > 0).float().mean())
+        result[f"val_codebook{i}_perplexity"] = float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+    return result
+
+
+@torch.no_grad()
+def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
+    """Rows: input, reconstruction of every scale (upsampled), PCA-coloured code map of every scale."""
+    import torchvision
+
+    model.eval()
+    _, _, quantized, recons = model(images, return_reconstructions=True)
+    model.train()
+    size = images.shape[-1]
+    rows = [images.float().clamp(-1, 1) * 0.5 + 0.5]
+    for r in recons:
+        rows.append(F.interpolate(r.float().clamp(-1, 1) * 0.5 + 0.5, size=size, mode="nearest"))
+    for g in quantized.guidance:
+        rows.append(F.interpolate(msf.pca_colours(g), size=size, mode="nearest"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torchvision.utils.save_image(torch.cat(rows), path, nrow=images.shape[0], padding=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    config = load_config(OPTIONS, argv, description=__doc__)
+    d = setup_distributed(config["device"])
+    try:
+        train(config, d)
+    finally:
+        cleanup_distributed(d)
+
+
+def train(config: dict, d) -> None:
+    log = RunLog(config["out_dir"], d.is_main)
+    if config["batch_size"] % d.world_size:
+        raise UserError(f"batch_size {config['batch_size']} must be divisible by the {d.world_size} processes")
+    train_path = os.path.join(config["data_dir"], f"{config['train_split']}.lmdb")
+    val_path = os.path.join(config["data_dir"], f"{config['val_split']}.lmdb")
+
+    # Resume: the checkpoint's model keys must match the config.
+    state, start_step = None, 0
+    resume = config["resume"]
+    if resume == "auto":  # the latest checkpoint in out_dir if there is one, else a fresh start
+        resume = config["out_dir"] if list_checkpoints(config["out_dir"]) else ""
+    if resume:
+        state = load_checkpoint(resume, kind="vae")
+        check_same_config(state["config"], config, MODEL_KEYS, f"checkpoint {state['path']}")
+        start_step = state["step"]
+
+    torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    loader = train_loader(train_path, config["batch_size"], config["num_workers"], config["seed"], d, start_step,
+                          config["resolution"], config["num_frames"])
+    resolution = loader.dataset.resolution
+    msf.check_vae_config(config, resolution)
+    val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, resolution, config["val_samples"])
+
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    model = msf.build_vae(config).to(d.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    dtype = amp_dtype(config["amp"], d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
+        if d.is_main:
+            truncate_log(os.path.join(config["out_dir"], "log.jsonl"), start_step - 1)
+        log.info(f"resumed from {state['path']} at step {start_step}")
+    else:
+        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    ddp_model = DDP(model, broadcast_buffers=False) if d.enabled else model
+    if d.is_main:
+        save_config(config, os.path.join(config["out_dir"], "config.yaml"))
+    log.info(f"VAE {config['quantizer']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+             f"{len(loader.dataset)} training samples at {resolution}px, {d.world_size} process(es) on {d.device}")
+    first = next(iter(eval_loader(val_path, 8, 0, d, resolution, 8)))
+    figure_images = (first["video"][:, 0] if "video" in first else first["image"]).to(d.device)
+
+    def checkpoint(step: int) -> str:
+        states = [rng_state()]
+        if d.enabled:
+            gathered = [None] * d.world_size
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        if not d.is_main:
+            return ""
+        return save_checkpoint({"kind": "vae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states,
+                                "data": {"data_dir": config["data_dir"], "train": config["train_split"],
+                                         "val": config["val_split"], "resolution": resolution}},
+                               config["out_dir"], step, config["keep_checkpoints"])
+
+    steps = config["steps"]
+    progress = progress_bar(steps, start_step, "pretrain_vae", d.is_main)
+    batches = iter(loader)
+    last_time = time.perf_counter()
+    for step in range(start_step, steps):
+        lr = warmup_cosine(step, steps, config["lr"], config["warmup_fraction"], config["lr_final_ratio"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        alpha = msf.residual_alpha(step, steps, config)
+        temperature = msf.gumbel_temperature(step, steps, config)
+        images = frames_of(next(batches)).to(d.device, non_blocking=True)
+        with torch.autocast(d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, stats = ddp_model(images, alpha, temperature)
+        if not all_finite(loss, d):
+            raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; the "
+                            f"last checkpoint in {config['out_dir']} is intact")
+        grad_norm = optimizer_step(loss, model.parameters(), optimizer, scaler, config["grad_clip"])
+        replaced = 0
+        for book in model.codebooks():
+            replace = config["code_replacement"] and step % config["replace_every"] == 0
+            replaced += book.maintain(replace, dead_fraction=config["dead_fraction"])
+        progress.update(1)
+
+        if step % config["log_every"] == 0 or step == steps - 1:
+            now = time.perf_counter()
+            entry = reduce_mean(stats, d)
+            entry.update(step=step, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
+                         replaced_codes=replaced, seconds_per_step=(now - last_time) / (1 if step == start_step
+                                                                                        else config["log_every"]))
+            entry["dead_codes"] = sum(int(b.dead_codes(dead_fraction=config["dead_fraction"]).sum())
+                                      for b in model.codebooks())
+            last_time = now
+            log.record(entry)
+            progress.set_postfix(loss=f"{entry['loss']:.4f}", dead=entry["dead_codes"])
+        if (step + 1) % config["val_every"] == 0 or step == steps - 1:
+            metrics = validate(model, val, d, dtype)
+            log.record({"step": step, **metrics})
+            log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if d.is_main:
+                save_figure(model, figure_images, os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png"))
+            path = checkpoint(step + 1)
+            if path:
+                log.info(f"saved {path}")
+    progress.close()
+    if start_step >= steps:
+        log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+
 
 if __name__ == "__main__":
-    sys.exit("error: pretrain_vae.py is not implemented yet; see README, 'Status'")
+    run_main(main)

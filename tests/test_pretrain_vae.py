@@ -1,0 +1,114 @@
+"""pretrain_vae.py end to end: outputs, exact resume, DDP equivalence, and the errors a user can cause."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import pretrain_vae
+from common import UserError, read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_config(tmp_path, shapes_dir, name="vae.yaml", **overrides):
+    config = dict(quantizer="msf", code_dim=8, vae_width=8, codebook_size=64, data_dir=shapes_dir, resolution=32,
+                  steps=6, batch_size=4, num_workers=0, log_every=1, val_every=3, val_batch_size=8, val_samples=8,
+                  replace_every=2, out_dir=str(tmp_path / "run"), gumbel_anneal_fraction=1.0)
+    config.update(overrides)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def losses(run_dir):
+    return {e["step"]: e["loss"] for e in read_jsonl(os.path.join(run_dir, "log.jsonl")) if "loss" in e}
+
+
+def test_run_directory_contents(tmp_path, shapes_dir):
+    pretrain_vae.main([write_config(tmp_path, shapes_dir)])
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run)) == ["ckpt_0000003.pt", "ckpt_0000006.pt", "config.yaml", "figures", "log.jsonl",
+                                       "log.txt"]
+    assert sorted(os.listdir(run / "figures")) == ["step_0000003.png", "step_0000006.png"]
+    entries = read_jsonl(run / "log.jsonl")
+    val = [e for e in entries if "val_recon_mse_scale1" in e]
+    assert len(val) == 2 and "val_codebook0_usage" in val[0] and "val_recon_mse_scale3" in val[0]
+    state = torch.load(run / "ckpt_0000006.pt", weights_only=True)
+    assert state["kind"] == "vae" and state["step"] == 6 and state["config"]["quantizer"] == "msf"
+    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 6
+
+
+def test_keeps_only_the_last_checkpoints(tmp_path, shapes_dir):
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=4, val_every=1, keep_checkpoints=2)])
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.endswith(".pt")) == ["ckpt_0000003.pt",
+                                                                                      "ckpt_0000004.pt"]
+
+
+def test_resume_is_bit_identical(tmp_path, shapes_dir):
+    """Gumbel matching and code replacement on: RNG state, data order and schedules must all resume exactly."""
+    config = write_config(tmp_path, shapes_dir, gumbel=True, code_replacement=True)
+    pretrain_vae.main([config])
+    full = tmp_path / "run"
+    pretrain_vae.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000003.pt")])
+    resumed = tmp_path / "resumed"
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == [3, 4, 5]
+    assert all(a[s] == b[s] for s in b), (a, b)
+    final_a = torch.load(full / "ckpt_0000006.pt", weights_only=True)["model"]
+    final_b = torch.load(resumed / "ckpt_0000006.pt", weights_only=True)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_resume_auto_continues_in_place(tmp_path, shapes_dir):
+    config = write_config(tmp_path, shapes_dir, steps=3)
+    pretrain_vae.main([config])
+    pretrain_vae.main([config, "--steps", "6", "--resume", "auto"])
+    steps = [e["step"] for e in read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in e]
+    assert steps == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path, shapes_dir):
+    """Same global batch: 1 process x 4 images and 2 gloo processes x 2 images give the same parameters."""
+    config = write_config(tmp_path, shapes_dir, steps=3, val_every=3, gumbel=False, code_replacement=False,
+                          num_workers=1)
+    pretrain_vae.main([config, "--out_dir", str(tmp_path / "one")])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "pretrain_vae.py", config, "--out_dir", str(tmp_path / "two"), "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "ckpt_0000003.pt", weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / "ckpt_0000003.pt", weights_only=True)["model"]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
+    la, lb = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, shapes_dir):
+    with pytest.raises(UserError, match="non-finite loss at step"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, lr=1e30, grad_clip=0.0, steps=20, val_every=100)])
+
+
+def test_resume_from_another_config_is_refused(tmp_path, shapes_dir):
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=3)])
+    with pytest.raises(UserError, match="quantizer='msf' but the config says quantizer='vq'"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, quantizer="vq"), "--resume", "auto"])
+
+
+def test_bad_inputs_fail_with_one_sentence(tmp_path, shapes_dir):
+    with pytest.raises(UserError, match="does not exist; create it with"):
+        pretrain_vae.main([write_config(tmp_path, str(tmp_path / "missing"))])
+    with pytest.raises(UserError, match="unknown config key 'stepz'"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, stepz=3)])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir), "--resume", str(bad)])
+    with pytest.raises(UserError, match="divisible"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, resolution=40)])
