@@ -4,6 +4,8 @@
     python prepare_data.py shapes_video [--out data/shapes_video] [--num_train N --num_val M --seed S]
     python prepare_data.py NAME --root RAW_DIR [--out data/NAME]   (NAME: clevrtex coco voc movi_c movi_d movi_e)
 
+The real datasets' expected layouts, flags and conventions are in README.md, "Real datasets".
+
 Every split is one LMDB file (`train.lmdb`, `val.lmdb`). Each record is raw array bytes behind a small JSON header
 (no pickle: a crafted database cannot execute code); a `__meta__` record describes the split. A split is written
 to `<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
@@ -13,11 +15,15 @@ The module is also the data library of the other stages: `load_split(path)` read
 """
 
 import argparse
+import glob
+import io
 import json
 import math
 import os
+import re
 import struct
 import sys
+from functools import partial
 from multiprocessing import Pool
 
 import numpy as np
@@ -598,8 +604,751 @@ class _InlinePool:
     def __exit__(self, *exc):
         return False
 
-    def imap(self, function, jobs):
+    def imap(self, function, jobs, chunksize=1):
         return map(function, jobs)
+
+
+# ================================================================================================================
+# Real datasets: ClevrTex, COCO 2017 panoptic, Pascal VOC 2012 and MOVi-C/D/E, read from the layout their own downloads
+# give (README, "Real datasets"). A lister checks the layout in the main process and describes each split's items; a
+# converter decodes, crops and resizes one item in a worker. An input that cannot be read raises BadInput and is
+# reported by name and skipped, so a damaged file never becomes a silently wrong sample.
+
+IGNORE_LABEL = 255
+MOVI_FRAMES = 24
+DEFAULT_MAX_OBJECTS = {"shapes": 6, "shapes_video": 6, "clevrtex": 10, "coco": 10, "voc": 10, "movi_c": 10,
+                       "movi_d": 20, "movi_e": 20}  # MOVi: the slot budget; Kubric scenes have up to 10 / 23 objects
+CLEVRTEX_VARIANTS = ("full", "outd", "camo", "pbg", "vbg", "grassbg")
+FILTER_REASONS = ("too_many_objects", "small_object")
+DOWNLOAD_HINTS = {
+    "clevrtex": "download clevrtex_full (and any OOD set such as clevrtex_outd) from "
+                "https://www.robots.ox.ac.uk/~vgg/data/clevrtex/ and unpack it there",
+    "coco": "download the 2017 train/val images and the 2017 panoptic annotations from "
+            "https://cocodataset.org/#download, then unzip annotations/panoptic_train2017.zip and "
+            "panoptic_val2017.zip in place",
+    "voc": "download VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ (and for "
+           "--voc_split msf the VOC2007 trainval tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2007/) and "
+           "untar it there",
+    "movi": "copy it with `mkdir -p ROOT/{name}/{resolution} && gsutil -m cp -r "
+            "gs://kubric-public/tfds/{name}/{resolution}/1.0.0 ROOT/{name}/{resolution}/`",
+}
+
+
+class BadInput(Exception):
+    """An input file that cannot be read or contradicts its format: the item is reported by name and skipped."""
+
+
+def _layout_error(name: str, root: str, expected: str, resolution: str = "128x128") -> UserError:
+    hint = DOWNLOAD_HINTS["movi" if name.startswith("movi") else name].format(name=name, resolution=resolution)
+    problem = "does not hold the" if os.path.isdir(root) else "does not exist; expected the"
+    return UserError(f"{root} {problem} {name} layout ({expected}); {hint}, or point --root at it")
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+
+def read_rgb(path: str) -> np.ndarray:
+    """Decode an image file to (H,W,3) uint8; grayscale, palette and RGBA files are converted to RGB."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        raise BadInput(f"missing file {path}")
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for unknown, broken or truncated files
+        raise BadInput(f"cannot decode {path} ({error})") from None
+
+
+def read_index_png(path: str) -> np.ndarray:
+    """The pixel indices (H,W) uint8 of an 8-bit palette ('P') or grayscale PNG, never its palette colours."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        raise BadInput(f"missing file {path}")
+    try:
+        with Image.open(path) as mask:
+            if mask.mode not in ("P", "L"):
+                raise BadInput(f"{path} is a mode-{mask.mode} image, expected 8-bit palette indices")
+            return np.array(mask)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadInput(f"cannot decode {path} ({error})") from None
+
+
+def decode_png(blob: bytes, channels: int) -> np.ndarray:
+    """One encoded video frame as (H,W,3) uint8 (channels=3) or its single channel (H,W) as stored (channels=1)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as frame:
+            array = np.array(frame.convert("RGB") if channels == 3 else frame)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadInput(f"undecodable frame ({error})") from None
+    if channels == 1 and array.ndim != 2:
+        raise BadInput(f"segmentation frame has shape {array.shape}, expected one channel")
+    return array
+
+
+def _check_same_size(image: np.ndarray, mask: np.ndarray, mask_path: str) -> None:
+    if image.shape[:2] != mask.shape[:2]:
+        raise BadInput(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                       f"{image.shape[1]}x{image.shape[0]}")
+
+
+def square_crop_resize(pixels: np.ndarray, segment: np.ndarray, size: int, crop_fraction: float = 1.0):
+    """Centre-crop (…,H,W,3) uint8 pixels and (…,H,W) ids to a square of side crop_fraction·min(H,W), then
+    resize to size x size with resize_sample (pixels antialiased bilinear, ids nearest-exact).
+
+    Returns the uint8 pixels, the ids in their own dtype, and the crop (top, left, side) in source pixels."""
+    import torch
+
+    height, width = segment.shape[-2:]
+    side = max(1, int(round(crop_fraction * min(height, width))))
+    top, left = (height - side) // 2, (width - side) // 2
+    pixels = pixels[..., top:top + side, left:left + side, :]
+    segment = segment[..., top:top + side, left:left + side]
+    if side != size:
+        # ids go through float32 inside resize_sample: exact below 2^24, which holds for every label used here
+        resized_pixels, resized_segment = resize_sample(
+            torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).float(),
+            torch.from_numpy(np.ascontiguousarray(segment)), size)
+        pixels = resized_pixels.round_().clamp_(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
+        segment = resized_segment.numpy()
+    return np.ascontiguousarray(pixels), np.ascontiguousarray(segment), (top, left, side)
+
+
+def renumber_objects(labels: np.ndarray, ignore: int):
+    """Map the object labels present (all but 0 and `ignore`) to 1..n in increasing order and `ignore` to 255.
+
+    Returns the uint8 segment and n; the segment is None when n > 254 objects cannot be stored in uint8."""
+    present = np.unique(labels)
+    objects = present[(present != 0) & (present != ignore)]
+    if len(objects) > IGNORE_LABEL - 1:
+        return None, len(objects)
+    segment = np.zeros(labels.shape, np.uint8)
+    is_object = np.isin(labels, objects)
+    segment[is_object] = np.searchsorted(objects, labels[is_object]) + 1
+    segment[labels == ignore] = IGNORE_LABEL
+    return segment, len(objects)
+
+
+def filter_reason(segment: np.ndarray, count: int, max_objects: int, min_box_area: float):
+    """Why the COCO/VOC filter drops an image (the first rule that applies), or None to keep it."""
+    if count > max_objects:
+        return "too_many_objects"
+    height, width = segment.shape
+    boxes = boxes_from_segment(segment, count) * np.array([width, height, width, height], np.float32)  # (n, 4) px
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    if np.any(areas < min_box_area):
+        return "small_object"
+    return None
+
+
+def _finish_image(image: np.ndarray, labels: np.ndarray, ignore: int, settings: dict):
+    """Crop and resize, renumber the objects that survived the crop to 1..n, apply the COCO/VOC filter."""
+    image, labels, _ = square_crop_resize(image, labels, settings["size"], settings["crop_fraction"])
+    segment, count = renumber_objects(labels, ignore)
+    reason = "too_many_objects" if segment is None else filter_reason(
+        segment, count, settings["max_objects"], settings["min_box_area"])
+    if reason is not None:
+        return ("filtered", reason)
+    return ("kept", {"image": image, "segment": segment, "bbox": boxes_from_segment(segment, settings["max_objects"])},
+            count, 0)
+
+
+# ------------------------------------------------------------------------------------------------ ClevrTex
+
+def list_clevrtex(root: str, options: dict) -> dict:
+    """Scenes of one ClevrTex variant; `full` splits by scene index as the official loader does (test 0-4,999,
+    val 5,000-9,999, train 10,000-49,999), other variants are one evaluation split named after the variant."""
+    variant = options["variant"]
+    prefix = f"CLEVRTEX_{variant}_"
+    pattern = os.path.join("*", prefix + "[0-9]" * 6 + ".png")  # the rendered image only, not its _flat/_depth passes
+    images = []
+    for folder in (os.path.join(root, f"clevrtex_{variant}"), root):
+        images = glob.glob(os.path.join(folder, pattern))
+        if images:
+            break
+    if not images:
+        raise _layout_error("clevrtex", root, f"clevrtex_{variant}/<index // 1000>/{prefix}<index:06d>.png with "
+                                              f"{prefix}<index:06d>_flat.png beside each image")
+    scenes = sorted((int(os.path.basename(path)[len(prefix):len(prefix) + 6]), path) for path in images)
+    items = [(index, {"name": os.path.basename(path), "image": path, "mask": path[:-len(".png")] + "_flat.png"})
+             for index, path in scenes]
+    if variant != "full":
+        return {variant: [item for _, item in items]}
+    splits = {"train": [item for index, item in items if index >= 10000],
+              "val": [item for index, item in items if 5000 <= index < 10000]}
+    if options["test"]:
+        splits["test"] = [item for index, item in items if index < 5000]
+    return splits
+
+
+def convert_clevrtex_item(item: dict, settings: dict):
+    """Object ids are the `_flat.png` palette indices (0 = background, i = the i-th object of the scene JSON)."""
+    image = read_rgb(item["image"])  # the release's PNGs may carry an alpha channel
+    mask = read_index_png(item["mask"])
+    _check_same_size(image, mask, item["mask"])
+    if mask.max() > settings["max_objects"]:
+        raise BadInput(f"{item['mask']} has object index {mask.max()}, more than max_objects={settings['max_objects']}")
+    image, segment, _ = square_crop_resize(image, mask, settings["size"], settings["crop_fraction"])
+    count = int(np.count_nonzero(np.bincount(segment.ravel(), minlength=settings["max_objects"] + 1)[1:]))
+    return ("kept", {"image": image, "segment": segment, "bbox": boxes_from_segment(segment, settings["max_objects"])},
+            count, 0)
+
+
+# ------------------------------------------------------------------------------------------------ COCO
+
+def list_coco(root: str, options: dict) -> dict:
+    """One item per panoptic annotation of train2017 / val2017, in the order of the annotation JSON."""
+    if options["test"]:
+        raise UserError("COCO panoptic has no labelled test split; drop --split test")
+    splits = {}
+    for split, coco_split in (("train", "train2017"), ("val", "val2017")):
+        json_path = os.path.join(root, "annotations", f"panoptic_{coco_split}.json")
+        png_dir = os.path.join(root, "annotations", f"panoptic_{coco_split}")
+        image_dir = os.path.join(root, coco_split)
+        expected = (f"{coco_split}/*.jpg, annotations/panoptic_{coco_split}.json and the PNG folder "
+                    f"annotations/panoptic_{coco_split}/")
+        if not (os.path.isfile(json_path) and os.path.isdir(png_dir) and os.path.isdir(image_dir)):
+            raise _layout_error("coco", root, expected)
+        items = []
+        try:
+            with open(json_path) as f:
+                panoptic = json.load(f)
+            is_thing = {category["id"]: bool(category["isthing"]) for category in panoptic["categories"]}
+            images = {image["id"]: image["file_name"] for image in panoptic["images"]}
+            for annotation in panoptic["annotations"]:
+                name = annotation["file_name"]
+                item = {"name": f"{coco_split}/{name}", "panoptic": os.path.join(png_dir, name)}
+                unknown = [s["category_id"] for s in annotation["segments_info"] if s["category_id"] not in is_thing]
+                if annotation["image_id"] not in images:
+                    item["error"] = f"image id {annotation['image_id']} is not listed in {json_path}"
+                elif unknown:
+                    item["error"] = f"unknown category ids {unknown} in {json_path}"
+                else:
+                    item["image"] = os.path.join(image_dir, images[annotation["image_id"]])
+                    item["segments"] = [(s["id"], is_thing[s["category_id"]], bool(s.get("iscrowd", 0)))
+                                        for s in annotation["segments_info"]]
+                items.append(item)
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{json_path} is not a COCO panoptic annotation file ({type(error).__name__}: {error}); "
+                            f"{DOWNLOAD_HINTS['coco']}") from None
+        splits[split] = items
+    return splits
+
+
+def convert_coco_item(item: dict, settings: dict):
+    """Things become objects numbered in segments_info order, stuff becomes background 0, void (id 0), crowd
+    segments and ids missing from segments_info become ignore 255."""
+    image = read_rgb(item["image"])  # some COCO JPEGs are grayscale
+    encoded = read_rgb(item["panoptic"]).astype(np.int32)
+    _check_same_size(image, encoded, item["panoptic"])
+    ids = encoded[..., 0] + 256 * encoded[..., 1] + 256 * 256 * encoded[..., 2]  # panopticapi's rgb2id, (H, W)
+    present, inverse = np.unique(ids, return_inverse=True)
+    position = {int(segment_id): i for i, segment_id in enumerate(present)}
+    lookup = np.full(len(present), -1, np.int32)  # -1 = ignore until renumbering
+    things = 0
+    for segment_id, is_thing, is_crowd in item["segments"]:
+        if is_crowd:
+            continue
+        if is_thing:
+            things += 1
+        if segment_id in position:
+            lookup[position[segment_id]] = things if is_thing else 0
+    labels = lookup[inverse].reshape(ids.shape)  # (H, W) int32
+    return _finish_image(image, labels, -1, settings)
+
+
+# ------------------------------------------------------------------------------------------------ VOC
+
+def _find_vocdevkit(root: str, year: str):
+    """The VOC<year> folder under root, accepting root = the folder itself, VOCdevkit, or VOCdevkit's parent."""
+    for candidate in (os.path.join(root, "VOCdevkit", f"VOC{year}"), os.path.join(root, f"VOC{year}"),
+                      os.path.join(os.path.dirname(os.path.abspath(root)), f"VOC{year}"), root):
+        if os.path.isdir(os.path.join(candidate, "JPEGImages")) and os.path.basename(
+                os.path.abspath(candidate)) == f"VOC{year}":
+            return candidate
+    return None
+
+
+def list_voc(root: str, options: dict) -> dict:
+    """VOC 2012 train/val lists by default; `msf` split: every VOC2012 mask for train, every VOC2007 mask for val."""
+    mask_folder = "SegmentationObject" if options["voc_masks"] == "object" else "SegmentationClass"
+    if options["test"]:
+        raise UserError("VOC has no labelled test split; drop --split test")
+    voc2012 = _find_vocdevkit(root, "2012")
+    if voc2012 is None or not os.path.isdir(os.path.join(voc2012, mask_folder)):
+        raise _layout_error("voc", root, f"VOCdevkit/VOC2012/{{JPEGImages,{mask_folder},ImageSets/Segmentation}}")
+
+    def item(folder, stem):
+        return {"name": f"{os.path.basename(folder)}/{stem}",
+                "image": os.path.join(folder, "JPEGImages", stem + ".jpg"),
+                "mask": os.path.join(folder, mask_folder, stem + ".png")}
+
+    def masks_in(folder):
+        return sorted(os.path.basename(p)[:-len(".png")] for p in glob.glob(os.path.join(folder, mask_folder, "*.png")))
+
+    if options["voc_split"] == "msf":
+        voc2007 = _find_vocdevkit(root, "2007")
+        if voc2007 is None or not os.path.isdir(os.path.join(voc2007, mask_folder)):
+            raise _layout_error("voc", root, f"VOCdevkit/VOC2007/{{JPEGImages,{mask_folder}}} beside VOC2012 for "
+                                             f"--voc_split msf")
+        return {"train": [item(voc2012, stem) for stem in masks_in(voc2012)],
+                "val": [item(voc2007, stem) for stem in masks_in(voc2007)]}
+    splits = {}
+    for split in ("train", "val"):
+        list_path = os.path.join(voc2012, "ImageSets", "Segmentation", f"{split}.txt")
+        if not os.path.isfile(list_path):
+            raise _layout_error("voc", root, f"VOCdevkit/VOC2012/ImageSets/Segmentation/{split}.txt")
+        with open(list_path) as f:
+            splits[split] = [item(voc2012, line.strip()) for line in f if line.strip()]
+    return splits
+
+
+def convert_voc_item(item: dict, settings: dict):
+    """Mask palette indices are the labels: 0 background, 1..N objects (or classes), 255 void stays ignore."""
+    image = read_rgb(item["image"])
+    mask = read_index_png(item["mask"])
+    _check_same_size(image, mask, item["mask"])
+    return _finish_image(image, mask, IGNORE_LABEL, settings)
+
+
+# ------------------------------------------------------------------------------------------------ TFRecord
+
+_CRC32C_TABLE = None  # (256,) and (65536,) uint32 tables of the reflected Castagnoli polynomial, built on first use
+_CRC32C_CHUNK = 4096  # bytes per interleaved stream in the numpy CRC; about 5 ns/byte on one core
+_CRC32C_SHIFT = None  # 4 x 256 table: the register after _CRC32C_CHUNK zero bytes, linear in the register's bytes
+
+
+def _crc32c_tables():
+    global _CRC32C_TABLE, _CRC32C_SHIFT
+    if _CRC32C_TABLE is None:
+        byte_table = []
+        for index in range(256):
+            register = index
+            for _ in range(8):
+                register = (register >> 1) ^ (0x82F63B78 if register & 1 else 0)
+            byte_table.append(register)
+        byte_table = np.array(byte_table, np.uint32)
+        pair_table = np.arange(65536, dtype=np.uint32)  # register after two zero bytes, from each 16-bit register
+        for _ in range(2):
+            pair_table = byte_table[pair_table & 0xFF] ^ (pair_table >> 8)
+        shift = (np.arange(256, dtype=np.uint32)[None] << (8 * np.arange(4, dtype=np.uint32)[:, None])).ravel()
+        for _ in range(_CRC32C_CHUNK // 2):
+            shift = pair_table[shift & 0xFFFF] ^ (shift >> 16)
+        _CRC32C_TABLE = (byte_table.tolist(), pair_table)
+        _CRC32C_SHIFT = shift.reshape(4, 256).tolist()
+    return _CRC32C_TABLE, _CRC32C_SHIFT
+
+
+def crc32c_numpy(data) -> int:
+    """CRC-32C (Castagnoli) without a C extension: the data is cut into 4 KB chunks whose CRC registers advance
+    together, two bytes per numpy step, and are then chained, using that the register update is linear."""
+    (byte_table, pair_table), (shift0, shift1, shift2, shift3) = _crc32c_tables()
+    data = memoryview(data).cast("B")
+    register = 0xFFFFFFFF
+    chunks = len(data) // _CRC32C_CHUNK
+    if chunks:
+        words = np.frombuffer(data, "<u2", chunks * _CRC32C_CHUNK // 2).reshape(chunks, -1).T.copy()  # (2 KB, chunks)
+        registers = np.zeros(chunks, np.uint32)
+        for column in words:
+            registers = pair_table[(registers ^ column) & 0xFFFF] ^ (registers >> 16)
+        for chunk_register in registers.tolist():  # register after a chunk = shift(register before) ^ chunk's own
+            register = (shift0[register & 0xFF] ^ shift1[(register >> 8) & 0xFF] ^ shift2[(register >> 16) & 0xFF]
+                        ^ shift3[register >> 24] ^ chunk_register)
+    for byte in data[chunks * _CRC32C_CHUNK:]:
+        register = byte_table[(register ^ byte) & 0xFF] ^ (register >> 8)
+    return register ^ 0xFFFFFFFF
+
+
+_CRC32C_FUNCTION = None
+
+
+def _crc32c_function():
+    """The optional `crc32c` package's C implementation when installed (about 100x faster), else crc32c_numpy."""
+    global _CRC32C_FUNCTION
+    if _CRC32C_FUNCTION is None:
+        try:
+            from crc32c import crc32c as _CRC32C_FUNCTION
+        except ImportError:
+            _CRC32C_FUNCTION = crc32c_numpy
+    return _CRC32C_FUNCTION
+
+
+def masked_crc32c(data, crc32c=None) -> int:
+    """TFRecord's masked CRC-32C of `data`."""
+    crc = (crc32c or _crc32c_function())(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def index_tfrecord(path: str):
+    """Offsets and lengths of a TFRecord file's records, reading only their 12-byte headers.
+
+    Returns ([(data offset, data length), ...], problem): problem is None for an intact file, otherwise it says
+    where the framing broke (truncated file, corrupt length); the records before that point are listed."""
+    size = os.path.getsize(path)
+    records, offset = [], 0
+    with open(path, "rb") as f:
+        while offset < size:
+            f.seek(offset)
+            header = f.read(12)  # uint64 length | uint32 masked CRC of those 8 bytes
+            if len(header) < 12:
+                return records, f"truncated: {size - offset} stray bytes after record {len(records)}"
+            length, length_crc = struct.unpack("<QI", header)
+            if masked_crc32c(header[:8], crc32c_numpy) != length_crc:
+                return records, f"corrupt length of record {len(records)} at byte {offset}"
+            end = offset + 12 + length + 4  # then data | uint32 masked CRC of the data
+            if end > size:
+                return records, f"truncated: record {len(records)} lacks {end - size} of its {length + 16} bytes"
+            records.append((offset + 12, length))
+            offset = end
+    return records, None
+
+
+def read_tfrecord_record(path: str, offset: int, length: int) -> memoryview:
+    """One record's data, its CRC verified."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        blob = f.read(length + 4)
+    if len(blob) != length + 4:
+        raise BadInput(f"{path} is shorter than when it was indexed")
+    data = memoryview(blob)[:length]
+    if masked_crc32c(data) != struct.unpack_from("<I", blob, length)[0]:
+        raise BadInput("data CRC mismatch (corrupt record)")
+    return data
+
+
+# A tf.train.Example read straight from the protobuf wire format: Example{features=1: Features{feature=1:
+# map<string, Feature>}}, Feature{oneof bytes_list=1 | float_list=2 | int64_list=3}, each list `repeated value=1`.
+# Only the keys asked for are decoded, so MOVi's multi-megabyte flow fields are skipped without being parsed.
+
+def _varint(buffer, position: int):
+    result = shift = 0
+    while True:
+        byte = buffer[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _fields(buffer, start: int, end: int):
+    """Yield (field number, wire type, value) of the message in buffer[start:end]; value is the integer of a varint,
+    else the (start, end) span of the payload."""
+    position = start
+    while position < end:
+        key, position = _varint(buffer, position)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, position = _varint(buffer, position)
+        elif wire in (1, 2, 5):
+            if wire == 2:
+                length, position = _varint(buffer, position)
+            else:
+                length = 8 if wire == 1 else 4
+            value = (position, position + length)
+            position += length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if position > end:
+            raise ValueError("protobuf field runs past the end of its message")
+        yield number, wire, value
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value  # int64 is sent as its two's complement
+
+
+def _decode_feature(buffer, start: int, end: int):
+    """A Feature as a list of bytes, a float32 array or an int64 array; an empty Feature is an empty list."""
+    kind, values = None, []
+    for number, wire, span in _fields(buffer, start, end):
+        if wire != 2 or number not in (1, 2, 3):
+            continue
+        if number != kind:  # oneof: a later member replaces an earlier one, the same member merges
+            kind, values = number, []
+        for value_number, value_wire, value in _fields(buffer, *span):
+            if value_number != 1:
+                continue
+            if number == 1 and value_wire == 2:
+                values.append(bytes(buffer[value[0]:value[1]]))
+            elif number == 2 and value_wire == 2:  # packed floats
+                if (value[1] - value[0]) % 4:
+                    raise ValueError("packed float list length is not a multiple of 4")
+                values.extend(np.frombuffer(buffer, "<f4", (value[1] - value[0]) // 4, value[0]).tolist())
+            elif number == 2 and value_wire == 5:
+                values.append(struct.unpack_from("<f", buffer, value[0])[0])
+            elif number == 3 and value_wire == 2:  # packed varints
+                position = value[0]
+                while position < value[1]:
+                    integer, position = _varint(buffer, position)
+                    values.append(_signed64(integer))
+                if position != value[1]:
+                    raise ValueError("packed int64 list overruns its length")
+            elif number == 3 and value_wire == 0:
+                values.append(_signed64(value))
+            else:
+                raise ValueError(f"wire type {value_wire} in a {('bytes', 'float', 'int64')[number - 1]} list")
+    if kind == 2:
+        return np.array(values, np.float32)
+    if kind == 3:
+        return np.array(values, np.int64)
+    return values
+
+
+def decode_example(data, keys=None) -> dict:
+    """A serialized tf.train.Example as {key: list of bytes | float32 array | int64 array}, only `keys` if given."""
+    buffer = memoryview(data).cast("B")
+    features = {}
+    try:
+        for number, wire, span in _fields(buffer, 0, len(buffer)):
+            if number != 1 or wire != 2:
+                continue
+            for entry_number, entry_wire, entry in _fields(buffer, *span):
+                if entry_number != 1 or entry_wire != 2:
+                    continue
+                name, value = "", None
+                for part_number, part_wire, part in _fields(buffer, *entry):
+                    if part_number == 1 and part_wire == 2:
+                        name = bytes(buffer[part[0]:part[1]]).decode()
+                    elif part_number == 2 and part_wire == 2:
+                        value = part
+                if keys is None or name in keys:
+                    features[name] = _decode_feature(buffer, *value) if value is not None else []
+    except (ValueError, IndexError, UnicodeDecodeError) as error:  # IndexError: a varint runs off the end
+        raise BadInput(f"malformed tf.train.Example ({error})") from None
+    return features
+
+
+# ------------------------------------------------------------------------------------------------ MOVi
+
+MOVI_KEYS = ("video", "segmentations", "metadata/num_instances",
+             "instances/bboxes/ragged_flat_values", "instances/bboxes/ragged_row_lengths_0",
+             "instances/bbox_frames/ragged_flat_values", "instances/bbox_frames/ragged_row_lengths_0")
+_MOVI_SHARD = re.compile(r"^(?P<name>movi_[a-z])-(?P<split>train|validation|test)\.tfrecord-\d{5}-of-\d{5}$")
+
+
+def _version_key(directory: str):
+    return tuple(int(part) if part.isdigit() else 0 for part in os.path.basename(directory).split("."))
+
+
+def find_movi_shards(root: str, name: str, resolution: str) -> dict:
+    """{TFDS split: sorted shard paths} from the TFDS folder <data_dir>/<name>/<resolution>/<version>/; root may be
+    any of those levels. With several versions the newest is used."""
+    for levels in ((name, resolution, "*"), (resolution, "*"), ("*",), ()):
+        found = [p for p in glob.glob(os.path.join(root, *levels, f"{name}-*.tfrecord-*"))
+                 if _MOVI_SHARD.match(os.path.basename(p)) and _MOVI_SHARD.match(os.path.basename(p))["name"] == name]
+        if found:
+            directory = max({os.path.dirname(p) for p in found}, key=_version_key)
+            shards = {}
+            for path in sorted(p for p in found if os.path.dirname(p) == directory):
+                shards.setdefault(_MOVI_SHARD.match(os.path.basename(path))["split"], []).append(path)
+            return shards
+    return {}
+
+
+def list_movi(root: str, options: dict) -> dict:
+    """One item per TFRecord record (located by reading the record headers), so workers share even small shard lists;
+    a shard whose framing breaks keeps the records before the break and is reported."""
+    name, resolution = options["name"], options["resolution"]
+    shards = find_movi_shards(root, name, resolution)
+    wanted = {"train": "train", "val": "validation"}
+    if options["test"]:
+        wanted["test"] = "test"
+    if not all(shards.get(tfds_split) for tfds_split in wanted.values()):
+        raise _layout_error(name, root, f"{name}/{resolution}/1.0.0/{name}-{{{','.join(wanted.values())}}}"
+                                        f".tfrecord-XXXXX-of-XXXXX", resolution)
+    splits = {}
+    for split, tfds_split in wanted.items():
+        items = []
+        for path in shards[tfds_split]:
+            records, problem = index_tfrecord(path)
+            items.extend({"name": f"{os.path.basename(path)}#{i}", "path": path, "offset": offset, "length": length}
+                         for i, (offset, length) in enumerate(records))
+            if problem is not None:
+                items.append({"name": os.path.basename(path), "error": problem})
+        splits[split] = items
+    return splits
+
+
+def _feature_ints(features: dict, key: str) -> np.ndarray:
+    value = features.get(key)
+    if value is None:
+        raise BadInput(f"the record has no '{key}'")
+    if isinstance(value, list) and not value:
+        return np.zeros(0, np.int64)
+    if not isinstance(value, np.ndarray) or value.dtype != np.int64:
+        raise BadInput(f"'{key}' is not an int64 list")
+    return value
+
+
+def movi_boxes(features: dict, frames: int) -> np.ndarray:
+    """Dense (T, n, 4) normalised ltrb boxes from the ragged per-instance [ymin, xmin, ymax, xmax] boxes and their
+    frame indices; zero where an instance has no box in a frame."""
+    counts = _feature_ints(features, "instances/bboxes/ragged_row_lengths_0")  # (n,) boxes per instance
+    frame_counts = _feature_ints(features, "instances/bbox_frames/ragged_row_lengths_0")
+    frame_ids = _feature_ints(features, "instances/bbox_frames/ragged_flat_values")  # (sum counts,)
+    flat = features.get("instances/bboxes/ragged_flat_values")
+    flat = np.zeros(0, np.float32) if isinstance(flat, list) and not flat else flat
+    if not isinstance(flat, np.ndarray) or flat.dtype != np.float32:
+        raise BadInput("'instances/bboxes/ragged_flat_values' is missing or not a float list")
+    if (not np.array_equal(counts, frame_counts) or np.any(counts < 0) or len(frame_ids) != counts.sum()
+            or len(flat) != 4 * counts.sum()):
+        raise BadInput("the ragged box lists disagree in length")
+    if len(frame_ids) and (frame_ids.min() < 0 or frame_ids.max() >= frames):
+        raise BadInput(f"a box frame index lies outside 0..{frames - 1}")
+    instance = np.repeat(np.arange(len(counts)), counts)
+    dense = np.zeros((frames, len(counts), 4), np.float32)
+    dense[frame_ids, instance] = flat.reshape(-1, 4)[:, [1, 0, 3, 2]]  # yxyx -> ltrb
+    return dense
+
+
+def crop_boxes(boxes: np.ndarray, height: int, width: int, crop) -> np.ndarray:
+    """Normalised ltrb boxes of a (height, width) frame re-expressed in the square crop (top, left, side)."""
+    top, left, side = crop
+    if (top, left, side) == (0, 0, height) and height == width:
+        return boxes
+    scale = np.array([width, height, width, height], np.float32)
+    offset = np.array([left, top, left, top], np.float32)
+    cropped = np.clip((boxes * scale - offset) / side, 0.0, 1.0)
+    empty = (cropped[..., 2] <= cropped[..., 0]) | (cropped[..., 3] <= cropped[..., 1])
+    cropped[empty] = 0.0
+    return cropped.astype(np.float32)
+
+
+def convert_movi_item(item: dict, settings: dict):
+    """Segment ids as stored (0 background, k = instance k, sorted by visibility by Kubric); ids beyond the slot
+    budget K merge into the background; boxes come from the record, not from the (possibly subsampled) masks."""
+    features = decode_example(read_tfrecord_record(item["path"], item["offset"], item["length"]), MOVI_KEYS)
+    video_blobs, mask_blobs = features.get("video"), features.get("segmentations")
+    if not (isinstance(video_blobs, list) and isinstance(mask_blobs, list) and video_blobs and mask_blobs):
+        raise BadInput("the record has no 'video' or 'segmentations' PNG frames")
+    frames = [decode_png(blob, 3) for blob in video_blobs]
+    masks = [decode_png(blob, 1) for blob in mask_blobs]
+    if len(frames) != MOVI_FRAMES or len(masks) != MOVI_FRAMES:
+        raise BadInput(f"{len(frames)} video / {len(masks)} segmentation frames, expected {MOVI_FRAMES}")
+    if len({frame.shape[:2] for frame in frames} | {mask.shape for mask in masks}) != 1:
+        raise BadInput("frames differ in size")
+    video, segment = np.stack(frames), np.stack(masks)  # (T, H, W, 3), (T, H, W)
+    boxes = movi_boxes(features, MOVI_FRAMES)  # (T, n, 4)
+    instances = boxes.shape[1]
+    declared = features.get("metadata/num_instances")
+    if declared is not None and len(declared) and int(declared[0]) != instances:
+        raise BadInput(f"metadata/num_instances is {int(declared[0])} but {instances} instances have boxes")
+    budget = settings["max_objects"]
+    segment = np.where(segment > budget, 0, segment).astype(np.uint8)
+    dense = np.zeros((MOVI_FRAMES, budget, 4), np.float32)  # (T, K, 4)
+    dense[:, :min(instances, budget)] = boxes[:, :budget]
+    height, width = segment.shape[1:]
+    video, segment, crop = square_crop_resize(video, segment, settings["size"], settings["crop_fraction"])
+    dense = crop_boxes(dense, height, width, crop)
+    count = int(np.count_nonzero(np.bincount(segment.ravel(), minlength=budget + 1)[1:]))
+    return ("kept", {"video": video, "segment": segment, "bbox": dense}, count, max(0, instances - budget))
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+LISTERS = {"clevrtex": list_clevrtex, "coco": list_coco, "voc": list_voc, "movi": list_movi}
+CONVERTERS = {"clevrtex": convert_clevrtex_item, "coco": convert_coco_item, "voc": convert_voc_item,
+              "movi": convert_movi_item}
+
+
+def _convert_item(kind: str, settings: dict, item: dict):
+    """One item in a worker: ("kept", sample, objects, dropped instances) | ("filtered", reason) | ("bad", report)."""
+    try:
+        if "error" in item:
+            raise BadInput(item["error"])
+        return CONVERTERS[kind](item, settings)
+    except BadInput as error:
+        return ("bad", f"{item['name']}: {error}")
+
+
+def _init_worker():
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already
+
+
+def _summary_line(name: str, split: str, summary: dict) -> str:
+    filtered = ", ".join(f"{reason} {count}" for reason, count in summary["filtered"].items())
+    histogram = " ".join(f"{objects}:{count}" for objects, count in summary["object_histogram"].items())
+    line = (f"{name}/{split}: kept {summary['kept']}, filtered {sum(summary['filtered'].values())} ({filtered}), "
+            f"skipped {summary['skipped_count']} unreadable; objects per sample {{{histogram}}}")
+    if summary.get("dropped_instances"):
+        line += (f"; {summary['dropped_instances']} instances beyond the slot budget merged into the background "
+                 f"in {summary['samples_with_dropped_instances']} videos")
+    return line
+
+
+def convert_real(name: str, root: str, out_dir: str, options: dict, workers: int, progress: bool = True) -> dict:
+    """Convert every split of a real dataset in parallel and write each atomically; returns {split: (path, summary)}."""
+    from tqdm import tqdm
+
+    kind = "movi" if name.startswith("movi") else name
+    max_objects = options["max_objects"]
+    if not 1 <= max_objects <= IGNORE_LABEL - 1:
+        raise UserError(f"--max_objects must be between 1 and {IGNORE_LABEL - 1}, got {max_objects}")
+    if not 0 < options["crop_fraction"] <= 1:
+        raise UserError(f"--crop_fraction must be in (0, 1], got {options['crop_fraction']}")
+    splits = LISTERS[kind](root, dict(options, name=name))  # all layouts checked before any conversion starts
+    for split, items in splits.items():
+        if not items:
+            raise _layout_error(name, root, f"at least one {split} item", options.get("resolution", "128x128"))
+    settings = {"size": RESOLUTION, "max_objects": max_objects, "min_box_area": options["min_box_area"],
+                "crop_fraction": options["crop_fraction"]}
+    unit = "video" if kind == "movi" else "img"
+    results = {}
+    with Pool(workers, initializer=_init_worker) if workers > 1 else _InlinePool() as pool:
+        for split, items in splits.items():
+            path = os.path.join(out_dir, f"{split}.lmdb")
+            summary = {"kept": 0, "filtered": {reason: 0 for reason in FILTER_REASONS}, "object_histogram": {},
+                       "skipped_count": 0, "skipped": []}
+            if kind == "movi":
+                summary.update(dropped_instances=0, samples_with_dropped_instances=0)
+            histogram = {}
+            writer = SplitWriter(path, commit_every=8 if kind == "movi" else 64)
+            try:
+                with tqdm(total=len(items), desc=f"{name}/{split}", unit=unit, disable=not progress,
+                          dynamic_ncols=True) as bar:
+                    work = partial(_convert_item, kind, settings)
+                    for result in pool.imap(work, items, chunksize=1 if kind == "movi" else 4):
+                        if result[0] == "kept":
+                            _, sample, objects, dropped = result
+                            writer.add(sample)
+                            summary["kept"] += 1
+                            histogram[objects] = histogram.get(objects, 0) + 1
+                            if dropped:
+                                summary["dropped_instances"] += dropped
+                                summary["samples_with_dropped_instances"] += 1
+                        elif result[0] == "filtered":
+                            summary["filtered"][result[1]] += 1
+                        else:
+                            summary["skipped_count"] += 1
+                            if len(summary["skipped"]) < 1000:  # the metadata keeps the first 1000, stdout all
+                                summary["skipped"].append(result[1])
+                            bar.write(f"skipped {result[1]}")
+                        bar.update(1)
+                summary["object_histogram"] = {str(k): histogram[k] for k in sorted(histogram)}
+                if summary["kept"] == 0:
+                    if summary["skipped_count"] == len(items):
+                        raise UserError(f"none of the {len(items)} {split} inputs of {name} under {root} could be "
+                                        f"read (first: {summary['skipped'][0]}); check or re-download the dataset")
+                    raise UserError(f"no {split} sample of {name} is left ({_summary_line(name, split, summary)}); "
+                                    f"relax --max_objects or --min_box_area")
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close({"dataset": name, "split": split, "size": [RESOLUTION, RESOLUTION],
+                          "frames": MOVI_FRAMES if kind == "movi" else None, "max_objects": max_objects,
+                          "ignore_label": IGNORE_LABEL, "source": os.path.abspath(root),
+                          "options": {key: value for key, value in options.items() if key != "max_objects"},
+                          "summary": summary})
+            print(_summary_line(name, split, summary))
+            results[split] = (path, summary)
+    return results
 
 
 # ================================================================================================================
@@ -616,11 +1365,34 @@ def main(argv=None) -> None:
     parser.add_argument("--num_val", type=int, default=None,
                         help="synthetic data: validation samples (default 500 images / 50 videos)")
     parser.add_argument("--min_objects", type=int, default=2, help="synthetic data: fewest objects per scene")
-    parser.add_argument("--max_objects", type=int, default=6, help="synthetic data: most objects per scene")
+    parser.add_argument("--max_objects", type=int, default=None,
+                        help="synthetic data: most objects per scene (default 6); real data: the K box slots per "
+                             "sample, for COCO/VOC also the filter's object limit, for MOVi the slot budget beyond "
+                             "which instances merge into the background (default 10; MOVi-D/E 20)")
     parser.add_argument("--frames", type=int, default=24, help="shapes_video: frames per video")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--min_box_area", type=float, default=16.0,
+                        help="COCO/VOC: drop images with an object whose bounding box covers fewer pixels at 128x128")
+    parser.add_argument("--crop_fraction", type=float, default=1.0,
+                        help="real data: side of the centre square crop as a fraction of the shorter image side "
+                             "(0.8 is the official ClevrTex loader's 192-pixel crop)")
+    parser.add_argument("--variant", choices=CLEVRTEX_VARIANTS, default="full",
+                        help="ClevrTex: which set; variants other than full become one evaluation split VARIANT.lmdb")
+    parser.add_argument("--split", choices=("test",), default=None,
+                        help="ClevrTex full / MOVi: also write test.lmdb (ClevrTex scenes 0-4999, MOVi's test shards)")
+    parser.add_argument("--voc_masks", choices=("object", "class"), default="object",
+                        help="VOC: SegmentationObject instance masks or SegmentationClass masks")
+    parser.add_argument("--voc_split", choices=("official", "msf"), default="official",
+                        help="VOC: 2012 train/val lists, or msf (the official MSF code): all 2012 masks train, "
+                             "VOC2007 val")
+    parser.add_argument("--resolution", choices=("128x128", "256x256"), default="128x128",
+                        help="MOVi: which TFDS config to read (256x256 is resized to 128)")
     args = parser.parse_args(argv)
     out_dir = args.out or os.path.join("data", args.name)
+    max_objects = args.max_objects if args.max_objects is not None else DEFAULT_MAX_OBJECTS[args.name]
+    if args.workers < 1:
+        raise UserError("--workers must be >= 1")
+    progress = sys.stderr.isatty() or not os.environ.get("CI")
 
     if args.name in SYNTHETIC_DATASETS:
         video = args.name == "shapes_video"
@@ -628,12 +1400,18 @@ def main(argv=None) -> None:
                   "val": args.num_val if args.num_val is not None else (50 if video else 500)}
         if min(counts.values()) < 0:
             raise UserError("--num_train and --num_val must be >= 0")
-        paths = write_synthetic(args.name, out_dir, counts, args.seed, args.min_objects, args.max_objects,
-                                args.frames, args.workers, progress=sys.stderr.isatty() or not os.environ.get("CI"))
+        paths = write_synthetic(args.name, out_dir, counts, args.seed, args.min_objects, max_objects,
+                                args.frames, args.workers, progress=progress)
         for split, path in paths.items():
             print(f"wrote {path} ({counts[split]} {'videos' if video else 'images'})")
         return
-    raise UserError(f"the {args.name} converter is not implemented yet")
+    options = {"max_objects": max_objects, "min_box_area": args.min_box_area, "crop_fraction": args.crop_fraction,
+               "variant": args.variant, "test": args.split == "test", "voc_masks": args.voc_masks,
+               "voc_split": args.voc_split, "resolution": args.resolution}
+    root = args.root or os.path.join("data", "raw", args.name)
+    results = convert_real(args.name, root, out_dir, options, args.workers, progress=progress)
+    for split, (path, summary) in results.items():
+        print(f"wrote {path} ({summary['kept']} {'videos' if args.name.startswith('movi') else 'images'})")
 
 
 if __name__ == "__main__":
