@@ -371,6 +371,30 @@ def check_same_config(saved: dict, current: dict, keys, what: str) -> None:
                             f"{key}={current.get(key)!r}; use a matching config or another checkpoint")
 
 
+def resume_state(config: dict, kind: str, model_keys) -> tuple:
+    """(checkpoint dict or None, start step) for `resume`: a path, 'auto' (the latest checkpoint in out_dir if
+    there is one, else a fresh start) or empty. The checkpoint's model keys must match the config."""
+    resume = config["resume"]
+    if resume == "auto":
+        resume = config["out_dir"] if list_checkpoints(config["out_dir"]) else ""
+    if not resume:
+        return None, 0
+    state = load_checkpoint(resume, kind=kind)
+    check_same_config(state["config"], config, model_keys, f"checkpoint {state['path']}")
+    return state, state["step"]
+
+
+def gather_rng_states(d: "Dist") -> list:
+    """Every rank's RNG state (rank order), for a checkpoint that resumes each rank exactly."""
+    import torch.distributed as dist
+
+    states = [rng_state()]
+    if d.enabled:
+        states = [None] * d.world_size
+        dist.all_gather_object(states, rng_state())
+    return states
+
+
 def rng_state() -> dict:
     import torch
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (RunLog, UserError, all_finite, amp_dtype, check_same_config, cleanup_distributed, eval_loader,
-                    list_checkpoints, load_checkpoint, load_config, option, optimizer_step, progress_bar, reduce_mean, rng_state,
-                    run_main, save_checkpoint, save_config, set_rng_state, setup_distributed, train_loader,
-                    truncate_log, warmup_cosine)
+from common import (RunLog, UserError, all_finite, amp_dtype, cleanup_distributed, eval_loader, gather_rng_states,
+                    load_config, option, optimizer_step, progress_bar, reduce_mean, resume_state, run_main,
+                    save_checkpoint, save_config, set_rng_state, setup_distributed, train_loader, truncate_log,
+                    warmup_cosine)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
@@ -130,15 +130,7 @@ def train(config: dict, d) -> None:
     train_path = os.path.join(config["data_dir"], f"{config['train_split']}.lmdb")
     val_path = os.path.join(config["data_dir"], f"{config['val_split']}.lmdb")
 
-    # Resume: the checkpoint's model keys must match the config.
-    state, start_step = None, 0
-    resume = config["resume"]
-    if resume == "auto":  # the latest checkpoint in out_dir if there is one, else a fresh start
-        resume = config["out_dir"] if list_checkpoints(config["out_dir"]) else ""
-    if resume:
-        state = load_checkpoint(resume, kind="vae")
-        check_same_config(state["config"], config, MODEL_KEYS, f"checkpoint {state['path']}")
-        start_step = state["step"]
+    state, start_step = resume_state(config, "vae", MODEL_KEYS)
 
     torch.manual_seed(config["seed"] * d.world_size + d.rank)
     loader = train_loader(train_path, config["batch_size"], config["num_workers"], config["seed"], d, start_step,
@@ -171,11 +163,7 @@ def train(config: dict, d) -> None:
     figure_images = (first["video"][:, 0] if "video" in first else first["image"]).to(d.device)
 
     def checkpoint(step: int) -> str:
-        states = [rng_state()]
-        if d.enabled:
-            gathered = [None] * d.world_size
-            torch.distributed.all_gather_object(gathered, states[0])
-            states = gathered
+        states = gather_rng_states(d)
         if not d.is_main:
             return ""
         return save_checkpoint({"kind": "vae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
