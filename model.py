@@ -1,1 +1,857 @@
-"""Networks for object-centric learning (encoders, Slot Attention, decoders). Not implemented yet."""
+"""Object-centric models (SPEC §3): primary encoders, Slot Attention, decoders, and the OCL methods.
+
+    SLATE          Slot Attention + autoregressive transformer decoder over the frozen VAE's tokens
+    STEVE          SLATE per video frame, slots carried over by a transformer predictor
+    SlotDiffusion  a slot-conditioned UNet denoising the VAE's c=4 latent (images and videos)
+    DINOSAUR       an MLP broadcast decoder reconstructing frozen DINO features (no VAE guidance)
+    SysBinder      block-slot attention + the SLATE decoder (on videos: + the STEVE recurrence)
+    OGDR           SLATE guided by grouped (2-group) codes (on videos: STEVE guided so)
+
+Every method takes `guidance: vq | grouped | msf` from the frozen VAE it is given, except DINOSAUR. Reading order: encoders, slot initialisation, Slot Attention, decoders, the model.
+Token/feature tensors are (b, n, d); image tensors (b, 3, H, W); videos (b, T, 3, H, W).
+"""
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError, option
+
+
+# ================================================================================================================
+# Primary encoders.
+
+class SoftPositionEmbed(nn.Module):
+    """Adds a learned linear map of the (x, y, 1-x, 1-y) grid to a feature map (Locatello et al. 2020)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.project = nn.Linear(4, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(b,d,h,w) -> (b,d,h,w)"""
+        h, w = features.shape[-2:]
+        ys, xs = torch.meshgrid(torch.linspace(0, 1, h, device=features.device),
+                                torch.linspace(0, 1, w, device=features.device), indexing="ij")
+        grid = torch.stack([xs, ys, 1 - xs, 1 - ys], -1).to(features.dtype)  # (h,w,4)
+        return features + self.project(grid).permute(2, 0, 1)[None]
+
+
+class NaiveCNN(nn.Module):
+    """The SAVi CNN (Kipf et al. 2022): four 5x5 convolutions with ReLU; the first log2(stride) ones stride 2."""
+
+    def __init__(self, channels: int, out_dim: int, stride: int = 1):
+        super().__init__()
+        layers, strides = [], [2] * int(math.log2(stride)) + [1] * (4 - int(math.log2(stride)))
+        in_channels = 3
+        for i, s in enumerate(strides):
+            last = i == len(strides) - 1
+            layers += [nn.Conv2d(in_channels, out_dim if last else channels, 5, s, 2)]
+            if not last:
+                layers.append(nn.ReLU(inplace=True))
+            in_channels = channels
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(b,3,H,W) -> (b,d,H/stride,W/stride)"""
+        return self.net(images)
+
+
+def load_dino(config: dict) -> nn.Module:
+    """The frozen DINO ViT from timm: pretrained from the hub, from `dino_weights`, or random (loudly)."""
+    import timm
+
+    image_size = config["resolution"]
+    kwargs = dict(img_size=image_size, num_classes=0, dynamic_img_size=True)
+    if config["dino_depth"]:
+        kwargs["depth"] = config["dino_depth"]
+    pretrained = config["dino_pretrained"] and not config["dino_weights"]
+    try:
+        vit = timm.create_model(config["dino_model"], pretrained=pretrained, **kwargs)
+    except Exception as error:
+        if not pretrained:
+            raise
+        raise UserError(f"could not load pretrained {config['dino_model']} from the timm hub ({type(error).__name__}:"
+                        f" {str(error)[:120]}); when offline, download the weights elsewhere and set "
+                        f"dino_weights: PATH, or set dino_pretrained: false to train with a random DINO") from None
+    if config["dino_weights"]:
+        load_vit_weights(vit, config["dino_weights"])
+    elif not pretrained:
+        warnings.warn("DINO is RANDOMLY INITIALISED (dino_pretrained: false and no dino_weights): the big-little "
+                      "encoder's DINO branch carries no pretrained features; results will not match the paper",
+                      stacklevel=2)
+    vit.requires_grad_(False).eval()
+    return vit
+
+
+def load_vit_weights(vit: nn.Module, path: str) -> None:
+    """Load a timm or official DINO state dict into `vit`, resampling the position embedding to its grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"dino_weights {path} is not a readable state dict ({type(error).__name__})") from None
+    for key in ("model", "state_dict", "teacher", "student"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+        grid = vit.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=1)
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head")]
+    if missing:
+        raise UserError(f"dino_weights {path} does not fit {type(vit).__name__}: missing {missing[:5]}")
+
+
+class BigLittleEncoder(nn.Module):
+    """The paper's primary encoder (appendix A.1): dino(x) -> conv3x3 -> upsample, added to a naive CNN branch,
+    so a 128-px input still gives a high-resolution feature map; DINO stays frozen."""
+
+    def __init__(self, config: dict, out_dim: int):
+        super().__init__()
+        self.dino = load_dino(config)
+        self.patch = self.dino.patch_embed.patch_size[0]
+        self.stride = config["encoder_stride"]
+        self.project = nn.Conv2d(self.dino.num_features, out_dim, 3, 1, 1)
+        self.cnn = NaiveCNN(config["cnn_channels"], out_dim, self.stride)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.dino.eval()  # frozen: no dropout, fixed norms
+        return self
+
+    @torch.no_grad()
+    def dino_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(b,3,H,W) -> (b, D, H/patch, W/patch) frozen DINO patch features."""
+        tokens = self.dino.forward_features(images)[:, self.dino.num_prefix_tokens:]  # (b, h*w, D)
+        h, w = images.shape[-2] // self.patch, images.shape[-1] // self.patch
+        return tokens.transpose(1, 2).reshape(images.shape[0], -1, h, w)
+
+    def forward(self, images: torch.Tensor, dino_features: torch.Tensor = None) -> torch.Tensor:
+        """(b,3,H,W) -> (b,d,H/stride,W/stride)"""
+        if dino_features is None:
+            dino_features = self.dino_features(images)
+        big = F.interpolate(self.project(dino_features), scale_factor=self.patch // self.stride, mode="nearest")
+        return big + self.cnn(images)
+
+
+class FeatureEncoder(nn.Module):
+    """Primary encoder + position embedding + LayerNorm + MLP: images -> SA inputs (b, h*w, d)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        dim = config["slot_dim"]
+        if config["encoder"] == "dino_biglittle":
+            self.backbone = BigLittleEncoder(config, dim)
+        else:
+            self.backbone = NaiveCNN(config["cnn_channels"], dim, config["encoder_stride"])
+        self.position = SoftPositionEmbed(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+
+    def forward(self, images: torch.Tensor, dino_features: torch.Tensor = None) -> tuple:
+        """Returns SA inputs (b, h*w, d) and the feature grid (h, w)."""
+        if isinstance(self.backbone, BigLittleEncoder):
+            features = self.backbone(images, dino_features)
+        else:
+            features = self.backbone(images)
+        features = F.relu(self.position(features))
+        h, w = features.shape[-2:]
+        tokens = self.norm(features.flatten(2).transpose(1, 2))
+        return self.mlp(tokens), (h, w)
+
+
+# ================================================================================================================
+# Slot initialisation.
+
+class GaussianQueries(nn.Module):
+    """Learned Gaussian means, one per slot, with a shared non-trainable sigma given by the caller (cosine-annealed
+    1 -> 0 over training, 0 at evaluation; appendix A.3)."""
+
+    def __init__(self, num_slots: int, dim: int):
+        super().__init__()
+        self.mean = nn.Parameter(nn.init.xavier_uniform_(torch.empty(num_slots, dim)))
+
+    def forward(self, batch_size: int, sigma: float) -> torch.Tensor:
+        """-> (b, s, d)"""
+        queries = self.mean[None].expand(batch_size, -1, -1)
+        if sigma > 0:
+            queries = queries + sigma * torch.randn_like(queries)
+        return queries
+
+
+class BoxQueries(nn.Module):
+    """Conditional initialisation for video: first-frame boxes (normalised ltrb, zero-padded to the slot count)
+    through a 2-layer GELU MLP."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(b, s, 4) -> (b, s, d)"""
+        return self.mlp(boxes)
+
+
+def boxes_for_slots(boxes: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(b, K, 4) object boxes -> (b, num_slots, 4): truncated or zero-padded (slot k <-> object k)."""
+    b, k, _ = boxes.shape
+    if k >= num_slots:
+        return boxes[:, :num_slots]
+    return torch.cat([boxes, boxes.new_zeros(b, num_slots - k, 4)], 1)
+
+
+# ================================================================================================================
+# Slot Attention (Locatello et al. 2020) and block-slot attention (SysBinder, Singh et al. 2022b).
+
+class SlotAttention(nn.Module):
+    """Standard Slot Attention: softmax over slots, weighted mean over inputs, GRU update, residual MLP."""
+
+    def __init__(self, dim: int, iterations: int = 3, mlp_dim: int = 0, eps: float = 1e-8):
+        super().__init__()
+        self.dim, self.iterations, self.eps = dim, iterations, eps
+        self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.gru = nn.GRUCell(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim or 2 * dim), nn.ReLU(inplace=True),
+                                 nn.Linear(mlp_dim or 2 * dim, dim))
+
+    def attend(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """One attention step: (b,s,d) slots -> updates (b,s,d) and attention (b,s,n), softmax over slots."""
+        q = self.to_q(self.norm_slots(slots))
+        logits = torch.einsum("bsd,bnd->bsn", q, k) / math.sqrt(self.dim)
+        attention = logits.softmax(dim=1)  # slots compete for each input
+        weights = attention + self.eps
+        updates = torch.einsum("bsn,bnd->bsd", weights / weights.sum(-1, keepdim=True), v)
+        return updates, attention
+
+    def update(self, slots: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        b, s, d = slots.shape
+        slots = self.gru(updates.reshape(-1, d), slots.reshape(-1, d)).view(b, s, d)
+        return slots + self.mlp(self.norm_mlp(slots))
+
+    def forward(self, inputs: torch.Tensor, slots: torch.Tensor, iterations: int = None) -> tuple:
+        """inputs (b,n,d), initial slots (b,s,d) -> slots (b,s,d), attention of the last iteration (b,s,n)."""
+        inputs = self.norm_inputs(inputs)
+        k, v = self.to_k(inputs), self.to_v(inputs)
+        attention = None
+        for _ in range(iterations or self.iterations):
+            updates, attention = self.attend(slots, k, v)
+            slots = self.update(slots, updates)
+        return slots, attention
+
+
+class BlockGRU(nn.Module):
+    """M independent GRU cells, one per block of the slot vector (SysBinder's block-wise update)."""
+
+    def __init__(self, dim: int, blocks: int):
+        super().__init__()
+        self.blocks, self.block_dim = blocks, dim // blocks
+        self.weight_ih = nn.Parameter(torch.randn(blocks, self.block_dim, 3 * self.block_dim) / math.sqrt(self.block_dim))
+        self.weight_hh = nn.Parameter(torch.randn(blocks, self.block_dim, 3 * self.block_dim) / math.sqrt(self.block_dim))
+        self.bias_ih = nn.Parameter(torch.zeros(blocks, 3 * self.block_dim))
+        self.bias_hh = nn.Parameter(torch.zeros(blocks, 3 * self.block_dim))
+
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, M*k) inputs and hidden -> (n, M*k), each block through its own GRU equations."""
+        n = inputs.shape[0]
+        x = inputs.view(n, self.blocks, self.block_dim)
+        h = hidden.view(n, self.blocks, self.block_dim)
+        gi = torch.einsum("nmk,mkj->nmj", x, self.weight_ih) + self.bias_ih
+        gh = torch.einsum("nmk,mkj->nmj", h, self.weight_hh) + self.bias_hh
+        r_i, z_i, n_i = gi.chunk(3, -1)
+        r_h, z_h, n_h = gh.chunk(3, -1)
+        reset, keep = torch.sigmoid(r_i + r_h), torch.sigmoid(z_i + z_h)
+        candidate = torch.tanh(n_i + reset * n_h)
+        return ((1 - keep) * candidate + keep * h).reshape(n, -1)
+
+
+class BlockSlotAttention(SlotAttention):
+    """SysBinder: slot attention whose slots are M blocks, each updated by its own GRU and MLP and then bound to a
+    learned library of prototypes for that block (soft attention over the block's prototypes)."""
+
+    def __init__(self, dim: int, iterations: int, blocks: int, prototypes: int):
+        super().__init__(dim, iterations)
+        if dim % blocks:
+            raise UserError(f"slot_dim {dim} must be divisible by sysbinder_blocks {blocks}")
+        self.blocks, self.block_dim = blocks, dim // blocks
+        self.gru = BlockGRU(dim, blocks)
+        self.mlp = None
+        self.block_mlp_in = nn.Parameter(torch.randn(blocks, self.block_dim, 4 * self.block_dim) / math.sqrt(self.block_dim))
+        self.block_mlp_out = nn.Parameter(torch.zeros(blocks, 4 * self.block_dim, self.block_dim))
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.prototypes = nn.Parameter(torch.randn(blocks, prototypes, self.block_dim))
+        self.norm_binding = nn.LayerNorm(self.block_dim)
+
+    def update(self, slots: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        b, s, d = slots.shape
+        slots = self.gru(updates.reshape(-1, d), slots.reshape(-1, d)).view(b, s, self.blocks, self.block_dim)
+        hidden = torch.einsum("bsmk,mkj->bsmj", self.norm_mlp(slots.reshape(b, s, d)).view_as(slots),
+                              self.block_mlp_in)
+        slots = slots + torch.einsum("bsmj,mjk->bsmk", F.relu(hidden), self.block_mlp_out)
+        # Binding: each block is re-expressed as a convex combination of its own prototypes.
+        logits = torch.einsum("bsmk,mpk->bsmp", self.norm_binding(slots), self.prototypes) / math.sqrt(self.block_dim)
+        bound = torch.einsum("bsmp,mpk->bsmk", logits.softmax(-1), self.prototypes)
+        return bound.reshape(b, s, d)
+
+
+# ================================================================================================================
+# Decoders.
+
+class TransformerDecoder(nn.Module):
+    """SLATE's decoder: autoregressive over the VAE tokens (teacher forcing with a causal mask), slots as the
+    cross-attention memory; predicts each token's code index (one combined head, or one head per group)."""
+
+    def __init__(self, code_dim: int, memory_dim: int, dim: int, layers: int, heads: int, dropout: float,
+                 lengths: list, vocabularies: list, grouped: bool = False):
+        """lengths[i]: tokens of guidance scale i; vocabularies[i]: list of group sizes of scale i."""
+        super().__init__()
+        self.lengths = lengths
+        total = sum(lengths)
+        self.embed = nn.Linear(code_dim, dim)
+        self.bos = nn.Parameter(torch.randn(1, 1, dim) * dim ** -0.5)
+        self.position = nn.Parameter(torch.randn(1, total, dim) * 0.02)
+        self.memory = nn.Sequential(nn.Linear(memory_dim, dim), nn.LayerNorm(dim))
+        layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.transformer = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(dim))
+        self.register_buffer("causal", torch.triu(torch.full((total, total), float("-inf")), 1), persistent=False)
+        # Readout per guidance scale: one head over the combined vocabulary, or one per group (only the heads the
+        # loss uses exist, so DDP sees no unused parameters).
+        self.grouped = grouped
+        if grouped:
+            self.heads = nn.ModuleList([nn.ModuleList([nn.Linear(dim, g) for g in v]) for v in vocabularies])
+        else:
+            self.heads = nn.ModuleList([nn.Linear(dim, math.prod(v)) for v in vocabularies])
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """tokens (b, L, code_dim) VAE vectors, memory (b, s, memory_dim) -> hidden states (b, L, dim)."""
+        x = torch.cat([self.bos.expand(tokens.shape[0], -1, -1), self.embed(tokens[:, :-1])], 1) + self.position
+        return self.transformer(x, self.memory(memory), tgt_mask=self.causal, tgt_is_causal=True)
+
+    def loss(self, hidden: torch.Tensor, indices: list, vocabularies: list) -> torch.Tensor:
+        """Cross-entropy of the code indices, averaged over all tokens of all guidance scales.
+        indices[i]: (b, L_i, G) group indices of scale i."""
+        total, start = 0.0, 0
+        for head, length, index, groups in zip(self.heads, self.lengths, indices, vocabularies):
+            h = hidden[:, start:start + length]
+            start += length
+            if self.grouped:  # the official code's two cross-entropies, summed
+                for g, group_head in enumerate(head):
+                    total = total + F.cross_entropy(group_head(h).flatten(0, 1).float(),
+                                                    index[..., g].reshape(-1)) * length
+            else:
+                total = total + F.cross_entropy(head(h).flatten(0, 1).float(),
+                                                combined_index(index, groups).reshape(-1)) * length
+        return total / sum(self.lengths)
+
+
+def combined_index(indices: torch.Tensor, group_sizes: list) -> torch.Tensor:
+    """(…, G) group indices -> (…) index into the product vocabulary, e.g. I_si * |C_sv| + I_sv."""
+    combined = torch.zeros_like(indices[..., 0])
+    for g, size in enumerate(group_sizes):
+        combined = combined * size + indices[..., g]
+    return combined
+
+
+class SlotPredictor(nn.Module):
+    """STEVE's predictor: a transformer encoder layer over the slots of frame t-1 gives the queries of frame t."""
+
+    def __init__(self, dim: int, heads: int, layers: int = 1):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.net = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.net(slots)
+
+
+class BroadcastMLPDecoder(nn.Module):
+    """DINOSAUR's decoder: each slot broadcast to every patch position (+ learned position), an MLP gives a
+    feature and an alpha logit; alphas softmax over slots mix the features (and are the masks)."""
+
+    def __init__(self, slot_dim: int, feature_dim: int, positions: int, hidden: int, layers: int = 3):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(1, 1, positions, slot_dim) * 0.02)
+        blocks, width = [], slot_dim
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        self.mlp = nn.Sequential(*blocks, nn.Linear(width, feature_dim + 1))
+
+    def forward(self, slots: torch.Tensor) -> tuple:
+        """(b,s,d) -> reconstruction (b, P, D), masks (b, s, P)."""
+        out = self.mlp(slots[:, :, None] + self.position)  # (b,s,P,D+1)
+        features, alpha_logits = out[..., :-1], out[..., -1]
+        masks = alpha_logits.softmax(1)
+        return (masks[..., None] * features).sum(1), masks
+
+
+# ================================================================================================================
+# SlotDiffusion: the DDPM noise schedule and samplers, the slot-conditioned UNet denoiser, the loss.
+#
+# The schedule follows diffusers' DDPMScheduler / DDIMScheduler (the tests use them as the oracle): betas in
+# float32, abar_t = prod_{s<=t} (1 - beta_s), epsilon prediction, no sample clipping (the latent is not in [-1, 1]).
+
+class DDPMSchedule(nn.Module):
+    """The forward process q(x_t | x_0) of a `steps`-step DDPM and two reverse updates: DDIM (eta = 0,
+    deterministic, any subset of timesteps) and DDPM's ancestral step (every timestep, "fixed_small" variance).
+
+    Buffers are float32 and non-persistent: they are a pure function of (steps, beta_schedule), so checkpoints
+    do not carry them and `.to(device)` moves them."""
+
+    def __init__(self, steps: int = 1000, beta_schedule: str = "linear"):
+        super().__init__()
+        # diffusers' defaults (beta_start 1e-4, beta_end 0.02). "scaled_linear" is linear in sqrt(beta), which is
+        # what the LDM / SlotDiffusion code calls "linear".
+        if beta_schedule == "linear":
+            betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float32)
+        elif beta_schedule == "scaled_linear":
+            betas = torch.linspace(1e-4 ** 0.5, 0.02 ** 0.5, steps, dtype=torch.float32) ** 2
+        else:
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}: use 'linear' or 'scaled_linear'.")
+        self.steps = steps
+        self.register_buffer("betas", betas, persistent=False)  # (steps,)
+        self.register_buffer("alphas", 1.0 - betas, persistent=False)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, 0), persistent=False)
+
+    def alpha_bar(self, t: int) -> torch.Tensor:
+        """abar_t as a 0-d tensor; abar_{t<0} = 1 (diffusers' `set_alpha_to_one=True`: the last step lands on x0)."""
+        if t < 0:
+            return torch.ones((), device=self.alphas_cumprod.device)
+        return self.alphas_cumprod[t]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q_sample: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise for per-sample timesteps t (b,) (LongTensor)."""
+        alpha_bar = self.alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))  # (b, 1, ...)
+        return alpha_bar ** 0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """Descending sampling timesteps, diffusers' "leading" spacing: (n-1)k, ..., k, 0 with k = steps // n."""
+        if not 1 <= num_inference_steps <= self.steps:
+            raise ValueError(f"num_inference_steps must be in [1, {self.steps}], got {num_inference_steps}.")
+        stride = self.steps // num_inference_steps
+        return torch.arange(num_inference_steps - 1, -1, -1, dtype=torch.long) * stride  # (n,)
+
+    def step(self, eps: torch.Tensor, t: int, x_t: torch.Tensor, prev_t: int) -> torch.Tensor:
+        """DDIM update with eta = 0 from timestep t to prev_t < t (prev_t < 0: the final step, returns the x0
+        estimate). eps is the predicted noise; t and prev_t are ints shared by the whole batch."""
+        alpha_bar, alpha_bar_prev = self.alpha_bar(t), self.alpha_bar(prev_t)
+        x0 = (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5  # DDIM Eq. 12, "predicted x0"
+        return alpha_bar_prev ** 0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * eps
+
+    def ddpm_variance(self, t: int) -> torch.Tensor:
+        """Posterior variance of q(x_{t-1} | x_t, x0), "fixed_small": beta_t (1 - abar_{t-1}) / (1 - abar_t)."""
+        alpha_bar, alpha_bar_prev = self.alpha_bar(t), self.alpha_bar(t - 1)
+        beta = 1 - alpha_bar / alpha_bar_prev
+        return torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=1e-20)
+
+    def ddpm_step(self, eps: torch.Tensor, t: int, x_t: torch.Tensor, generator=None) -> torch.Tensor:
+        """DDPM ancestral update t -> t-1 (Ho et al. Eq. 7 posterior mean + sqrt(variance) z). Noise is drawn only
+        for t > 0, as torch.randn on the generator's device, so a seeded generator reproduces diffusers' step."""
+        alpha_bar, alpha_bar_prev = self.alpha_bar(t), self.alpha_bar(t - 1)
+        alpha, beta = alpha_bar / alpha_bar_prev, 1 - alpha_bar / alpha_bar_prev
+        x0 = (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
+        mean = (alpha_bar_prev ** 0.5 * beta / (1 - alpha_bar)) * x0 + (alpha ** 0.5 * (1 - alpha_bar_prev) /
+                                                                      (1 - alpha_bar)) * x_t
+        if t == 0:
+            return mean
+        device = generator.device if generator is not None else x_t.device
+        z = torch.randn(x_t.shape, generator=generator, device=device, dtype=x_t.dtype).to(x_t.device)
+        return mean + self.ddpm_variance(t) ** 0.5 * z
+
+
+def unet_group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the largest power-of-two group count <= 32 that divides `channels`."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sinusoids of the integer timesteps (b,) -> (b, dim): [cos | sin] over geometric frequencies."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * frequencies[None]  # (b, half)
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], 1)
+    return F.pad(embedding, (0, dim % 2))
+
+
+class UNetResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the timestep embedding added in between (LDM's ResBlock without dropout)."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int):
+        super().__init__()
+        self.norm1, self.conv1 = unet_group_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time = nn.Linear(time_dim, out_channels)
+        self.norm2, self.conv2 = unet_group_norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """x (b, c_in, h, w), time (b, time_dim) -> (b, c_out, h, w)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time(F.silu(time))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class UNetAttention(nn.Module):
+    """Multi-head attention of queries (b, n, dim) over a context (b, m, context_dim) (self-attention: the
+    queries themselves)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        assert dim % heads == 0, f"UNet width {dim} is not divisible by {heads} heads"
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (b, heads, n, d/heads)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, n, d/heads)
+        return self.out(out.transpose(1, 2).reshape(b, n, d))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's spatial transformer: the feature map as h*w tokens through one pre-LayerNorm block of self-attention,
+    cross-attention to the slots (the only place the slots enter the denoiser) and a GELU feed-forward."""
+
+    def __init__(self, channels: int, slot_dim: int, heads: int):
+        super().__init__()
+        self.norm = unet_group_norm(channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.norm1, self.self_attention = nn.LayerNorm(channels), UNetAttention(channels, channels, heads)
+        self.norm2, self.cross_attention = nn.LayerNorm(channels), UNetAttention(channels, slot_dim, heads)
+        self.norm3 = nn.LayerNorm(channels)
+        self.feed_forward = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(),
+                                          nn.Linear(4 * channels, channels))
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """x (b, c, h, w), slots (b, s, slot_dim) -> (b, c, h, w)."""
+        b, c, h, w = x.shape
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (b, h*w, c)
+        normed = self.norm1(tokens)
+        tokens = tokens + self.self_attention(normed, normed)
+        tokens = tokens + self.cross_attention(self.norm2(tokens), slots)
+        tokens = tokens + self.feed_forward(self.norm3(tokens))
+        return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+class SlotUNet(nn.Module):
+    """SlotDiffusion's denoiser eps(x_t, t, slots): an LDM-style UNet on the VAE latent (b, c, h, w), h and w
+    divisible by 4. Widths channels * CHANNEL_MULT with RES_BLOCKS ResBlocks per level and a stride-2 conv
+    between levels (32 -> 16 -> 8); a SpatialTransformer after every ResBlock of the ATTENTION_LEVELS and in
+    the middle block; the up path mirrors it with RES_BLOCKS + 1 ResBlocks per level, each fed one skip."""
+
+    CHANNEL_MULT = (1, 2, 4)
+    RES_BLOCKS = 2
+    ATTENTION_LEVELS = (1, 2)  # the two downsampled resolutions, e.g. 16x16 and 8x8 of a 32x32 latent
+
+    def __init__(self, in_channels: int, channels: int, slot_dim: int, heads: int = 4):
+        super().__init__()
+        self.channels = channels
+        time_dim = 4 * channels
+        self.time_mlp = nn.Sequential(nn.Linear(channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        widths = [channels * m for m in self.CHANNEL_MULT]
+        last = len(widths) - 1
+
+        self.down = nn.ModuleList()
+        skip_widths, width = [channels], channels
+        for level, out_width in enumerate(widths):
+            for _ in range(self.RES_BLOCKS):
+                layers = [UNetResBlock(width, out_width, time_dim)]
+                if level in self.ATTENTION_LEVELS:
+                    layers.append(SpatialTransformer(out_width, slot_dim, heads))
+                self.down.append(nn.ModuleList(layers))
+                width = out_width
+                skip_widths.append(width)
+            if level != last:
+                self.down.append(nn.ModuleList([nn.Conv2d(width, width, 3, stride=2, padding=1)]))
+                skip_widths.append(width)
+
+        self.middle = nn.ModuleList([UNetResBlock(width, width, time_dim), SpatialTransformer(width, slot_dim, heads),
+                                     UNetResBlock(width, width, time_dim)])
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            for block in range(self.RES_BLOCKS + 1):
+                layers = [UNetResBlock(width + skip_widths.pop(), widths[level], time_dim)]
+                width = widths[level]
+                if level in self.ATTENTION_LEVELS:
+                    layers.append(SpatialTransformer(width, slot_dim, heads))
+                if level != 0 and block == self.RES_BLOCKS:
+                    layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
+                self.up.append(nn.ModuleList(layers))
+
+        self.norm_out = unet_group_norm(width)
+        self.conv_out = nn.Conv2d(width, in_channels, 3, padding=1)
+        # Zero-initialised like LDM's output layer: the untrained denoiser predicts eps = 0 (loss 1 at start).
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @staticmethod
+    def run(layers: nn.ModuleList, x: torch.Tensor, time: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Apply one block's layers, giving each its conditioning (ResBlock: time, SpatialTransformer: slots)."""
+        for layer in layers:
+            if isinstance(layer, UNetResBlock):
+                x = layer(x, time)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, slots)
+            else:
+                x = layer(x)
+        return x
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """x (b, c, h, w) noisy latent, t (b,) integer timesteps, slots (b, s, slot_dim) -> eps (b, c, h, w)."""
+        factor = 2 ** (len(self.CHANNEL_MULT) - 1)
+        assert x.shape[-2] % factor == 0 and x.shape[-1] % factor == 0, \
+            f"SlotUNet needs a latent side divisible by {factor}, got {tuple(x.shape[-2:])}"
+        time = self.time_mlp(timestep_embedding(t, self.channels))  # (b, 4*channels)
+        h = self.conv_in(x)
+        skips = [h]
+        for layers in self.down:
+            h = self.run(layers, h, time, slots)
+            skips.append(h)
+        h = self.run(self.middle, h, time, slots)
+        for layers in self.up:
+            h = self.run(layers, torch.cat([h, skips.pop()], 1), time, slots)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def diffusion_loss(unet: nn.Module, schedule: DDPMSchedule, x0: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """DDPM's simple loss (Ho et al. Eq. 14): t ~ U{0, ..., steps-1}, eps ~ N(0, I), MSE between the denoiser's
+    prediction for x_t = q_sample(x0, eps, t) and eps, in float32. x0 (b, c, h, w), slots (b, s, d)."""
+    x0 = x0.float()
+    t = torch.randint(0, schedule.steps, (x0.shape[0],), device=x0.device)  # (b,)
+    noise = torch.randn_like(x0)
+    predicted = unet(schedule.add_noise(x0, noise, t), t, slots)
+    return F.mse_loss(predicted.float(), noise)
+
+
+@torch.no_grad()
+def sample(unet: nn.Module, schedule: DDPMSchedule, slots: torch.Tensor, shape: tuple,
+           num_inference_steps: int = 50, generator=None) -> torch.Tensor:
+    """DDIM sampling (eta = 0, always, also when num_inference_steps equals the training steps) of a latent of
+    `shape` given slots (b, s, d): x_T ~ N(0, I) drawn from `generator` (on the generator's device), then the
+    deterministic update over `schedule.timesteps(num_inference_steps)`. The last step lands on abar = 1, so the
+    result is the x0 estimate. The schedule runs in float32; the result has the slots' device and dtype."""
+    device = slots.device
+    noise_device = generator.device if generator is not None else device
+    x = torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device)
+    timesteps = schedule.timesteps(num_inference_steps).tolist()
+    for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        eps = unet(x, torch.full((shape[0],), t, device=device, dtype=torch.long), slots).float()
+        x = schedule.step(eps, t, x, prev_t)
+    return x.to(slots.dtype)
+
+
+# ================================================================================================================
+# The OCL model: one class, the method picks the decoder.
+
+class OCLModel(nn.Module):
+    """Encoder -> Slot Attention -> method's decoder, guided by a frozen VAE (kept in eval mode, no gradients).
+
+    forward(batch, sigma) returns (loss, stats, masks) with masks (b, [T,] s, h, w), the soft slot masks on the
+    feature grid (attention maps, or DINOSAUR's decoder alphas)."""
+
+    def __init__(self, config: dict, vae=None, video: bool = False):
+        super().__init__()
+        self.config = dict(config)
+        self.method, self.video = config["method"], video
+        self.scales = list(config["guidance_scales"])
+        dim = config["slot_dim"]
+        self.encoder = FeatureEncoder(config)
+        if self.method == "sysbinder":
+            self.slot_attention = BlockSlotAttention(dim, config["sa_iterations"], config["sysbinder_blocks"],
+                                                     config["sysbinder_prototypes"])
+        else:
+            self.slot_attention = SlotAttention(dim, config["sa_iterations"], config["sa_mlp_dim"])
+        if video:
+            self.queries = BoxQueries(dim)
+            self.predictor = SlotPredictor(dim, config["decoder_heads"], config["predictor_layers"])
+        else:
+            self.queries = GaussianQueries(config["num_slots"], dim)
+        self.vae = vae
+        if vae is not None:
+            vae.requires_grad_(False).eval()
+        feature_size = config["resolution"] // 4  # VAE tokens per side at scale 1
+
+        if self.method in ("slate", "steve", "sysbinder", "ogdr"):
+            vocabularies = vae_vocabularies(vae, self.scales)
+            lengths = [(feature_size // 2 ** (s - 1)) ** 2 for s in self.scales]
+            memory_dim = dim
+            if self.method == "sysbinder":  # every block of every slot is one memory token
+                memory_dim = dim // config["sysbinder_blocks"]
+                self.block_embedding = nn.Parameter(torch.randn(1, 1, config["sysbinder_blocks"], memory_dim) * 0.02)
+            self.decoder = TransformerDecoder(vae.config["code_dim"], memory_dim, config["decoder_dim"],
+                                              config["decoder_layers"], config["decoder_heads"],
+                                              config["decoder_dropout"], lengths, vocabularies,
+                                              grouped=config["slate_loss"] == "grouped")
+            self.vocabularies = vocabularies
+        elif self.method == "slotdiffusion":
+            self.schedule = DDPMSchedule(config["diffusion_steps"], config["beta_schedule"])
+            self.decoder = SlotUNet(vae.config["code_dim"], config["unet_channels"], slot_dim=dim,
+                                    heads=config["decoder_heads"])
+            # LDM's latent scale: the guidance latent is divided by its std so the diffusion sees unit variance.
+            self.register_buffer("latent_scale", torch.tensor(float(config["latent_scale"] or 1.0)))
+        elif self.method == "dinosaur":
+            dino = self.encoder.backbone.dino
+            patches = (config["resolution"] // self.encoder.backbone.patch) ** 2
+            self.decoder = BroadcastMLPDecoder(dim, dino.num_features, patches, config["dinosaur_hidden"])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # frozen guidance: argmax matching, no Gumbel
+        return self
+
+    # --------------------------------------------------------------------------------------------- slots
+    def slots(self, images: torch.Tensor, sigma: float, boxes: torch.Tensor = None, dino_features=None) -> tuple:
+        """Images (b,3,H,W) -> slots (b,s,d), masks (b,s,h,w). Videos (b,T,3,H,W) with first-frame boxes
+        (b,K,4) -> slots (b,T,s,d), masks (b,T,s,h,w): frame 0 from the boxes with every SA iteration, frame t
+        from the predictor applied to frame t-1 with one iteration (STEVE)."""
+        if not self.video:
+            inputs, (h, w) = self.encoder(images, dino_features)
+            slots, attention = self.slot_attention(inputs, self.queries(images.shape[0], sigma))
+            return slots, attention.view(*attention.shape[:2], h, w)
+        b, t = images.shape[:2]
+        inputs, (h, w) = self.encoder(images.flatten(0, 1))
+        inputs = inputs.view(b, t, *inputs.shape[1:])
+        slots, attention = self.slot_attention(inputs[:, 0], self.queries(boxes_for_slots(boxes, self.config["num_slots"])))
+        all_slots, all_attention = [slots], [attention]
+        for frame in range(1, t):
+            slots, attention = self.slot_attention(inputs[:, frame], self.predictor(slots), iterations=1)
+            all_slots.append(slots), all_attention.append(attention)
+        slots, attention = torch.stack(all_slots, 1), torch.stack(all_attention, 1)
+        return slots, attention.view(*attention.shape[:3], h, w)
+
+    # --------------------------------------------------------------------------------------------- decoders
+    def decoder_memory(self, slots: torch.Tensor) -> torch.Tensor:
+        """(n,s,d) slots -> cross-attention memory: the slots, or SysBinder's blocks as separate tokens."""
+        if self.method != "sysbinder":
+            return slots
+        n, s, d = slots.shape
+        blocks = slots.view(n, s, self.config["sysbinder_blocks"], -1) + self.block_embedding
+        return blocks.flatten(1, 2)
+
+    def guidance(self, frames: torch.Tensor) -> dict:
+        """The frozen VAE's guidance of (n,3,H,W) frames for the configured scales (float32, no gradients)."""
+        with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
+            return self.vae.guidance(frames.float(), self.scales)
+
+    def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d)."""
+        if self.method == "slotdiffusion":
+            latent = self.guidance(frames)["vectors"][0].permute(0, 3, 1, 2) / self.latent_scale  # (n,c,h,w)
+            return diffusion_loss(self.decoder, self.schedule, latent, slots)
+        guidance = self.guidance(frames)
+        tokens = torch.cat([v.flatten(1, 2) for v in guidance["vectors"]], 1)  # (n, L, c)
+        indices = [i.flatten(1, 2) for i in guidance["indices"]]  # per scale (n, L_i, G)
+        hidden = self.decoder(tokens, self.decoder_memory(slots))
+        return self.decoder.loss(hidden, indices, self.vocabularies)
+
+    def forward(self, batch: dict, sigma: float = 0.0) -> tuple:
+        """Training / validation pass: (loss, stats, masks)."""
+        if self.video:
+            video = batch["video"]
+            slots, masks = self.slots(video, sigma, boxes=batch["bbox"][:, 0])
+            loss = self.decode_loss(video.flatten(0, 1), slots.flatten(0, 1))
+            return loss, {"loss": loss.detach()}, masks
+        images = batch["image"]
+        if self.method == "dinosaur":
+            features = self.encoder.backbone.dino_features(images)  # (b,D,h,w), the reconstruction target
+            slots, _ = self.slots(images, sigma, dino_features=features)
+            reconstruction, alpha = self.decoder(slots)
+            loss = F.mse_loss(reconstruction.float(), features.flatten(2).transpose(1, 2).float())
+            side = features.shape[-1]
+            return loss, {"loss": loss.detach()}, alpha.view(*alpha.shape[:2], side, side)
+        slots, masks = self.slots(images, sigma)
+        loss = self.decode_loss(images, slots)
+        return loss, {"loss": loss.detach()}, masks
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, slots: torch.Tensor, steps: int = 50) -> torch.Tensor:
+        """SlotDiffusion: sample the latent from the slots and decode it with the VAE -> (b,3,H,W) in [-1,1]."""
+        shape = (images.shape[0], self.vae.config["code_dim"], images.shape[-2] // 4, images.shape[-1] // 4)
+        latent = sample(self.decoder, self.schedule, slots, shape, num_inference_steps=steps) * self.latent_scale
+        return self.vae.decode(latent.permute(0, 2, 3, 1)).clamp(-1, 1)
+
+
+def vae_vocabularies(vae, scales: list) -> list:
+    """Group sizes of the VAE's code indices at each guidance scale (e.g. [[64, 64]] for MSF scale 1)."""
+    probe = torch.zeros(1, 3, 4 * 2 ** (vae.num_scales - 1), 4 * 2 ** (vae.num_scales - 1),
+                        device=next(vae.parameters()).device)
+    return vae.guidance(probe, scales)["group_sizes"]
+
+
+def masks_to_segments(masks: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Soft slot masks (b, [T,] s, h, w) -> predicted segment ids (b, [T,] H, W): bilinear upsampling to the image
+    size, then argmax over slots (SPEC §6)."""
+    lead = masks.shape[:-3]
+    flat = masks.reshape(-1, *masks.shape[-3:]).float()
+    upsampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return upsampled.argmax(1).view(*lead, *size)
+
+
+def query_sigma(step: int, total_steps: int, config: dict) -> float:
+    """The shared sigma of the Gaussian slot queries: cosine 1 -> 0 over training; 0 for single-object data."""
+    if config["single_object"]:
+        return 0.0
+    from common import cosine_anneal
+
+    return cosine_anneal(step, total_steps, config["query_sigma_start"], 0.0)
+
+
+# ================================================================================================================
+# Config keys of the OCL model (train_ocl.py adds the training keys; checkpoints store all of them).
+
+OCL_OPTIONS = {
+    "method": option("slate", "OCL method", choices=("slate", "steve", "slotdiffusion", "dinosaur", "sysbinder", "ogdr")),
+    "guidance": option("msf", "guidance kind; must match the VAE checkpoint's quantizer (none for DINOSAUR)",
+                       choices=("vq", "grouped", "msf", "none")),
+    "vae_ckpt": option("", "VAE checkpoint (file or run directory) that guides the decoder"),
+    "guidance_scales": option([1], "VAE scales that guide the decoder: [1], [1, 2] or [2] (paper Table 5)",
+                              type="int_list"),
+    "encoder": option("dino_biglittle", "primary encoder: DINO big-little (paper) or the naive CNN (ablations)",
+                      choices=("dino_biglittle", "cnn")),
+    "dino_model": option("vit_small_patch8_224.dino", "timm name of the frozen DINO ViT"),
+    "dino_pretrained": option(True, "load DINO weights from the timm hub (needs internet)"),
+    "dino_weights": option("", "local DINO state dict (timm or official format); overrides dino_pretrained"),
+    "dino_depth": option(0, "ViT depth override (0 = the model's own; tests use 1)"),
+    "cnn_channels": option(64, "channels of the naive CNN branch"),
+    "encoder_stride": option(1, "feature-map downsampling before Slot Attention (1 = full resolution, paper)",
+                             choices=(1, 2, 4, 8)),
+    "num_slots": option(11, "slots (max objects + 1)"),
+    "slot_dim": option(256, "slot and feature dimension"),
+    "sa_iterations": option(3, "Slot Attention iterations (videos: on the first frame; later frames use 1)"),
+    "sa_mlp_dim": option(0, "hidden size of the slot MLP (0 = 2 x slot_dim)"),
+    "query_sigma_start": option(1.0, "initial sigma of the Gaussian slot queries (annealed to 0)"),
+    "single_object": option(False, "single-object data: sigma 0 throughout"),
+    "decoder_dim": option(256, "transformer decoder width"),
+    "decoder_layers": option(4, "transformer decoder layers"),
+    "decoder_heads": option(4, "attention heads (decoder, predictor, UNet)"),
+    "decoder_dropout": option(0.1, "transformer decoder dropout"),
+    "slate_loss": option("combined", "SLATE targets: one cross-entropy over the combined index, or one per group "
+                         "summed (official code)", choices=("combined", "grouped")),
+    "predictor_layers": option(1, "STEVE predictor transformer layers"),
+    "sysbinder_blocks": option(4, "SysBinder blocks per slot"),
+    "sysbinder_prototypes": option(64, "SysBinder prototypes per block"),
+    "unet_channels": option(64, "SlotDiffusion UNet base channels"),
+    "diffusion_steps": option(1000, "DDPM steps"),
+    "beta_schedule": option("linear", "DDPM beta schedule (diffusers' defaults: linear 1e-4..0.02)",
+                            choices=("linear", "scaled_linear")),
+    "latent_scale": option(0.0, "SlotDiffusion latent divisor (0 = the std of the training latents, measured)"),
+    "dinosaur_hidden": option(1024, "DINOSAUR MLP decoder width"),
+}

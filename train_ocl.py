@@ -1,6 +1,282 @@
-"""Not implemented yet: this stage lands with its own issue (see README, 'Status')."""
+"""Stage 2: train an object-centric model (SLATE, STEVE, SlotDiffusion, DINOSAUR, SysBinder, OGDR) under the
+guidance of a frozen, pretrained VAE.
 
-import sys
+    python train_ocl.py configs/slate_msf_shapes.yaml [--key value ...]
+    torchrun --nproc_per_node K train_ocl.py configs/steve_msf_movid.yaml
+
+Adam with warm-up + cosine, AMP on GPU, clipping (1.0 images, 0.02 videos in the configs), validation with ARI,
+ARIfg, mIoU and mBO (evaluate.py's metric functions), PNG figures, atomic checkpoints (last K and best.pt),
+exact `--resume`, DDP with the loss computed inside the wrapped module's forward.
+"""
+
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import evaluate
+import model as models
+import msf
+from common import (RunLog, UserError, all_finite, amp_dtype, atomic_torch_save, cleanup_distributed, eval_loader,
+                    gather_rng_states, load_checkpoint, load_config, option, optimizer_step, progress_bar,
+                    reduce_mean, resume_state, run_main, save_checkpoint, save_config, set_rng_state,
+                    setup_distributed, train_loader, truncate_log, warmup_cosine)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
+
+TRAIN_OPTIONS = {
+    "data_dir": option("data/shapes", "directory with train.lmdb / val.lmdb"),
+    "train_split": option("train", "training split name"),
+    "val_split": option("val", "validation split name"),
+    "resolution": option(128, "input resolution (the data is resized on the fly if stored otherwise)"),
+    "num_frames": option(6, "video datasets: frames per training clip (evaluation uses every frame)"),
+    "out_dir": option("runs/ocl", "run directory"),
+    "steps": option(50000, "training iterations"),
+    "batch_size": option(32, "global batch (images, or video clips) over all ranks"),
+    "lr": option(2e-4, "peak Adam learning rate"),
+    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps"),
+    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak"),
+    "grad_clip": option(1.0, "global L2 norm clip: 1.0 for images, 0.02 for videos (paper)"),
+    "amp": option("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
+                  choices=("auto", "bf16", "fp16", "off")),
+    "num_workers": option(4, "data loader workers per rank"),
+    "log_every": option(50, "steps between log lines"),
+    "val_every": option(1000, "steps between validations and checkpoints"),
+    "val_samples": option(0, "validation samples (0 = the whole split)"),
+    "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)"),
+    "best_metric": option("ari+ari_fg", "validation metric that selects best.pt",
+                          choices=("ari", "ari_fg", "miou", "mbo", "ari+ari_fg")),
+    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)"),
+    "seed": option(0, "global seed (rank r uses seed * world_size + r)"),
+    "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
+    "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
+}
+OPTIONS = {**models.OCL_OPTIONS, **TRAIN_OPTIONS}
+MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the model from a config (also used by evaluate.py on a checkpoint's config).
+
+def load_guidance_vae(config: dict):
+    """The frozen VAE named by `vae_ckpt`, checked against the OCL config; None for DINOSAUR."""
+    if config["method"] == "dinosaur":
+        if config["guidance"] != "none":
+            raise UserError("DINOSAUR reconstructs DINO features and takes no VAE guidance; set guidance: none")
+        if config["encoder"] != "dino_biglittle":
+            raise UserError("DINOSAUR needs the DINO encoder (encoder: dino_biglittle)")
+        return None, None
+    if config["guidance"] == "none":
+        raise UserError(f"method {config['method']} needs VAE guidance: set guidance to vq, grouped or msf")
+    if not config["vae_ckpt"]:
+        raise UserError(f"method {config['method']} needs vae_ckpt: the VAE checkpoint (or run directory) made by "
+                        f"pretrain_vae.py")
+    state = load_checkpoint(config["vae_ckpt"], kind="vae")
+    vae_config = state["config"]
+    if vae_config["quantizer"] != config["guidance"]:
+        raise UserError(f"{state['path']} is a '{vae_config['quantizer']}' VAE but the config asks for guidance: "
+                        f"{config['guidance']}; point vae_ckpt at a {config['guidance']} VAE")
+    if config["method"] == "ogdr" and config["guidance"] != "grouped":
+        raise UserError("OGDR is SLATE guided by grouped codes: set guidance: grouped")
+    if config["method"] == "slotdiffusion" and vae_config["code_dim"] > 16:
+        raise UserError(f"SlotDiffusion diffuses the VAE latent; {state['path']} has code_dim {vae_config['code_dim']},"
+                        f" use a c=4 VAE (configs/vae_*_c4_*.yaml)")
+    vae_resolution = state["data"]["resolution"]
+    if vae_resolution != config["resolution"]:
+        raise UserError(f"{state['path']} was pretrained at {vae_resolution}px but the OCL config uses resolution "
+                        f"{config['resolution']}; use the same resolution for both stages")
+    vae = msf.build_vae(vae_config)
+    vae.load_state_dict(state["model"])
+    return vae, state
+
+
+def build_model(config: dict, video: bool, vae=None) -> models.OCLModel:
+    if config["method"] == "steve" and not video:
+        raise UserError("STEVE is a video method; point data_dir at a video dataset (e.g. data/shapes_video)")
+    if config["method"] in ("slate", "dinosaur") and video:
+        raise UserError(f"{config['method']} is an image method; its video counterpart is steve")
+    for scale in config["guidance_scales"]:
+        if vae is not None and not 1 <= scale <= vae.num_scales:
+            raise UserError(f"guidance_scales {config['guidance_scales']} asks for scale {scale} of a VAE with "
+                            f"{vae.num_scales} scale(s)")
+    if config["method"] == "slotdiffusion" and config["guidance_scales"] != [1]:
+        raise UserError("SlotDiffusion diffuses one latent: guidance_scales must be [1]")
+    return models.OCLModel(config, vae, video)
+
+
+@torch.no_grad()
+def measure_latent_scale(model: models.OCLModel, dataset, device, samples: int = 32) -> float:
+    """Std of the VAE guidance latent over the first training samples (deterministic, the same on every rank)."""
+    frames = []
+    for index in range(min(samples, len(dataset))):
+        sample = dataset[(index, index)]
+        frames.append(sample["video"] if "video" in sample else sample["image"][None])
+    latent = model.guidance(torch.cat(frames).to(device))["vectors"][0]
+    return float(latent.float().std().clamp_min(1e-6))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: metrics on the slot masks, reduced over ranks.
+
+METRICS = ("ari", "ari_fg", "miou", "mbo")
+
+
+def batch_scores(model: models.OCLModel, batch: dict, device, dtype) -> tuple:
+    """Per-sample metric values (b,) for one batch, plus the loss and masks (videos: one score per video)."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss, _, masks = model(batch)
+    truth = batch["segment"].long()
+    predicted = models.masks_to_segments(masks, tuple(truth.shape[-2:]))
+    pred, true = predicted.flatten(1).cpu(), truth.flatten(1).cpu()  # videos: time flattened, one score each
+    return evaluate.segmentation_scores(pred, true), loss, masks
+
+
+@torch.no_grad()
+def validate(model: models.OCLModel, loader, d, dtype) -> dict:
+    model.eval()
+    sums = torch.zeros(2 * len(METRICS) + 2, dtype=torch.float64)  # metric sums, metric counts, loss sum, batches
+    for batch in loader:
+        scores, loss, _ = batch_scores(model, batch, d.device, dtype)
+        for i, name in enumerate(METRICS):
+            valid = ~torch.isnan(scores[name])
+            sums[i] += scores[name][valid].sum()
+            sums[len(METRICS) + i] += valid.sum()
+        sums[-2] += float(loss)
+        sums[-1] += 1
+    if d.enabled:
+        sums = sums.to(d.device)
+        torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
+    model.train()
+    result = {f"val_{name}": float(100 * sums[i] / sums[len(METRICS) + i]) if sums[len(METRICS) + i] > 0
+              else float("nan") for i, name in enumerate(METRICS)}
+    result["val_loss"] = float(sums[-2] / max(1.0, float(sums[-1])))
+    return result
+
+
+def best_value(metrics: dict, name: str) -> float:
+    if name == "ari+ari_fg":
+        return metrics["val_ari"] + metrics["val_ari_fg"]
+    return metrics[f"val_{name}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    config = load_config(OPTIONS, argv, description=__doc__)
+    d = setup_distributed(config["device"])
+    try:
+        train(config, d)
+    finally:
+        cleanup_distributed(d)
+
+
+def train(config: dict, d) -> None:
+    log = RunLog(config["out_dir"], d.is_main)
+    if config["batch_size"] % d.world_size:
+        raise UserError(f"batch_size {config['batch_size']} must be divisible by the {d.world_size} processes")
+    train_path = os.path.join(config["data_dir"], f"{config['train_split']}.lmdb")
+    val_path = os.path.join(config["data_dir"], f"{config['val_split']}.lmdb")
+
+    state, start_step = resume_state(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
+
+    torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    loader = train_loader(train_path, config["batch_size"], config["num_workers"], config["seed"], d, start_step,
+                          config["resolution"], config["num_frames"])
+    video = loader.dataset.is_video
+    val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, config["resolution"],
+                      config["val_samples"])
+    vae, vae_state = load_guidance_vae(config)
+
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    model = build_model(config, video, vae).to(d.device)
+    if config["method"] == "slotdiffusion" and not config["latent_scale"]:
+        config["latent_scale"] = measure_latent_scale(model, loader.dataset, d.device)
+        model.latent_scale.fill_(config["latent_scale"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config["lr"])
+    dtype = amp_dtype(config["amp"], d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    best = float("-inf")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        best = state.get("best", best)
+        config["latent_scale"] = state["config"]["latent_scale"]
+        set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
+        if d.is_main:
+            truncate_log(os.path.join(config["out_dir"], "log.jsonl"), start_step - 1)
+        log.info(f"resumed from {state['path']} at step {start_step}")
+    else:
+        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    ddp_model = DDP(model, broadcast_buffers=False) if d.enabled else model
+    if d.is_main:
+        save_config(config, os.path.join(config["out_dir"], "config.yaml"))
+    log.info(f"{config['method']} + {config['guidance']} guidance: "
+             f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, {len(loader.dataset)} "
+             f"{'videos' if video else 'images'} at {config['resolution']}px, {d.world_size} process(es) on {d.device}")
+    figure_batch = next(iter(eval_loader(val_path, 4, 0, d, config["resolution"], 4)))
+
+    def checkpoint(step: int, metrics: dict) -> None:
+        nonlocal best
+        states = gather_rng_states(d)
+        value = best_value(metrics, config["best_metric"])
+        improved = value > best
+        best = max(best, value)
+        if not d.is_main:
+            return
+        payload = {"kind": "ocl", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states, "best": best,
+                   "metrics": metrics, "video": video, "vae_config": vae.config if vae is not None else None,
+                   "vae_ckpt": vae_state["path"] if vae_state else None,
+                   "data": {"data_dir": config["data_dir"], "train": config["train_split"],
+                            "val": config["val_split"], "resolution": config["resolution"]}}
+        path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"])
+        if improved:
+            atomic_torch_save(payload, os.path.join(config["out_dir"], "best.pt"))
+        log.info(f"saved {path}" + (f" and best.pt ({config['best_metric']} {value:.2f})" if improved else ""))
+
+    steps = config["steps"]
+    progress = progress_bar(steps, start_step, f"train_ocl {config['method']}", d.is_main)
+    batches = iter(loader)
+    last_time = time.perf_counter()
+    for step in range(start_step, steps):
+        lr = warmup_cosine(step, steps, config["lr"], config["warmup_fraction"], config["lr_final_ratio"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sigma = models.query_sigma(step, steps, config)
+        batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
+        with torch.autocast(d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, stats, _ = ddp_model(batch, sigma)
+        if not all_finite(loss, d):
+            raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; "
+                            f"the last checkpoint in {config['out_dir']} is intact")
+        grad_norm = optimizer_step(loss, trainable, optimizer, scaler, config["grad_clip"])
+        progress.update(1)
+        if step % config["log_every"] == 0 or step == steps - 1:
+            now = time.perf_counter()
+            entry = reduce_mean(stats, d)
+            entry.update(step=step, lr=lr, sigma=sigma, grad_norm=grad_norm,
+                         seconds_per_step=(now - last_time) / (1 if step == start_step else config["log_every"]))
+            last_time = now
+            log.record(entry)
+            progress.set_postfix(loss=f"{entry['loss']:.4f}")
+        if (step + 1) % config["val_every"] == 0 or step == steps - 1:
+            metrics = validate(model, val, d, dtype)
+            log.record({"step": step, **metrics})
+            log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if d.is_main:
+                evaluate.save_figures(model, figure_batch, d.device,
+                                      os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}"))
+            checkpoint(step + 1, metrics)
+    progress.close()
+    if start_step >= steps:
+        log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+
 
 if __name__ == "__main__":
-    sys.exit("error: train_ocl.py is not implemented yet; see README, 'Status'")
+    run_main(main)

@@ -1,0 +1,369 @@
+"""model.py and train_ocl.py: every method x guidance trains, Slot Attention against an independent
+implementation, causal masking, the sigma schedule, exact resume, DDP equivalence, and the errors a user can
+cause."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import model as models
+import msf
+import train_ocl
+from common import UserError, load_config, read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures: tiny frozen VAEs saved as pretrain_vae.py would, and tiny OCL configs.
+
+def save_vae(path, quantizer: str, code_dim: int, resolution: int = 32, **overrides) -> str:
+    config = {k: o.default for k, o in msf.VAE_OPTIONS.items()}
+    config.update(quantizer=quantizer, code_dim=code_dim, vae_width=8, codebook_size=64, **overrides)
+    torch.manual_seed(0)
+    vae = msf.build_vae(config)
+    torch.save({"kind": "vae", "config": config, "model": vae.state_dict(), "step": 0,
+                "data": {"resolution": resolution}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def vaes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vaes")
+    return {(q, c): save_vae(root / f"{q}_{c}.pt", q, c) for q in ("vq", "grouped", "msf") for c in (4, 8)}
+
+
+def write_config(tmp_path, data_dir, vaes=None, name="ocl.yaml", **overrides) -> str:
+    config = dict(method="slate", guidance="msf", encoder="cnn", cnn_channels=8, encoder_stride=2, num_slots=4,
+                  slot_dim=16, decoder_dim=16, decoder_layers=1, decoder_heads=2, decoder_dropout=0.0,
+                  unet_channels=16, dinosaur_hidden=16, dino_pretrained=False, dino_depth=1, sysbinder_blocks=2,
+                  sysbinder_prototypes=8, data_dir=data_dir, resolution=32, num_frames=3, steps=4, batch_size=4,
+                  num_workers=0, log_every=1, val_every=2, val_batch_size=4, val_samples=4,
+                  out_dir=str(tmp_path / "run"))
+    config.update(overrides)
+    if vaes is not None and config["guidance"] != "none" and "vae_ckpt" not in overrides:
+        config["vae_ckpt"] = vaes[(config["guidance"], 4 if config["method"] == "slotdiffusion" else 8)]
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def losses(run_dir) -> dict:
+    return {e["step"]: e["loss"] for e in read_jsonl(os.path.join(run_dir, "log.jsonl")) if "loss" in e}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every method x guidance: builds, trains, validates, checkpoints, writes figures.
+
+CASES = [("slate", g, False) for g in ("vq", "grouped", "msf")] + \
+        [("sysbinder", g, False) for g in ("vq", "msf")] + [("ogdr", "grouped", False)] + \
+        [("slotdiffusion", g, False) for g in ("vq", "grouped", "msf")] + [("dinosaur", "none", False)] + \
+        [("steve", g, True) for g in ("vq", "grouped", "msf")] + \
+        [("slotdiffusion", "msf", True), ("sysbinder", "msf", True), ("ogdr", "grouped", True)]
+
+
+@pytest.mark.parametrize("method,guidance,video", CASES, ids=[f"{m}-{g}{'-video' if v else ''}" for m, g, v in CASES])
+def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guidance, video):
+    config = write_config(tmp_path, video_dir if video else shapes_dir, vaes, method=method, guidance=guidance,
+                          encoder="dino_biglittle" if method == "dinosaur" else "cnn", steps=2, batch_size=2,
+                          val_batch_size=2, val_samples=2)
+    train_ocl.main([config])
+    run = tmp_path / "run"
+    names = sorted(os.listdir(run))
+    assert {"best.pt", "ckpt_0000002.pt", "config.yaml", "figures", "log.jsonl"} <= set(names)
+    entries = read_jsonl(run / "log.jsonl")
+    assert all(math.isfinite(e["loss"]) for e in entries if "loss" in e)
+    val = [e for e in entries if "val_ari" in e]
+    assert len(val) == 1 and all(0 <= val[0][k] <= 100 or math.isnan(val[0][k])
+                                 for k in ("val_ari_fg", "val_miou", "val_mbo"))
+    assert os.listdir(run / "figures")
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert state["kind"] == "ocl" and state["video"] == video and state["config"]["method"] == method
+
+
+def test_trained_parameters_change_and_guidance_stays_frozen(tmp_path, shapes_dir, vaes):
+    train_ocl.main([write_config(tmp_path, shapes_dir, vaes, steps=3, val_every=100)])
+    state = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=True)["model"]
+    vae_before = torch.load(vaes[("msf", 8)], weights_only=True)["model"]
+    for key, value in vae_before.items():
+        assert torch.equal(state[f"vae.{key}"], value), key
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    torch.manual_seed(0)
+    vae, _ = train_ocl.load_guidance_vae(config)
+    initial = train_ocl.build_model(config, False, vae).state_dict()
+    changed = [k for k in initial if not k.startswith("vae.") and not torch.equal(initial[k], state[k])]
+    assert any(k.startswith("slot_attention.") for k in changed) and any(k.startswith("decoder.") for k in changed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slot Attention against an independent, loop-based implementation of Locatello et al. (2020), Algorithm 1.
+
+def reference_slot_attention(inputs, slots, p, iterations, eps=1e-8):
+    """Written from the paper's pseudo-code with explicit per-sample loops; `p` holds plain weight tensors."""
+
+    def layer_norm(x, weight, bias):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-5) * weight + bias
+
+    def gru(x, h):
+        r = torch.sigmoid(x @ p["w_ir"].T + p["b_ir"] + h @ p["w_hr"].T + p["b_hr"])
+        z = torch.sigmoid(x @ p["w_iz"].T + p["b_iz"] + h @ p["w_hz"].T + p["b_hz"])
+        n = torch.tanh(x @ p["w_in"].T + p["b_in"] + r * (h @ p["w_hn"].T + p["b_hn"]))
+        return (1 - z) * n + z * h
+
+    outputs, maps = [], []
+    for b in range(inputs.shape[0]):
+        x = layer_norm(inputs[b], *p["norm_inputs"])
+        k, v = x @ p["k"].T, x @ p["v"].T
+        s = slots[b]
+        for _ in range(iterations):
+            previous = s
+            q = layer_norm(s, *p["norm_slots"]) @ p["q"].T
+            logits = (k @ q.T) / math.sqrt(q.shape[-1])  # (n, s)
+            attn = torch.exp(logits - logits.max(1, keepdim=True).values)
+            attn = attn / attn.sum(1, keepdim=True)  # softmax over slots, per input
+            weights = attn + eps
+            weights = weights / weights.sum(0, keepdim=True)  # weighted mean over inputs, per slot
+            updates = weights.T @ v
+            s = gru(updates, previous)
+            hidden = torch.relu(layer_norm(s, *p["norm_mlp"]) @ p["mlp1_w"].T + p["mlp1_b"])
+            s = s + hidden @ p["mlp2_w"].T + p["mlp2_b"]
+        outputs.append(s)
+        maps.append(attn.T)
+    return torch.stack(outputs), torch.stack(maps)
+
+
+def test_slot_attention_matches_independent_implementation():
+    torch.manual_seed(0)
+    dim, iterations = 12, 3
+    sa = models.SlotAttention(dim, iterations).double()
+    with torch.no_grad():
+        for parameter in sa.parameters():  # LayerNorm weights are 1/0 at init; make every weight count
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    w_ih, w_hh = sa.gru.weight_ih.detach().chunk(3), sa.gru.weight_hh.detach().chunk(3)
+    b_ih, b_hh = sa.gru.bias_ih.detach().chunk(3), sa.gru.bias_hh.detach().chunk(3)
+    p = {"norm_inputs": (sa.norm_inputs.weight, sa.norm_inputs.bias),
+         "norm_slots": (sa.norm_slots.weight, sa.norm_slots.bias),
+         "norm_mlp": (sa.norm_mlp.weight, sa.norm_mlp.bias),
+         "q": sa.to_q.weight, "k": sa.to_k.weight, "v": sa.to_v.weight,
+         "mlp1_w": sa.mlp[0].weight, "mlp1_b": sa.mlp[0].bias, "mlp2_w": sa.mlp[2].weight, "mlp2_b": sa.mlp[2].bias}
+    for i, gate in enumerate("rzn"):
+        p[f"w_i{gate}"], p[f"w_h{gate}"], p[f"b_i{gate}"], p[f"b_h{gate}"] = w_ih[i], w_hh[i], b_ih[i], b_hh[i]
+    p = {k: tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach() for k, v in p.items()}
+    inputs, slots = torch.randn(3, 20, dim).double(), torch.randn(3, 5, dim).double()
+    expected_slots, expected_maps = reference_slot_attention(inputs, slots, p, iterations)
+    got_slots, got_maps = sa(inputs, slots)
+    torch.testing.assert_close(got_slots, expected_slots, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got_maps, expected_maps, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got_maps.sum(1), torch.ones(3, 20, dtype=torch.float64))  # slots compete
+
+
+def test_block_slot_attention_blocks_are_independent():
+    """SysBinder: with the attention fixed, block m of the updated slots depends only on block m of the inputs."""
+    torch.manual_seed(0)
+    sa = models.BlockSlotAttention(16, 1, blocks=4, prototypes=5)
+    slots, updates = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    base = sa.update(slots, updates)
+    changed = updates.clone()
+    changed[..., 4:8] += 1.0  # block 1 only
+    delta = (sa.update(slots, changed) - base).abs().view(2, 3, 4, 4).sum((0, 1, 3))
+    assert delta[1] > 0 and torch.all(delta[[0, 2, 3]] == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The transformer decoder: causal, and the loss is the cross-entropy of the right targets.
+
+def test_decoder_is_causal():
+    torch.manual_seed(0)
+    decoder = models.TransformerDecoder(6, 8, 16, 2, 2, 0.0, [12], [[5, 7]]).eval()
+    tokens, memory = torch.randn(2, 12, 6), torch.randn(2, 3, 8)
+    base = decoder(tokens, memory)
+    for t in (0, 5, 11):
+        changed = tokens.clone()
+        changed[:, t] += 3.0
+        out = decoder(changed, memory)
+        # hidden state i predicts token i from tokens < i: changing token t moves only positions > t
+        torch.testing.assert_close(out[:, :t + 1], base[:, :t + 1], atol=1e-5, rtol=0)
+        if t < 11:
+            assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-3
+    memory2 = memory.clone()
+    memory2[:, 1] += 1.0
+    assert (decoder(tokens, memory2) - base).abs().max() > 1e-3  # the slots condition every position
+
+
+def test_decoder_loss_is_cross_entropy_of_combined_index():
+    torch.manual_seed(0)
+    decoder = models.TransformerDecoder(6, 8, 16, 1, 2, 0.0, [4, 1], [[3, 5], [3, 5]]).eval()
+    hidden = torch.randn(2, 5, 16)
+    indices = [torch.randint(0, 3, (2, 4, 2)), torch.randint(0, 3, (2, 1, 2))]
+    indices[0][..., 1] = torch.randint(0, 5, (2, 4))
+    indices[1][..., 1] = torch.randint(0, 5, (2, 1))
+    loss = decoder.loss(hidden, indices, [[3, 5], [3, 5]])
+    total = 0.0  # naive: log-softmax per position, target = 5 * i_si + i_sv
+    for scale, (start, length) in enumerate([(0, 4), (4, 1)]):
+        logits = decoder.heads[scale](hidden[:, start:start + length])
+        for b in range(2):
+            for i in range(length):
+                target = 5 * int(indices[scale][b, i, 0]) + int(indices[scale][b, i, 1])
+                total -= float(torch.log_softmax(logits[b, i], -1)[target].detach())
+    assert abs(loss.item() - total / 10) < 1e-5
+
+
+def test_combined_index_is_a_bijection():
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(3), torch.arange(5), indexing="ij"), -1)
+    combined = models.combined_index(grid.reshape(-1, 3), [4, 3, 5])
+    assert sorted(combined.tolist()) == list(range(60))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slot initialisation.
+
+def test_query_sigma_schedule():
+    config = {"single_object": False, "query_sigma_start": 1.0}
+    values = [models.query_sigma(step, 100, config) for step in range(101)]
+    assert values[0] == pytest.approx(1.0) and values[100] == pytest.approx(0.0, abs=1e-12)
+    assert values[50] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert models.query_sigma(10, 100, {"single_object": True, "query_sigma_start": 1.0}) == 0.0
+
+
+def test_gaussian_queries_use_sigma():
+    torch.manual_seed(0)
+    queries = models.GaussianQueries(5, 8)
+    assert torch.equal(queries(3, 0.0), queries.mean[None].expand(3, -1, -1))
+    noisy = queries(4000, 0.5) - queries.mean
+    assert abs(float(noisy.std()) - 0.5) < 0.01
+    assert [name for name, _ in queries.named_parameters()] == ["mean"]  # sigma is not a parameter
+
+
+def test_box_queries_pad_to_slots():
+    boxes = torch.rand(2, 3, 4)
+    padded = models.boxes_for_slots(boxes, 5)
+    assert padded.shape == (2, 5, 4) and torch.equal(padded[:, :3], boxes) and not padded[:, 3:].any()
+    assert torch.equal(models.boxes_for_slots(boxes, 2), boxes[:, :2])
+
+
+def test_masks_to_segments_upsamples_then_argmaxes():
+    masks = torch.zeros(1, 2, 2, 2)
+    masks[0, 1, 0, 0] = 1.0  # slot 1 owns the top-left cell
+    masks[0, 0] = 1 - masks[0, 1]
+    segments = models.masks_to_segments(masks, (8, 8))
+    assert segments.shape == (1, 8, 8) and segments[0, 0, 0] == 1 and segments[0, 7, 7] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training mechanics: exact resume, DDP, errors.
+
+def test_resume_is_bit_identical(tmp_path, shapes_dir, vaes):
+    config = write_config(tmp_path, shapes_dir, vaes, steps=4, val_every=2)
+    train_ocl.main([config])
+    full = tmp_path / "run"
+    train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
+    a, b = losses(full), losses(tmp_path / "resumed")
+    assert sorted(b) == [2, 3] and all(a[s] == b[s] for s in b), (a, b)
+    final_a = torch.load(full / "ckpt_0000004.pt", weights_only=True)["model"]
+    final_b = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path, video_dir, vaes):
+    """STEVE + MSF, same global batch: 1 process x 2 clips and 2 gloo processes x 1 clip agree."""
+    config = write_config(tmp_path, video_dir, vaes, method="steve", steps=2, batch_size=2, val_every=2,
+                          val_batch_size=1, val_samples=2, num_workers=1)
+    train_ocl.main([config, "--out_dir", str(tmp_path / "one")])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train_ocl.py", config, "--out_dir", str(tmp_path / "two"), "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "ckpt_0000002.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "ckpt_0000002.pt", weights_only=True)
+    for key in one["model"]:
+        torch.testing.assert_close(two["model"][key], one["model"][key], atol=1e-5, rtol=1e-4, msg=key)
+    la, lb = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+    for name in ("val_ari", "val_ari_fg", "val_miou", "val_mbo"):  # validation is sharded, then reduced
+        assert one["metrics"][name] == pytest.approx(two["metrics"][name], abs=1e-6, nan_ok=True)
+
+
+def test_guidance_must_match_the_vae(tmp_path, shapes_dir, vaes):
+    with pytest.raises(UserError, match="is a 'vq' VAE but the config asks for guidance: msf"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, vae_ckpt=vaes[("vq", 8)])])
+    wide = save_vae(tmp_path / "wide.pt", "msf", 32)
+    with pytest.raises(UserError, match="use a c=4 VAE"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", vae_ckpt=wide)])
+    with pytest.raises(UserError, match="pretrained at 32px"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, resolution=64)])
+    with pytest.raises(UserError, match="OGDR is SLATE guided by grouped codes"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, method="ogdr", guidance="msf")])
+    with pytest.raises(UserError, match="needs vae_ckpt"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, None)])
+    train_ocl.main([write_config(tmp_path, shapes_dir, vaes, steps=2, val_every=2)])
+    with pytest.raises(UserError, match="is a ocl checkpoint, but a vae checkpoint"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, vae_ckpt=str(tmp_path / "run"))])
+
+
+def test_method_must_fit_the_data(tmp_path, shapes_dir, video_dir, vaes):
+    with pytest.raises(UserError, match="STEVE is a video method"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, method="steve")])
+    with pytest.raises(UserError, match="slate is an image method"):
+        train_ocl.main([write_config(tmp_path, video_dir, vaes)])
+    with pytest.raises(UserError, match="asks for scale 4"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, guidance_scales=[1, 4])])
+
+
+def test_resume_from_another_config_is_refused(tmp_path, shapes_dir, vaes):
+    train_ocl.main([write_config(tmp_path, shapes_dir, vaes, steps=2, val_every=2)])
+    with pytest.raises(UserError, match="num_slots=4 but the config says num_slots=5"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, num_slots=5), "--resume", "auto"])
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, shapes_dir, vaes):
+    with pytest.raises(UserError, match="non-finite loss at step"):
+        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, lr=1e30, grad_clip=0.0, steps=30, val_every=100)])
+
+
+def test_guidance_scales_one_and_two(tmp_path, shapes_dir, vaes):
+    """guidance_scales [1, 2]: the decoder predicts the 8x8 scale-1 tokens, then the 4x4 scale-2 tokens of the
+    32-px input; [2] alone trains too."""
+    config = load_config(train_ocl.OPTIONS, [write_config(tmp_path, shapes_dir, vaes, guidance_scales=[1, 2])])
+    vae, _ = train_ocl.load_guidance_vae(config)
+    ocl = train_ocl.build_model(config, False, vae)
+    assert ocl.decoder.lengths == [64, 16] and len(ocl.decoder.heads) == 2
+    train_ocl.main([write_config(tmp_path, shapes_dir, vaes, guidance_scales=[2], steps=1, val_every=1)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped configs: every file loads, and every OCL config names a VAE config that can guide it.
+
+def test_every_config_loads_and_names_a_matching_vae():
+    import pretrain_vae
+
+    directory = os.path.join(ROOT, "configs")
+    vae_configs, ocl_configs = {}, {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith("vae_"):
+            config = load_config(pretrain_vae.OPTIONS, [path])
+            msf.check_vae_config(config, config["resolution"])
+            vae_configs[config["out_dir"]] = config
+        else:
+            ocl_configs[name] = load_config(train_ocl.OPTIONS, [path])
+    assert len(vae_configs) >= 30 and len(ocl_configs) >= 40
+    for name, config in ocl_configs.items():
+        if config["method"] == "dinosaur":
+            assert config["guidance"] == "none", name
+            continue
+        vae = vae_configs.get(config["vae_ckpt"])
+        assert vae is not None, f"{name}: vae_ckpt {config['vae_ckpt']} is no VAE config's out_dir"
+        assert vae["quantizer"] == config["guidance"], name
+        assert (vae["resolution"] or 128) == config["resolution"] and vae["data_dir"] == config["data_dir"], name
+        assert (vae["code_dim"] <= 16) == (config["method"] == "slotdiffusion"), name
+        assert max(config["guidance_scales"]) <= (vae["num_scales"] if vae["quantizer"] == "msf" else 1), name
