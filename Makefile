@@ -17,9 +17,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The whole job on the synthetic data, CPU-sized: data, VQ and MSF VAEs, SLATE with each, evaluation table.
 demo: $(VENV)/.installed
-	$(PY) prepare_data.py shapes --out data/shapes --num_train 2000 --num_val 200
-	$(PY) prepare_data.py shapes_video --out data/shapes_video --num_train 60 --num_val 10
+	$(PY) study.py demo
+
+# The Results study (SLATE VQ/grouped/MSF x 3 seeds, separability, Table 5 ablations, STEVE); GPU-sized.
+study: $(VENV)/.installed
+	$(PY) study.py full
 
 bench: $(VENV)/.installed
 	$(PY) bench.py

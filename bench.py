@@ -178,6 +178,64 @@ def fusion_speedup_vs_loop(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# OCL: the frozen guidance must be cheap — SLATE + MSF step / SLATE + VQ step.
+
+def ocl_config(guidance: str, full: bool) -> dict:
+    """SLATE as in the paper (--full: DINO big-little, 256-d, 4-layer decoder, 128 px) or the CPU-sized shapes
+    config (naive CNN, 64 px)."""
+    import model as models
+
+    config = {k: o.default for k, o in models.OCL_OPTIONS.items()}
+    config.update(method="slate", guidance=guidance, resolution=128, dino_pretrained=False)
+    if not full:
+        config.update(encoder="cnn", cnn_channels=32, encoder_stride=2, num_slots=7, slot_dim=64, decoder_dim=128,
+                      decoder_layers=2, resolution=64)
+    return config
+
+
+@figure
+def ocl_step_ratio_msf_vs_vq(args):
+    """SLATE training step (forward incl. the frozen VAE's guidance, backward, Adam) with MSF guidance / with VQ
+    guidance. --full: paper size (DINO ViT-S/8 big-little, 128 px, batch 32), also iterations per second of
+    SLATE + MSF; CPU: the shapes config (64 px, batch 16)."""
+    import warnings
+
+    import model as models
+    import msf
+
+    device = args.device
+    batch = 32 if args.full else 16
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    steps = {}
+    for guidance in ("vq", "msf"):
+        config = ocl_config(guidance, args.full)
+        vae_settings = vae_config(guidance) if args.full else dict(vae_config(guidance), code_dim=64, vae_width=32)
+        torch.manual_seed(0)
+        vae = msf.build_vae(vae_settings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ocl = models.OCLModel(config, vae).to(device)
+        images = torch.rand(batch, 3, config["resolution"], config["resolution"], device=device) * 2 - 1
+        trainable = [p for p in ocl.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=1e-4)
+
+        def step(ocl=ocl, optimizer=optimizer, images=images):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, _, _ = ocl({"image": images}, 0.5)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        steps[guidance] = step
+    timings = time_interleaved(steps, repeats=20 if args.full else 5, sync=_sync(device))
+    result = {"ocl_step_s_vq": round(timings["vq"], 4), "ocl_step_s_msf": round(timings["msf"], 4),
+              "ocl_step_ratio_msf_vs_vq": round(timings["msf"] / timings["vq"], 3)}
+    if args.full:
+        result["slate_msf_paper_size_it_per_s"] = round(1 / timings["msf"], 2)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -336,7 +336,8 @@ def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> li
 
     Images, one column per sample: input, ground truth, prediction, prediction over the input, the guidance code
     map (PCA colours of the frozen VAE's scale-1 vectors), [SlotDiffusion: the reconstruction sampled from the
-    slots], then every slot's mask applied to the input. Videos: one grid per video, one column per frame."""
+    slots], then every slot's mask (scaled to peak 1) applied to the input. Videos: one grid per video, one
+    column per frame."""
     was_training = model.training
     model.eval()
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -348,6 +349,8 @@ def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> li
     predicted = masks_to_segments(masks, size)
     soft = F.interpolate(masks.flatten(0, -4).float(), size=size, mode="bilinear", align_corners=False)
     soft = soft.view(*masks.shape[:-2], *size)  # (b, [T,] s, H, W)
+    # Each slot's mask scaled to peak 1, so a slot's region shows even where attention is soft over many slots.
+    soft = soft / soft.flatten(-2).amax(-1).clamp_min(1e-6)[..., None, None]
     paths = []
     if not model.video:
         rows = [images.cpu(), colour_segments(truth).cpu(), colour_segments(predicted).cpu(),
@@ -406,6 +409,15 @@ def load_for_evaluation(path: str, device):
         raise UserError(f"{state['path']} does not fit the model its own config describes "
                         f"({str(error).splitlines()[0][:200]})") from None
     return model.to(device).eval(), state
+
+
+def run_name(path: str) -> str:
+    """A checkpoint's label in tables and figure names: its run directory for `ckpt_*.pt` / `best.pt`, else the
+    file name without `.pt`."""
+    base = os.path.basename(path)
+    if base == "best.pt" or (base.startswith("ckpt_") and base.endswith(".pt")):
+        return os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return base.removesuffix(".pt")
 
 
 def data_path(state: dict, split: str, data_dir: str = "") -> str:
@@ -486,9 +498,11 @@ def vae_separability(vae, loader, device, max_images: int, figure_path: str = ""
     bar.close()
     table = {}
     for (name, scale, which), values in sums.items():
-        table.setdefault(f"{name}_scale{scale}", {})[which] = float(np.nanmean(np.concatenate(values)))
-    for row in table.values():
-        row["ratio"] = row["inter"] / row["intra"] if row["intra"] > 0 else float("nan")
+        values = np.concatenate(values)
+        values = values[~np.isnan(values)]
+        table.setdefault(f"{name}_scale{scale}", {})[which] = float(values.mean()) if len(values) else math.nan
+    for row in table.values():  # undefined when the clusters are single points (tiny code maps)
+        row["ratio"] = row["inter"] / row["intra"] if row["intra"] > 1e-9 else math.nan
     if figure is not None:
         images, representations = figure
         size = tuple(images.shape[-2:])
@@ -537,16 +551,16 @@ def main(argv=None) -> None:
     results = []
     for path in args.checkpoints:
         model, state = load_for_evaluation(path, d.device)
-        name = os.path.basename(os.path.dirname(os.path.abspath(state["path"]))) or state["path"]
+        name = run_name(state["path"])
+        if state["kind"] == "vae" and not args.separability:
+            raise UserError(f"{state['path']} is a VAE checkpoint: evaluate it with --separability "
+                            f"(segmentation metrics need an OCL checkpoint)")
         split_path = data_path(state, args.split, args.data_dir)
         loader = eval_loader(split_path, args.batch_size, args.num_workers, d,
                              state["data"]["resolution"], args.samples)
         entry = {"checkpoint": state["path"], "name": name, "kind": state["kind"], "step": state["step"],
                  "split": split_path}
         if state["kind"] == "vae":
-            if not args.separability:
-                raise UserError(f"{state['path']} is a VAE checkpoint: evaluate it with --separability "
-                                f"(segmentation metrics need an OCL checkpoint)")
             if loader.dataset.dataset.is_video:
                 raise UserError("separability is measured on images; give an image dataset with --data_dir")
             figure = os.path.join(out, f"{name}_code_maps.png") if args.figures else ""

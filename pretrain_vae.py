@@ -10,6 +10,7 @@ codebook usage, PNG grids of reconstructions and code maps, atomic checkpoints (
 
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,10 @@ def train(config: dict, d) -> None:
         log.info(f"resumed from {state['path']} at step {start_step}")
     else:
         torch.manual_seed(config["seed"] * d.world_size + d.rank)
-    ddp_model = DDP(model, broadcast_buffers=False) if d.enabled else model
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates the flag; its replacement is missing in older torch
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        # Codebook usage statistics are per rank and reduced explicitly; rank 0's must not overwrite them.
+        ddp_model = DDP(model, broadcast_buffers=False) if d.enabled else model
     if d.is_main:
         save_config(config, os.path.join(config["out_dir"], "config.yaml"))
     log.info(f"VAE {config['quantizer']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

@@ -213,7 +213,7 @@ def train(config: dict, d) -> None:
         log.info(f"resumed from {state['path']} at step {start_step}")
     else:
         torch.manual_seed(config["seed"] * d.world_size + d.rank)
-    ddp_model = DDP(model, broadcast_buffers=False) if d.enabled else model
+    ddp_model = DDP(model) if d.enabled else model  # buffers (frozen VAE, latent scale) are equal on every rank
     if d.is_main:
         save_config(config, os.path.join(config["out_dir"], "config.yaml"))
     log.info(f"{config['method']} + {config['guidance']} guidance: "

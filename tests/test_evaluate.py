@@ -1,0 +1,99 @@
+"""evaluate.py end to end: rebuilds models from checkpoints, agrees with training-time validation, aggregates
+seeds, measures VAE separability, and fails clearly on bad checkpoints."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train_ocl
+from common import UserError, read_jsonl
+from test_ocl import save_vae, write_config
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes_dir):
+    """Two tiny SLATE + MSF runs (seeds 0 and 1), validated on the whole val split at the end."""
+    root = tmp_path_factory.mktemp("eval")
+    vae = save_vae(root / "vae.pt", "msf", 8)
+    runs = []
+    for seed in (0, 1):
+        config = write_config(root, shapes_dir, None, name=f"seed{seed}.yaml", vae_ckpt=vae, steps=3, val_every=3,
+                              val_samples=0, seed=seed, out_dir=str(root / f"seed{seed}"))
+        train_ocl.main([config])
+        runs.append(str(root / f"seed{seed}"))
+    return root, vae, runs
+
+
+def test_one_checkpoint_matches_training_validation(trained, tmp_path):
+    _, _, runs = trained
+    evaluate.main([runs[0], "--out", str(tmp_path / "eval"), "--device", "cpu", "--num_workers", "0"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    validation = [e for e in read_jsonl(os.path.join(runs[0], "log.jsonl")) if "val_ari" in e][-1]
+    for key in ("ari", "ari_fg", "miou", "mbo"):  # the whole split both times, through different code paths
+        assert metrics[key] == pytest.approx(validation[f"val_{key}"], abs=1e-9), key
+    assert 0 <= metrics["miou_fg"] <= 100 and metrics["runs"][0]["miou_count"] == 16
+    figures = [n for n in os.listdir(tmp_path / "eval") if n.endswith(".png")]
+    assert figures and (tmp_path / "eval" / "table.md").exists()
+
+
+def test_seeds_are_aggregated_as_mean_and_std(trained, tmp_path):
+    _, _, runs = trained
+    evaluate.main(runs + ["--out", str(tmp_path / "eval"), "--device", "cpu", "--num_workers", "0",
+                          "--figures", "0"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    values = [run["ari"] for run in metrics["runs"]]
+    assert len(values) == 2
+    assert metrics["ari"] == pytest.approx(np.mean(values)) and metrics["ari_std"] == pytest.approx(np.std(values))
+
+
+def test_video_checkpoint_scores_whole_videos(tmp_path, video_dir):
+    vae = save_vae(tmp_path / "vae.pt", "vq", 8)
+    config = write_config(tmp_path, video_dir, None, method="steve", guidance="vq", vae_ckpt=vae, steps=1,
+                          batch_size=2, val_every=1, val_batch_size=1, val_samples=0)
+    train_ocl.main([config])
+    evaluate.main([str(tmp_path / "run"), "--out", str(tmp_path / "eval"), "--device", "cpu", "--num_workers", "0",
+                   "--figures", "2"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["runs"][0]["ari_count"] == 2  # one score per video, not per frame
+    assert sorted(n for n in os.listdir(tmp_path / "eval") if n.endswith(".png")) == ["run_video0.png",
+                                                                                     "run_video1.png"]
+
+
+def test_vae_separability_table(trained, tmp_path, shapes_dir):
+    root, _, _ = trained
+    vq = save_vae(root / "vq.pt", "vq", 8)
+    msf_vae = save_vae(root / "msf_sep.pt", "msf", 8)
+    evaluate.main([vq, msf_vae, "--separability", "--data_dir", shapes_dir, "--samples", "6", "--out",
+                   str(tmp_path / "sep"), "--device", "cpu", "--num_workers", "0"])
+    runs = json.loads((tmp_path / "sep" / "metrics.json").read_text())["runs"]
+    assert sorted(runs[0]["separability"]) == ["final_scale1"]
+    assert sorted(runs[1]["separability"]) == sorted(f"{r}_scale{n}" for r in evaluate.REPRESENTATIONS
+                                                     for n in (1, 2, 3))
+    for key in ("final_scale1", "si_before_scale1", "si_after_scale1", "sv_scale1"):
+        row = runs[1]["separability"][key]  # 8x8 code maps at scale 1 (32-px images)
+        assert row["inter"] > 0 and row["intra"] >= 0 and not math.isinf(row["ratio"]), key
+    assert (tmp_path / "sep" / "vq_code_maps.png").exists() and (tmp_path / "sep" / "msf_sep_code_maps.png").exists()
+
+
+def test_bad_checkpoints_fail_with_one_sentence(trained, tmp_path):
+    root, vae, _ = trained
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        evaluate.main([str(bad), "--out", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate.main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="evaluate it with --separability"):
+        evaluate.main([vae, "--out", str(tmp_path / "x"), "--data_dir", str(root)])
+    state = torch.load(os.path.join(root, "seed0", "best.pt"), weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("decoder.")}
+    torch.save(state, tmp_path / "pruned.pt")
+    with pytest.raises(UserError, match="does not fit the model its own config describes"):
+        evaluate.main([str(tmp_path / "pruned.pt"), "--out", str(tmp_path / "x")])
