@@ -82,6 +82,20 @@ def time_interleaved(functions: dict, repeats: int, warmup: int = 2, sync=None) 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def training_step(loss_fn, parameters, device, dtype):
+    """A closure doing one Adam step on `loss_fn()` under autocast (dtype None: full precision)."""
+    optimizer = torch.optim.Adam(list(parameters), lr=1e-4)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def _sync(device):
     return torch.cuda.synchronize if device.type == "cuda" else None
 
@@ -100,16 +114,7 @@ def msf_vae_step_ratio(args):
     for name in ("vq", "msf"):
         torch.manual_seed(0)
         model = msf.build_vae(vae_config(name)).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-        def step(model=model, optimizer=optimizer):
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, _ = model(images)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        steps[name] = step
+        steps[name] = training_step(lambda model=model: model(images)[0], model.parameters(), device, dtype)
     timings = time_interleaved(steps, repeats=20 if args.full else 5, sync=_sync(device))
     result = {"vae_step_s_vq": round(timings["vq"], 4), "vae_step_s_msf": round(timings["msf"], 4),
               "msf_vae_step_ratio": round(timings["msf"] / timings["vq"], 3)}
@@ -217,16 +222,8 @@ def ocl_step_ratio_msf_vs_vq(args):
             ocl = models.OCLModel(config, vae).to(device)
         images = torch.rand(batch, 3, config["resolution"], config["resolution"], device=device) * 2 - 1
         trainable = [p for p in ocl.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=1e-4)
-
-        def step(ocl=ocl, optimizer=optimizer, images=images):
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, _, _ = ocl({"image": images}, 0.5)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        steps[guidance] = step
+        steps[guidance] = training_step(lambda ocl=ocl, images=images: ocl({"image": images}, 0.5)[0], trainable,
+                                        device, dtype)
     timings = time_interleaved(steps, repeats=20 if args.full else 5, sync=_sync(device))
     result = {"ocl_step_s_vq": round(timings["vq"], 4), "ocl_step_s_msf": round(timings["msf"], 4),
               "ocl_step_ratio_msf_vs_vq": round(timings["msf"] / timings["vq"], 3)}

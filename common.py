@@ -384,6 +384,24 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
     return state, state["step"]
 
 
+def restore_training_state(state: dict, model, optimizer, scaler, config: dict, d: "Dist", log) -> None:
+    """Continue a run where `state` (a checkpoint dict, or None for a fresh start) left it: weights, optimizer,
+    grad scaler and this rank's RNG state; the log is cut back to the checkpoint's step. A fresh start seeds each
+    rank differently (`seed * world_size + rank`) after the shared initial weights were drawn."""
+    import torch
+
+    if state is None:
+        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+        return
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
+    if d.is_main:
+        truncate_log(os.path.join(config["out_dir"], "log.jsonl"), state["step"] - 1)
+    log.info(f"resumed from {state['path']} at step {state['step']}")
+
+
 def gather_rng_states(d: "Dist") -> list:
     """Every rank's RNG state (rank order), for a checkpoint that resumes each rank exactly."""
     import torch.distributed as dist

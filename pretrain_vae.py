@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
 from common import (RunLog, UserError, all_finite, amp_dtype, cleanup_distributed, eval_loader, gather_rng_states,
-                    load_config, option, optimizer_step, progress_bar, reduce_mean, resume_state, run_main,
-                    save_checkpoint, save_config, set_rng_state, setup_distributed, train_loader, truncate_log,
+                    load_config, optimizer_step, option, progress_bar, reduce_mean, restore_training_state,
+                    resume_state, run_main, save_checkpoint, save_config, setup_distributed, train_loader,
                     warmup_cosine)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,16 +145,7 @@ def train(config: dict, d) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     dtype = amp_dtype(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
-        if d.is_main:
-            truncate_log(os.path.join(config["out_dir"], "log.jsonl"), start_step - 1)
-        log.info(f"resumed from {state['path']} at step {start_step}")
-    else:
-        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    restore_training_state(state, model, optimizer, scaler, config, d, log)
     with warnings.catch_warnings():  # torch >= 2.10 deprecates the flag; its replacement is missing in older torch
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         # Codebook usage statistics are per rank and reduced explicitly; rank 0's must not overwrite them.

@@ -159,6 +159,7 @@ def full(args) -> list:
              f"Metrics in percent, mean ± std over seeds, background counted as a segment (SPEC §6).", ""]
     if "main" in args.parts or "ablations" in args.parts:
         study.data("shapes", 5000, 500)
+        lines += [dataset_line("shapes"), ""]
     vaes = {}
     if "main" in args.parts or "ablations" in args.parts:
         for guidance in ("vq", "grouped", "msf") if "main" in args.parts else ("msf",):
@@ -187,6 +188,7 @@ def full(args) -> list:
             lines.append(mean_std_row(label, study.evaluate(runs, f"slate_msf_{slug}")))
     if "video" in args.parts:
         study.data("shapes_video", 300, 50)
+        lines += [dataset_line("shapes_video"), ""]
         lines += ["", "## STEVE on `shapes_video`: VQ vs MSF guidance (one score per 24-frame video)", ""]
         lines += metric_header("guidance")
         for guidance in ("vq", "msf"):
@@ -195,6 +197,13 @@ def full(args) -> list:
                     for s in seeds]
             lines.append(mean_std_row(guidance, study.evaluate(runs, f"steve_{guidance}")))
     return finish(study, lines)
+
+
+def dataset_line(name: str) -> str:
+    from prepare_data import load_split
+
+    sizes = {split: len(load_split(os.path.join(ROOT, "data", name, f"{split}.lmdb"))) for split in ("train", "val")}
+    return f"Data: `data/{name}`, {sizes['train']} training and {sizes['val']} validation samples."
 
 
 def finish(study: Study, lines: list) -> list:

@@ -19,9 +19,9 @@ import evaluate
 import model as models
 import msf
 from common import (RunLog, UserError, all_finite, amp_dtype, atomic_torch_save, cleanup_distributed, eval_loader,
-                    gather_rng_states, load_checkpoint, load_config, option, optimizer_step, progress_bar,
-                    reduce_mean, resume_state, run_main, save_checkpoint, save_config, set_rng_state,
-                    setup_distributed, train_loader, truncate_log, warmup_cosine)
+                    gather_rng_states, load_checkpoint, load_config, optimizer_step, option, progress_bar,
+                    reduce_mean, restore_training_state, resume_state, run_main, save_checkpoint, save_config,
+                    setup_distributed, train_loader, warmup_cosine)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
@@ -201,18 +201,10 @@ def train(config: dict, d) -> None:
     dtype = amp_dtype(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
     best = float("-inf")
+    restore_training_state(state, model, optimizer, scaler, config, d, log)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
         best = state.get("best", best)
         config["latent_scale"] = state["config"]["latent_scale"]
-        set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
-        if d.is_main:
-            truncate_log(os.path.join(config["out_dir"], "log.jsonl"), start_step - 1)
-        log.info(f"resumed from {state['path']} at step {start_step}")
-    else:
-        torch.manual_seed(config["seed"] * d.world_size + d.rank)
     ddp_model = DDP(model) if d.enabled else model  # buffers (frozen VAE, latent scale) are equal on every rank
     if d.is_main:
         save_config(config, os.path.join(config["out_dir"], "config.yaml"))
