@@ -544,6 +544,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", action="store_true", help="one table row per checkpoint instead of mean ± std")
     parser.add_argument("--figures", type=int, default=8, help="samples drawn in the figures (0 = none)")
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("evaluate.py runs in one process: start it with python, not torchrun")
     d = setup_distributed(args.device)
     first = args.checkpoints[0]
     out = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".",
