@@ -155,7 +155,8 @@ def full(args) -> list:
     study = Study(args.out or os.path.join(ROOT, "runs", "study"), args.device, args.steps_scale)
     seeds = args.seeds
     lines = ["# Study: multi-scale fusion on the synthetic data", "",
-             f"Seeds {seeds}; steps x{args.steps_scale} of the `*_shapes*.yaml` configs; device `{args.device}`. "
+             f"Seeds {seeds}; steps x{args.steps_scale} of the `*_shapes*.yaml` configs; "
+             f"device: {device_name(args.device)}. "
              f"Metrics in percent, mean ± std over seeds, background counted as a segment (SPEC §6).", ""]
     if "main" in args.parts or "ablations" in args.parts:
         study.data("shapes", 5000, 500)
@@ -197,6 +198,14 @@ def full(args) -> list:
                     for s in seeds]
             lines.append(mean_std_row(guidance, study.evaluate(runs, f"steve_{guidance}")))
     return finish(study, lines)
+
+
+def device_name(setting: str) -> str:
+    import torch
+
+    if setting != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def dataset_line(name: str) -> str:
