@@ -384,6 +384,26 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
     return state, state["step"]
 
 
+def run_training(options: dict, argv, description: str, train) -> None:
+    """A training script's main: resolve the config, join the torchrun group if launched by it, call
+    `train(config, d)`, and always leave the process group."""
+    config = load_config(options, argv, description=description)
+    d = setup_distributed(config["device"])
+    try:
+        train(config, d)
+    finally:
+        cleanup_distributed(d)
+
+
+def open_run(config: dict, d: "Dist") -> tuple:
+    """The run's rank-0 log and the train / val split paths, after checking the global batch splits evenly."""
+    log = RunLog(config["out_dir"], d.is_main)
+    if config["batch_size"] % d.world_size:
+        raise UserError(f"batch_size {config['batch_size']} must be divisible by the {d.world_size} processes")
+    paths = [os.path.join(config["data_dir"], f"{config[key]}.lmdb") for key in ("train_split", "val_split")]
+    return log, paths[0], paths[1]
+
+
 def restore_training_state(state: dict, model, optimizer, scaler, config: dict, d: "Dist", log) -> None:
     """Continue a run where `state` (a checkpoint dict, or None for a fresh start) left it: weights, optimizer,
     grad scaler and this rank's RNG state; the log is cut back to the checkpoint's step. A fresh start seeds each
@@ -464,7 +484,8 @@ def train_loader(path: str, global_batch: int, num_workers: int, seed: int, d: D
     # Its own generator keeps the loader from drawing on the global RNG, which resume restores exactly.
     return torch.utils.data.DataLoader(dataset, batch_size=global_batch // d.world_size, sampler=sampler,
                                        num_workers=num_workers, pin_memory=d.device.type == "cuda",
-                                       persistent_workers=num_workers > 0, generator=torch.Generator())
+                                       persistent_workers=num_workers > 0, generator=torch.Generator(),
+                                       multiprocessing_context=worker_context(num_workers))
 
 
 def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolution: int = 0, max_samples: int = 0):
@@ -477,7 +498,15 @@ def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolutio
     count = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
     subset = torch.utils.data.Subset(dataset, list(range(d.rank, count, d.world_size)))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       pin_memory=d.device.type == "cuda", generator=torch.Generator())
+                                       pin_memory=d.device.type == "cuda", generator=torch.Generator(),
+                                       multiprocessing_context=worker_context(num_workers))
+
+
+def worker_context(num_workers: int):
+    """Loader workers start from a forkserver, not by forking the trainer: a fork of a process that already runs
+    gloo/OpenMP threads can copy a held lock into the worker, which then never starts (seen as a DDP run that
+    hangs at its first validation)."""
+    return "forkserver" if num_workers > 0 else None
 
 
 def all_finite(value, d: Dist) -> bool:
