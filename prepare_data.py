@@ -1160,7 +1160,7 @@ def list_movi(root: str, options: dict) -> dict:
         wanted["test"] = "test"
     if not all(shards.get(tfds_split) for tfds_split in wanted.values()):
         raise _layout_error(name, root, f"{name}/{resolution}/1.0.0/{name}-{{{','.join(wanted.values())}}}"
-                                        f".tfrecord-XXXXX-of-XXXXX", resolution)
+                                        f".tfrecord-NNNNN-of-NNNNN", resolution)
     splits = {}
     for split, tfds_split in wanted.items():
         items = []

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (RunLog, UserError, all_finite, amp_dtype, cleanup_distributed, eval_loader, gather_rng_states,
-                    load_config, optimizer_step, option, progress_bar, reduce_mean, restore_training_state,
-                    resume_state, run_main, save_checkpoint, save_config, setup_distributed, train_loader,
-                    warmup_cosine)
+from common import (UserError, all_finite, amp_dtype, eval_loader, gather_rng_states, open_run, optimizer_step,
+                    option, progress_bar, reduce_mean, restore_training_state, resume_state, run_main, run_training,
+                    save_checkpoint, save_config, train_loader, warmup_cosine)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
@@ -116,20 +115,11 @@ def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    config = load_config(OPTIONS, argv, description=__doc__)
-    d = setup_distributed(config["device"])
-    try:
-        train(config, d)
-    finally:
-        cleanup_distributed(d)
+    run_training(OPTIONS, argv, __doc__, train)
 
 
 def train(config: dict, d) -> None:
-    log = RunLog(config["out_dir"], d.is_main)
-    if config["batch_size"] % d.world_size:
-        raise UserError(f"batch_size {config['batch_size']} must be divisible by the {d.world_size} processes")
-    train_path = os.path.join(config["data_dir"], f"{config['train_split']}.lmdb")
-    val_path = os.path.join(config["data_dir"], f"{config['val_split']}.lmdb")
+    log, train_path, val_path = open_run(config, d)
 
     state, start_step = resume_state(config, "vae", MODEL_KEYS)
 

@@ -18,10 +18,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 import model as models
 import msf
-from common import (RunLog, UserError, all_finite, amp_dtype, atomic_torch_save, cleanup_distributed, eval_loader,
-                    gather_rng_states, load_checkpoint, load_config, optimizer_step, option, progress_bar,
-                    reduce_mean, restore_training_state, resume_state, run_main, save_checkpoint, save_config,
-                    setup_distributed, train_loader, warmup_cosine)
+from common import (UserError, all_finite, amp_dtype, atomic_torch_save, eval_loader, gather_rng_states,
+                    load_checkpoint, open_run, optimizer_step, option, progress_bar, reduce_mean,
+                    restore_training_state, resume_state, run_main, run_training, save_checkpoint, save_config,
+                    train_loader, warmup_cosine)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
@@ -166,20 +166,11 @@ def best_value(metrics: dict, name: str) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    config = load_config(OPTIONS, argv, description=__doc__)
-    d = setup_distributed(config["device"])
-    try:
-        train(config, d)
-    finally:
-        cleanup_distributed(d)
+    run_training(OPTIONS, argv, __doc__, train)
 
 
 def train(config: dict, d) -> None:
-    log = RunLog(config["out_dir"], d.is_main)
-    if config["batch_size"] % d.world_size:
-        raise UserError(f"batch_size {config['batch_size']} must be divisible by the {d.world_size} processes")
-    train_path = os.path.join(config["data_dir"], f"{config['train_split']}.lmdb")
-    val_path = os.path.join(config["data_dir"], f"{config['val_split']}.lmdb")
+    log, train_path, val_path = open_run(config, d)
 
     state, start_step = resume_state(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
 
@@ -193,7 +184,8 @@ def train(config: dict, d) -> None:
 
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     model = build_model(config, video, vae).to(d.device)
-    if config["method"] == "slotdiffusion" and not config["latent_scale"]:
+    # SlotDiffusion's latent scale is measured on a fresh start; a resumed run takes it from the checkpoint.
+    if config["method"] == "slotdiffusion" and not config["latent_scale"] and state is None:
         config["latent_scale"] = measure_latent_scale(model, loader.dataset, d.device)
         model.latent_scale.fill_(config["latent_scale"])
     trainable = [p for p in model.parameters() if p.requires_grad]
