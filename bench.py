@@ -100,34 +100,69 @@ def _sync(device):
     return torch.cuda.synchronize if device.type == "cuda" else None
 
 
+def _dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def vae_step(name: str, device, full: bool):
+    """One training step of the paper-width VAE with quantiser `name` on random 128x128 images (batch 64 with
+    --full, 8 otherwise)."""
+    import msf
+
+    torch.manual_seed(0)
+    images = torch.rand(64 if full else 8, 3, 128, 128, device=device) * 2 - 1
+    model = msf.build_vae(vae_config(name)).to(device)
+    return training_step(lambda: model(images)[0], model.parameters(), device, _dtype(device))
+
+
+def _measure_peak_gib(builder, name: str, device: str, full: bool) -> float:
+    """Run in a fresh process: the peak memory of building `builder(name, device, full)` (a module-level function
+    returning a training step) and taking two steps, model, optimizer state, inputs and activations included.
+    CUDA: the caching allocator's peak; CPU: the peak resident set above the one right after the imports (Linux)."""
+    import resource
+
+    import model  # noqa: F401 -- imported before the baseline, like msf below
+    import msf  # noqa: F401
+
+    device = torch.device(device)
+    with open("/proc/self/statm") as f:
+        baseline = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    step = builder(name, device, full)
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2 ** 30  # ru_maxrss: KiB
+
+
+def peak_memory(builder, names: tuple, device, full: bool, prefix: str) -> dict:
+    """Peak memory of each variant's training step, each measured in its own fresh process (a shared process
+    would keep the other model's memory and the allocator's high-water mark), and their ratio."""
+    import multiprocessing
+
+    if device.type == "cpu" and not os.path.exists("/proc/self/statm"):
+        return {}
+    peaks = {}
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for name in names:
+            peaks[name] = pool.apply(_measure_peak_gib, (builder, name, str(device), full))
+    result = {f"{prefix}_peak_gib_{name}": round(peak, 3) for name, peak in peaks.items()}
+    result[f"{prefix}_peak_memory_ratio"] = round(peaks[names[1]] / peaks[names[0]], 3)
+    return result
+
+
 @figure
 def msf_vae_step_ratio(args):
     """Training step time (forward, backward, Adam) of the MSF VAE (N=3) / the VQ-VAE at paper width, 128x128
-    input, batch 64 with --full (GPU) or 8 (CPU)."""
-    import msf
-
+    input, batch 64 with --full (GPU) or 8 (CPU); and each step's peak memory."""
     device = args.device
-    batch = 64 if args.full else 8
-    images = torch.rand(batch, 3, 128, 128, device=device) * 2 - 1
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    steps, peaks = {}, {}
-    for name in ("vq", "msf"):
-        torch.manual_seed(0)
-        model = msf.build_vae(vae_config(name)).to(device)
-        steps[name] = training_step(lambda model=model: model(images)[0], model.parameters(), device, dtype)
+    steps = {name: vae_step(name, device, args.full) for name in ("vq", "msf")}
     timings = time_interleaved(steps, repeats=20 if args.full else 5, sync=_sync(device))
     result = {"vae_step_s_vq": round(timings["vq"], 4), "vae_step_s_msf": round(timings["msf"], 4),
               "msf_vae_step_ratio": round(timings["msf"] / timings["vq"], 3)}
-    if device.type == "cuda":
-        for name, step in steps.items():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            step()
-            torch.cuda.synchronize()
-            peaks[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        result.update(vae_peak_gib_vq=round(peaks["vq"], 2), vae_peak_gib_msf=round(peaks["msf"], 2),
-                      vae_peak_memory_ratio=round(peaks["msf"] / peaks["vq"], 3))
-    return result
+    del steps
+    return dict(result, **peak_memory(vae_step, ("vq", "msf"), device, args.full, "vae"))
 
 
 def fuse_per_scale_loop(z_list, codes, mode="adjacent"):
@@ -198,38 +233,39 @@ def ocl_config(guidance: str, full: bool) -> dict:
     return config
 
 
-@figure
-def ocl_step_ratio_msf_vs_vq(args):
-    """SLATE training step (forward incl. the frozen VAE's guidance, backward, Adam) with MSF guidance / with VQ
-    guidance. --full: paper size (DINO ViT-S/8 big-little, 128 px, batch 32), also iterations per second of
-    SLATE + MSF; CPU: the shapes config (64 px, batch 16)."""
+def ocl_step(guidance: str, device, full: bool):
+    """One SLATE training step (forward incl. the frozen VAE's guidance, backward, Adam): paper size with --full
+    (DINO ViT-S/8 big-little, 128 px, batch 32), else the shapes config (64 px, batch 16)."""
     import warnings
 
     import model as models
     import msf
 
+    config = ocl_config(guidance, full)
+    vae_settings = vae_config(guidance) if full else dict(vae_config(guidance), code_dim=64, vae_width=32)
+    torch.manual_seed(0)
+    vae = msf.build_vae(vae_settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DINO without pretrained weights: fine for timing
+        ocl = models.OCLModel(config, vae).to(device)
+    images = torch.rand(32 if full else 16, 3, config["resolution"], config["resolution"], device=device) * 2 - 1
+    trainable = [p for p in ocl.parameters() if p.requires_grad]
+    return training_step(lambda: ocl({"image": images}, 0.5)[0], trainable, device, _dtype(device))
+
+
+@figure
+def ocl_step_ratio_msf_vs_vq(args):
+    """SLATE training step with MSF guidance / with VQ guidance, and each step's peak memory; with --full also
+    iterations per second of paper-size SLATE + MSF."""
     device = args.device
-    batch = 32 if args.full else 16
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    steps = {}
-    for guidance in ("vq", "msf"):
-        config = ocl_config(guidance, args.full)
-        vae_settings = vae_config(guidance) if args.full else dict(vae_config(guidance), code_dim=64, vae_width=32)
-        torch.manual_seed(0)
-        vae = msf.build_vae(vae_settings)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ocl = models.OCLModel(config, vae).to(device)
-        images = torch.rand(batch, 3, config["resolution"], config["resolution"], device=device) * 2 - 1
-        trainable = [p for p in ocl.parameters() if p.requires_grad]
-        steps[guidance] = training_step(lambda ocl=ocl, images=images: ocl({"image": images}, 0.5)[0], trainable,
-                                        device, dtype)
+    steps = {guidance: ocl_step(guidance, device, args.full) for guidance in ("vq", "msf")}
     timings = time_interleaved(steps, repeats=20 if args.full else 5, sync=_sync(device))
     result = {"ocl_step_s_vq": round(timings["vq"], 4), "ocl_step_s_msf": round(timings["msf"], 4),
               "ocl_step_ratio_msf_vs_vq": round(timings["msf"] / timings["vq"], 3)}
     if args.full:
         result["slate_msf_paper_size_it_per_s"] = round(1 / timings["msf"], 2)
-    return result
+    del steps
+    return dict(result, **peak_memory(ocl_step, ("vq", "msf"), device, args.full, "ocl"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python study.py demo                      # make demo: SLATE with VQ vs MSF guidance, one seed, smoke-size
     python study.py full [--seeds 0 1 2] [--parts main ablations video] [--steps_scale 1] [--device auto]
+                         [--ablation_seeds ...] [--video_seeds ...]
 
 `demo` generates `shapes`, pretrains a small VQ-VAE and a small MSF VAE, trains SLATE with each, and evaluates
 both side by side (ARI, ARIfg, mIoU, mBO and the guidance's object separability); it is sized to finish in about
@@ -26,6 +27,8 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# (training, validation) samples of the synthetic data used by the demo and the study.
+DATA_SIZES = {"shapes": (2000, 200), "shapes_video": (300, 50)}
 # Paper Table 5 (upper part) as VAE overrides of configs/vae_msf_shapes.yaml.
 VAE_ABLATIONS = {  # label: (run name, overrides)
     "no inter-scale fusion": ("nointer", {"inter_scale_fusion": "false"}),
@@ -64,12 +67,21 @@ class Study:
         args = ["--device", self.device, "--resume", "auto"]
         return args + (["--log_every", self.log_every] if self.log_every else [])
 
-    def data(self, name: str, num_train: int, num_val: int) -> None:
+    def data(self, name: str) -> None:
+        """Generate data/NAME at the study's size, unless it is there at that size already (the demo and the study
+        share one size, so either reuses the other's data)."""
+        from prepare_data import load_split
+
         target = os.path.join(ROOT, "data", name)
+        sizes = DATA_SIZES[name]
         if os.path.isfile(os.path.join(target, "val.lmdb")):
-            print(f"using the existing {target}")
-            return
-        self.run("prepare_data.py", [name, "--out", target, "--num_train", num_train, "--num_val", num_val],
+            found = tuple(len(load_split(os.path.join(target, f"{split}.lmdb"))) for split in ("train", "val"))
+            if found == sizes:
+                print(f"using the existing {target}")
+                return
+            print(f"{target} has {found[0]} training / {found[1]} validation samples, the study uses "
+                  f"{sizes[0]} / {sizes[1]}: generating it anew")
+        self.run("prepare_data.py", [name, "--out", target, "--num_train", sizes[0], "--num_val", sizes[1]],
                  f"generate {name}")
 
     def vae(self, name: str, config: str, overrides: dict = None, steps: int = 0) -> str:
@@ -127,8 +139,8 @@ def separability_table(metrics: dict) -> list:
 
 def demo(args) -> list:
     study = Study(args.out or os.path.join(ROOT, "runs", "demo"), args.device, 1.0, log_every=50)
-    study.data("shapes", 2000, 200)
-    study.data("shapes_video", 60, 10)  # not trained on here; ready for the STEVE configs
+    study.data("shapes")
+    study.data("shapes_video")  # not trained on here; ready for the STEVE configs
     runs = {}
     for guidance in ("vq", "msf"):
         vae = study.vae(f"vae_{guidance}", f"configs/vae_{guidance}_shapes.yaml", steps=args.vae_steps,
@@ -155,11 +167,12 @@ def full(args) -> list:
     study = Study(args.out or os.path.join(ROOT, "runs", "study"), args.device, args.steps_scale)
     seeds = args.seeds
     lines = ["# Study: multi-scale fusion on the synthetic data", "",
-             f"Seeds {seeds}; steps x{args.steps_scale} of the `*_shapes*.yaml` configs; "
+             f"Seeds: main {seeds}, ablations {args.ablation_seeds}, video {args.video_seeds}; "
+             f"steps x{args.steps_scale} of the `*_shapes*.yaml` configs; "
              f"device: {device_name(args.device)}. "
              f"Metrics in percent, mean ± std over seeds, background counted as a segment (SPEC §6).", ""]
     if "main" in args.parts or "ablations" in args.parts:
-        study.data("shapes", 5000, 500)
+        study.data("shapes")
         lines += [dataset_line("shapes"), ""]
     vaes = {}
     if "main" in args.parts or "ablations" in args.parts:
@@ -181,21 +194,22 @@ def full(args) -> list:
         lines += ["", "## Ablations on SLATE + MSF (paper Table 5)", ""] + metric_header("variant")
         for label, (slug, overrides) in VAE_ABLATIONS.items():
             vae = study.vae(f"vae_msf_{slug}", "configs/vae_msf_shapes.yaml", overrides)
-            runs = [study.ocl(f"slate_msf_{slug}_s{s}", "configs/slate_msf_shapes.yaml", vae, s) for s in seeds]
+            runs = [study.ocl(f"slate_msf_{slug}_s{s}", "configs/slate_msf_shapes.yaml", vae, s)
+                    for s in args.ablation_seeds]
             lines.append(mean_std_row(label, study.evaluate(runs, f"slate_msf_{slug}")))
         for label, (slug, scales) in SCALE_ABLATIONS.items():
             runs = [study.ocl(f"slate_msf_{slug}_s{s}", "configs/slate_msf_shapes.yaml", vaes["msf"], s,
-                              {"guidance_scales": scales}) for s in seeds]
+                              {"guidance_scales": scales}) for s in args.ablation_seeds]
             lines.append(mean_std_row(label, study.evaluate(runs, f"slate_msf_{slug}")))
     if "video" in args.parts:
-        study.data("shapes_video", 300, 50)
+        study.data("shapes_video")
         lines += [dataset_line("shapes_video"), ""]
         lines += ["", "## STEVE on `shapes_video`: VQ vs MSF guidance (one score per 24-frame video)", ""]
         lines += metric_header("guidance")
         for guidance in ("vq", "msf"):
             vae = study.vae(f"vae_{guidance}_video", f"configs/vae_{guidance}_shapes_video.yaml")
             runs = [study.ocl(f"steve_{guidance}_s{s}", f"configs/steve_{guidance}_shapes_video.yaml", vae, s)
-                    for s in seeds]
+                    for s in args.video_seeds]
             lines.append(mean_std_row(guidance, study.evaluate(runs, f"steve_{guidance}")))
     return finish(study, lines)
 
@@ -232,12 +246,18 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="", help="study directory (default runs/demo or runs/study)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="full: OCL seeds")
+    parser.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
+                        help="full: OCL seeds of the ablations (default --seeds)")
+    parser.add_argument("--video_seeds", type=int, nargs="+", default=None,
+                        help="full: OCL seeds of the STEVE runs (default --seeds)")
     parser.add_argument("--parts", nargs="+", default=["main", "ablations", "video"],
                         choices=("main", "ablations", "video"), help="full: which parts to run")
     parser.add_argument("--steps_scale", type=float, default=1.0, help="full: multiply every config's steps")
     parser.add_argument("--vae_steps", type=int, default=300, help="demo: VAE pretraining steps")
     parser.add_argument("--ocl_steps", type=int, default=500, help="demo: SLATE training steps")
     args = parser.parse_args(argv)
+    args.ablation_seeds = args.ablation_seeds or args.seeds
+    args.video_seeds = args.video_seeds or args.seeds
     (demo if args.preset == "demo" else full)(args)
 
 

@@ -1,0 +1,28 @@
+"""bench.py's peak-memory measurement against allocations of known size."""
+
+import os
+
+import pytest
+import torch
+
+import bench
+
+SIZES_MIB = {"small": 96, "large": 320}
+
+
+def allocate(name, device, full):
+    """A 'training step' whose only memory is one float32 tensor of SIZES_MIB[name], every page written."""
+    def step():
+        tensor = torch.ones(SIZES_MIB[name] * 2 ** 20 // 4, device=device)
+        assert float(tensor[-1]) == 1.0
+
+    return step
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="CPU peak memory is measured on Linux only")
+def test_cpu_peak_memory_matches_known_allocations():
+    result = bench.peak_memory(allocate, ("small", "large"), torch.device("cpu"), False, "test")
+    for name, mib in SIZES_MIB.items():
+        measured_mib = result[f"test_peak_gib_{name}"] * 1024
+        assert mib - 4 <= measured_mib <= mib + 48, (name, measured_mib)
+    assert result["test_peak_memory_ratio"] == pytest.approx(320 / 96, rel=0.15)
