@@ -64,6 +64,24 @@ def option(default, help, type=None, choices=(), optional=None):
     return Option(default, help, type, tuple(choices), optional)
 
 
+# The keys both trainers (pretrain_vae.py, train_ocl.py) take alike; each adds its own schedule and sizes.
+TRAINING_OPTIONS = {
+    "data_dir": option("data/shapes", "directory with train.lmdb / val.lmdb"),
+    "train_split": option("train", "training split name"),
+    "val_split": option("val", "validation split name"),
+    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps"),
+    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak"),
+    "amp": option("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
+                  choices=("auto", "bf16", "fp16", "off")),
+    "num_workers": option(4, "data loader workers per rank"),
+    "log_every": option(50, "steps between log lines"),
+    "val_samples": option(0, "validation samples (0 = the whole split)"),
+    "seed": option(0, "global seed (rank r uses seed * world_size + r)"),
+    "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
+    "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
+}
+
+
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 

@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 import model as models
 import msf
-from common import (UserError, all_finite, amp_dtype, atomic_torch_save, eval_loader, gather_rng_states,
-                    load_checkpoint, open_run, optimizer_step, option, progress_bar, reduce_mean,
+from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, atomic_torch_save, eval_loader,
+                    gather_rng_states, load_checkpoint, open_run, optimizer_step, option, progress_bar, reduce_mean,
                     restore_training_state, resume_state, run_main, run_training, save_checkpoint, save_config,
                     train_loader, warmup_cosine)
 
@@ -27,31 +27,19 @@ from common import (UserError, all_finite, amp_dtype, atomic_torch_save, eval_lo
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
 
 TRAIN_OPTIONS = {
-    "data_dir": option("data/shapes", "directory with train.lmdb / val.lmdb"),
-    "train_split": option("train", "training split name"),
-    "val_split": option("val", "validation split name"),
+    **TRAINING_OPTIONS,
     "resolution": option(128, "input resolution (the data is resized on the fly if stored otherwise)"),
     "num_frames": option(6, "video datasets: frames per training clip (evaluation uses every frame)"),
     "out_dir": option("runs/ocl", "run directory"),
     "steps": option(50000, "training iterations"),
     "batch_size": option(32, "global batch (images, or video clips) over all ranks"),
     "lr": option(2e-4, "peak Adam learning rate"),
-    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps"),
-    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak"),
     "grad_clip": option(1.0, "global L2 norm clip: 1.0 for images, 0.02 for videos (paper)"),
-    "amp": option("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
-                  choices=("auto", "bf16", "fp16", "off")),
-    "num_workers": option(4, "data loader workers per rank"),
-    "log_every": option(50, "steps between log lines"),
     "val_every": option(1000, "steps between validations and checkpoints"),
-    "val_samples": option(0, "validation samples (0 = the whole split)"),
     "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)"),
     "best_metric": option("ari+ari_fg", "validation metric that selects best.pt",
                           choices=("ari", "ari_fg", "miou", "mbo", "ari+ari_fg")),
     "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)"),
-    "seed": option(0, "global seed (rank r uses seed * world_size + r)"),
-    "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
-    "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
 }
 OPTIONS = {**models.OCL_OPTIONS, **TRAIN_OPTIONS}
 MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
