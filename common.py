@@ -231,6 +231,14 @@ def warmup_cosine(step: int, total: int, peak: float, warmup_fraction: float = 0
     return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
 
 
+def set_scheduled_lr(optimizer, step: int, config: dict) -> float:
+    """Give every parameter group the config's warm-up + cosine learning rate at `step`; returns it."""
+    lr = warmup_cosine(step, config["steps"], config["lr"], config["warmup_fraction"], config["lr_final_ratio"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def cosine_anneal(step: int, total: int, start: float, end: float) -> float:
     """Cosine from `start` at step 0 to `end` at `total`, constant after."""
     if total <= 0:

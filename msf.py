@@ -336,7 +336,7 @@ def fuse_inter_scale(z_list: list, codes: torch.Tensor, mode: str = "adjacent", 
     `return_vectors`; the own-scale indices before fusion (b,h,w); and which candidate won (b,h,w), an index
     into `_candidate_scales`.
     """
-    num_scales, dim = len(z_list), codes.shape[1]
+    num_scales = len(z_list)
     # pooled[(n, k)]: scale k's vectors (k finer than n) averaged over 2^(n-k) blocks, at scale n's resolution
     pooled = {}
     for n in range(num_scales):

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import msf
 from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, eval_loader, gather_rng_states, open_run,
                     optimizer_step, option, progress_bar, reduce_mean, restore_training_state, resume_state, run_main,
-                    run_training, save_checkpoint, save_config, train_loader, warmup_cosine)
+                    run_training, save_checkpoint, save_config, set_scheduled_lr, train_loader)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
@@ -150,9 +150,7 @@ def train(config: dict, d) -> None:
     batches = iter(loader)
     last_time = time.perf_counter()
     for step in range(start_step, steps):
-        lr = warmup_cosine(step, steps, config["lr"], config["warmup_fraction"], config["lr_final_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_scheduled_lr(optimizer, step, config)
         alpha = msf.residual_alpha(step, steps, config)
         temperature = msf.gumbel_temperature(step, steps, config)
         images = frames_of(next(batches)).to(d.device, non_blocking=True)

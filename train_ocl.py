@@ -21,7 +21,7 @@ import msf
 from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, atomic_torch_save, eval_loader,
                     gather_rng_states, load_checkpoint, open_run, optimizer_step, option, progress_bar, reduce_mean,
                     restore_training_state, resume_state, run_main, run_training, save_checkpoint, save_config,
-                    train_loader, warmup_cosine)
+                    set_scheduled_lr, train_loader)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
@@ -217,9 +217,7 @@ def train(config: dict, d) -> None:
     batches = iter(loader)
     last_time = time.perf_counter()
     for step in range(start_step, steps):
-        lr = warmup_cosine(step, steps, config["lr"], config["warmup_fraction"], config["lr_final_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_scheduled_lr(optimizer, step, config)
         sigma = models.query_sigma(step, steps, config)
         batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
         with torch.autocast(d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
