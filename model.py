@@ -405,17 +405,20 @@ class DDPMSchedule(nn.Module):
     """The forward process q(x_t | x_0) of a `steps`-step DDPM and two reverse updates: DDIM (eta = 0,
     deterministic, any subset of timesteps) and DDPM's ancestral step (every timestep, "fixed_small" variance).
 
-    Buffers are float32 and non-persistent: they are a pure function of (steps, beta_schedule), so checkpoints
+    Buffers are float32 and non-persistent: they are a pure function of (steps, schedule, start, end), so checkpoints
     do not carry them and `.to(device)` moves them."""
 
-    def __init__(self, steps: int = 1000, beta_schedule: str = "linear"):
+    def __init__(self, steps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
+                 beta_end: float = 0.02):
         super().__init__()
-        # diffusers' defaults (beta_start 1e-4, beta_end 0.02). "scaled_linear" is linear in sqrt(beta), which is
-        # what the LDM / SlotDiffusion code calls "linear".
+        # Named as in diffusers: "linear" is linear in beta; "scaled_linear" is linear in sqrt(beta), which is what
+        # the LDM / SlotDiffusion code calls "linear" (SlotDiffusion and the MSF release: 0.0015 .. 0.0195).
+        if not 0 < beta_start < beta_end < 1:
+            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {beta_start} and {beta_end}")
         if beta_schedule == "linear":
-            betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float32)
+            betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(1e-4 ** 0.5, 0.02 ** 0.5, steps, dtype=torch.float32) ** 2
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float32) ** 2
         else:
             raise ValueError(f"unknown beta_schedule {beta_schedule!r}: use 'linear' or 'scaled_linear'.")
         self.steps = steps
@@ -701,7 +704,8 @@ class OCLModel(nn.Module):
                                               grouped=config["slate_loss"] == "grouped")
             self.vocabularies = vocabularies
         elif self.method == "slotdiffusion":
-            self.schedule = DDPMSchedule(config["diffusion_steps"], config["beta_schedule"])
+            self.schedule = DDPMSchedule(config["diffusion_steps"], config["beta_schedule"], config["beta_start"],
+                                         config["beta_end"])
             self.decoder = SlotUNet(vae.config["code_dim"], config["unet_channels"], slot_dim=dim,
                                     heads=config["decoder_heads"])
             # LDM's latent scale: the guidance latent is divided by its std so the diffusion sees unit variance.
@@ -850,8 +854,10 @@ OCL_OPTIONS = {
     "sysbinder_prototypes": option(64, "SysBinder prototypes per block"),
     "unet_channels": option(64, "SlotDiffusion UNet base channels"),
     "diffusion_steps": option(1000, "DDPM steps"),
-    "beta_schedule": option("linear", "DDPM beta schedule (diffusers' defaults: linear 1e-4..0.02)",
-                            choices=("linear", "scaled_linear")),
+    "beta_schedule": option("scaled_linear", "DDPM beta schedule, diffusers' names: linear in beta, or linear in "
+                            "sqrt(beta) (SlotDiffusion's and the MSF release's)", choices=("linear", "scaled_linear")),
+    "beta_start": option(0.0015, "DDPM beta at t = 0 (SlotDiffusion / MSF release; diffusers' default 1e-4)"),
+    "beta_end": option(0.0195, "DDPM beta at the last step (SlotDiffusion / MSF release; diffusers' default 0.02)"),
     "latent_scale": option(0.0, "SlotDiffusion latent divisor (0 = the std of the training latents, measured)"),
     "dinosaur_hidden": option(1024, "DINOSAUR MLP decoder width"),
 }

@@ -8,16 +8,20 @@ from model import DDPMSchedule, SlotUNet, diffusion_loss, sample
 
 diffusers = pytest.importorskip("diffusers")
 
-SCHEDULES = ("linear", "scaled_linear")
+# (beta_schedule, beta_start, beta_end): diffusers' defaults, and the SlotDiffusion / MSF release's LDM schedule.
+SCHEDULES = pytest.mark.parametrize("beta_schedule", [("linear", 1e-4, 0.02), ("scaled_linear", 1e-4, 0.02),
+                                                      ("scaled_linear", 0.0015, 0.0195)], ids=str)
 
 
-def oracle_ddpm(beta_schedule):
-    return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, clip_sample=False,
+def oracle_ddpm(beta_schedule, beta_start=1e-4, beta_end=0.02):
+    return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=beta_start,
+                                   beta_end=beta_end, clip_sample=False,
                                    variance_type="fixed_small", prediction_type="epsilon")
 
 
-def oracle_ddim(beta_schedule):
-    return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, clip_sample=False,
+def oracle_ddim(beta_schedule, beta_start=1e-4, beta_end=0.02):
+    return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=beta_start,
+                                   beta_end=beta_end, clip_sample=False,
                                    set_alpha_to_one=True, prediction_type="epsilon")
 
 
@@ -36,9 +40,9 @@ def tiny_unet(seed=0, channels=32, slot_dim=16):
 
 # ------------------------------------------------------------------------------------------------ schedule
 
-@pytest.mark.parametrize("beta_schedule", SCHEDULES)
+@SCHEDULES
 def test_schedule_buffers_match_diffusers(beta_schedule):
-    ours, oracle = DDPMSchedule(1000, beta_schedule), oracle_ddpm(beta_schedule)
+    ours, oracle = DDPMSchedule(1000, *beta_schedule), oracle_ddpm(*beta_schedule)
     for name in ("betas", "alphas", "alphas_cumprod"):
         assert getattr(ours, name).dtype == torch.float32
         torch.testing.assert_close(getattr(ours, name), getattr(oracle, name), atol=1e-6, rtol=0)
@@ -47,16 +51,18 @@ def test_schedule_buffers_match_diffusers(beta_schedule):
 def test_schedule_rejects_unknown_name_and_is_not_saved():
     with pytest.raises(ValueError, match="beta_schedule"):
         DDPMSchedule(1000, "cosine")
+    with pytest.raises(ValueError, match="beta_start < beta_end"):
+        DDPMSchedule(1000, "linear", 0.02, 1e-4)
     assert DDPMSchedule(10).state_dict() == {}  # a pure function of the config
 
 
-@pytest.mark.parametrize("beta_schedule", SCHEDULES)
+@SCHEDULES
 def test_add_noise_matches_diffusers(beta_schedule):
     torch.manual_seed(0)
     x0, noise = torch.randn(6, 4, 5, 5), torch.randn(6, 4, 5, 5)
     t = torch.tensor([0, 1, 250, 500, 998, 999])
-    ours = DDPMSchedule(1000, beta_schedule).add_noise(x0, noise, t)
-    torch.testing.assert_close(ours, oracle_ddpm(beta_schedule).add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
+    ours = DDPMSchedule(1000, *beta_schedule).add_noise(x0, noise, t)
+    torch.testing.assert_close(ours, oracle_ddpm(*beta_schedule).add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("n", [1, 3, 10, 50, 999, 1000])
@@ -73,21 +79,21 @@ def test_timesteps_reject_bad_counts():
 
 # ------------------------------------------------------------------------------------------------ reverse steps
 
-@pytest.mark.parametrize("beta_schedule", SCHEDULES)
+@SCHEDULES
 @pytest.mark.parametrize("t", [999, 500, 1, 0])
 def test_ddpm_variance_matches_diffusers(beta_schedule, t):
-    ours = DDPMSchedule(1000, beta_schedule).ddpm_variance(t)
-    torch.testing.assert_close(ours, oracle_ddpm(beta_schedule)._get_variance(t), atol=1e-8, rtol=1e-5)
+    ours = DDPMSchedule(1000, *beta_schedule).ddpm_variance(t)
+    torch.testing.assert_close(ours, oracle_ddpm(*beta_schedule)._get_variance(t), atol=1e-8, rtol=1e-5)
 
 
-@pytest.mark.parametrize("beta_schedule", SCHEDULES)
+@SCHEDULES
 @pytest.mark.parametrize("t", [999, 500, 1, 0])
 def test_ddpm_step_matches_diffusers(beta_schedule, t):
     """Same model output, same injected noise (the same seeded generator); at t = 0 the step is noise-free."""
     torch.manual_seed(1)
     x_t, eps = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
-    ours = DDPMSchedule(1000, beta_schedule).ddpm_step(eps, t, x_t, generator=torch.Generator().manual_seed(7))
-    expected = oracle_ddpm(beta_schedule).step(eps, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
+    ours = DDPMSchedule(1000, *beta_schedule).ddpm_step(eps, t, x_t, generator=torch.Generator().manual_seed(7))
+    expected = oracle_ddpm(*beta_schedule).step(eps, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -101,9 +107,9 @@ def test_ddpm_step_mean_and_noise_scale():
     assert draws.var(0).mean().item() == pytest.approx(schedule.ddpm_variance(500).item(), rel=0.05)
 
 
-@pytest.mark.parametrize("beta_schedule", SCHEDULES)
+@SCHEDULES
 def test_full_ddpm_trajectory_matches_diffusers(beta_schedule):
-    ours, oracle = DDPMSchedule(1000, beta_schedule), oracle_ddpm(beta_schedule)
+    ours, oracle = DDPMSchedule(1000, *beta_schedule), oracle_ddpm(*beta_schedule)
     x = y = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     ours_generator, oracle_generator = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
     for t in range(999, -1, -1):
@@ -113,10 +119,10 @@ def test_full_ddpm_trajectory_matches_diffusers(beta_schedule):
     torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("beta_schedule", SCHEDULES)
+@SCHEDULES
 @pytest.mark.parametrize("n", [50, 7])
 def test_ddim_trajectory_matches_diffusers(beta_schedule, n):
-    ours, oracle = DDPMSchedule(1000, beta_schedule), oracle_ddim(beta_schedule)
+    ours, oracle = DDPMSchedule(1000, *beta_schedule), oracle_ddim(*beta_schedule)
     oracle.set_timesteps(n)
     x = y = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     timesteps = ours.timesteps(n).tolist()
