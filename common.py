@@ -186,6 +186,21 @@ def save_config(config: dict, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic file writes: a reader never sees a half-written file.
 
+def strict_json(value, **kwargs) -> str:
+    """JSON that every parser reads: NaN and infinities (an undefined metric, e.g. ARIfg of an image without
+    foreground) become null instead of Python's non-standard NaN / Infinity tokens."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -320,7 +335,7 @@ class RunLog:
         if not self.enabled:
             return
         with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(strict_json(entry) + "\n")
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
@@ -481,7 +496,7 @@ def truncate_log(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return
     kept = [entry for entry in read_jsonl(path) if entry.get("step", -1) <= last_step]
-    atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in kept))
+    atomic_write_text(path, "".join(strict_json(entry) + "\n" for entry in kept))
 
 
 def amp_dtype(setting: str, device):

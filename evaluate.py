@@ -23,7 +23,6 @@ Conventions (the paper's metrics cover objects *and* background, SPEC §6):
 """
 
 import argparse
-import json
 import math
 import os
 import warnings
@@ -35,7 +34,7 @@ from sklearn.cluster import KMeans
 
 import msf
 from common import (UserError, atomic_write_text, eval_loader, load_checkpoint, progress_bar, run_main,
-                    setup_distributed)
+                    setup_distributed, strict_json)
 from model import masks_to_segments
 
 BACKGROUND = 0
@@ -582,7 +581,7 @@ def main(argv=None) -> None:
     report = _report(results, args.compare)
     print(report["text"])
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report["json"], indent=2) + "\n")
+    atomic_write_text(os.path.join(out, "metrics.json"), strict_json(report["json"], indent=2) + "\n")
     atomic_write_text(os.path.join(out, "table.md"), report["text"] + "\n")
     print(f"wrote {os.path.join(out, 'metrics.json')} and figures under {out}")
 

@@ -112,12 +112,17 @@ class Study:
 METRICS = ("ari", "ari_fg", "miou", "mbo")
 
 
+def number(value) -> str:
+    """A metric cell; metrics.json stores an undefined metric (e.g. ARIfg without foreground) as null."""
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def mean_std_row(label: str, metrics: dict, keys=METRICS) -> str:
     runs = metrics["runs"]
     if len(runs) == 1:
-        cells = [f"{runs[0][k]:.1f}" for k in keys]
+        cells = [number(runs[0][k]) for k in keys]
     else:
-        cells = [f"{metrics[k]:.1f} ± {metrics[k + '_std']:.1f}" for k in keys]
+        cells = [f"{number(metrics[k])} ± {number(metrics[k + '_std'])}" for k in keys]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
@@ -154,8 +159,8 @@ def demo(args) -> list:
              "| guidance | ARI | ARIfg | mIoU | mBO | separability inter ↑ | intra ↓ | inter/intra ↑ |",
              "|---|---|---|---|---|---|---|---|"]
     for run in metrics["runs"]:
-        lines.append(f"| {run['name']} | {run['ari']:.1f} | {run['ari_fg']:.1f} | {run['miou']:.1f} | "
-                     f"{run['mbo']:.1f} | {run['sep_inter']:.3f} | {run['sep_intra']:.3f} | "
+        lines.append(f"| {run['name']} | {number(run['ari'])} | {number(run['ari_fg'])} | {number(run['miou'])} | "
+                     f"{number(run['mbo'])} | {run['sep_inter']:.3f} | {run['sep_intra']:.3f} | "
                      f"{run['sep_inter'] / run['sep_intra']:.1f} |")
     lines += ["", "Metrics in percent, background counted as a segment (SPEC §6). Separability: KMeans on each "
               "image's scale-1 guidance vectors, k = its number of ground-truth segments.",

@@ -1,9 +1,13 @@
 """Config loading: YAML then `--key value`, declared types, clear errors for unknown keys and wrong types."""
 
+import json
+import math
+
+import numpy as np
 import pytest
 import yaml
 
-from common import UserError, load_config, option, save_config
+from common import UserError, load_config, option, save_config, strict_json
 
 OPTIONS = {
     "steps": option(100, "training steps"),
@@ -79,3 +83,10 @@ def test_resolved_config_round_trips(tmp_path):
     config = load_config(OPTIONS, [write(tmp_path, {"steps": 3})])
     save_config(config, str(tmp_path / "run" / "config.yaml"))
     assert load_config(OPTIONS, [str(tmp_path / "run" / "config.yaml")]) == config
+
+
+def test_strict_json_writes_undefined_metrics_as_null():
+    value = {"ari": float("nan"), "runs": [{"mbo": np.float64("inf"), "miou": 12.5}], "ok": (1, -math.inf)}
+    text = strict_json(value)
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"ari": None, "runs": [{"mbo": None, "miou": 12.5}], "ok": [1, None]}
