@@ -112,9 +112,13 @@ class Study:
 METRICS = ("ari", "ari_fg", "miou", "mbo")
 
 
-def number(value) -> str:
+def number(value, digits: int = 1) -> str:
     """A metric cell; metrics.json stores an undefined metric (e.g. ARIfg without foreground) as null."""
-    return "n/a" if value is None else f"{value:.1f}"
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(numerator, denominator):
+    return None if numerator is None or not denominator else numerator / denominator
 
 
 def mean_std_row(label: str, metrics: dict, keys=METRICS) -> str:
@@ -135,8 +139,8 @@ def separability_table(metrics: dict) -> list:
     for run in metrics["runs"]:
         for key, value in run["separability"].items():
             representation, scale = key.rsplit("_scale", 1)
-            lines.append(f"| {run['name']} | {representation} | {scale} | {value['inter']:.3f} | "
-                         f"{value['intra']:.3f} | {value['ratio']:.2f} |")
+            lines.append(f"| {run['name']} | {representation} | {scale} | {number(value['inter'], 3)} | "
+                         f"{number(value['intra'], 3)} | {number(value['ratio'], 2)} |")
     return lines
 
 
@@ -160,8 +164,8 @@ def demo(args) -> list:
              "|---|---|---|---|---|---|---|---|"]
     for run in metrics["runs"]:
         lines.append(f"| {run['name']} | {number(run['ari'])} | {number(run['ari_fg'])} | {number(run['miou'])} | "
-                     f"{number(run['mbo'])} | {run['sep_inter']:.3f} | {run['sep_intra']:.3f} | "
-                     f"{run['sep_inter'] / run['sep_intra']:.1f} |")
+                     f"{number(run['mbo'])} | {number(run['sep_inter'], 3)} | {number(run['sep_intra'], 3)} | "
+                     f"{number(ratio(run['sep_inter'], run['sep_intra']))} |")
     lines += ["", "Metrics in percent, background counted as a segment (SPEC §6). Separability: KMeans on each "
               "image's scale-1 guidance vectors, k = its number of ground-truth segments.",
               "", f"Figures: {os.path.relpath(os.path.join(study.out, 'eval', 'slate_vq_vs_msf'), ROOT)}/"]
