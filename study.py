@@ -201,6 +201,9 @@ def full(args) -> list:
                   "scale-variant part (`sv`), final `X_n`.", ""] + separability_table(separability)
     if "ablations" in args.parts:
         lines += ["", "## Ablations on SLATE + MSF (paper Table 5)", ""] + metric_header("variant")
+        reference = [study.ocl(f"slate_msf_s{s}", "configs/slate_msf_shapes.yaml", vaes["msf"], s)
+                     for s in args.ablation_seeds]  # the main part's runs where the seeds overlap
+        lines.append(mean_std_row("full MSF (reference)", study.evaluate(reference, "slate_msf_reference")))
         for label, (slug, overrides) in VAE_ABLATIONS.items():
             vae = study.vae(f"vae_msf_{slug}", "configs/vae_msf_shapes.yaml", overrides)
             runs = [study.ocl(f"slate_msf_{slug}_s{s}", "configs/slate_msf_shapes.yaml", vae, s)
