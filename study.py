@@ -215,7 +215,7 @@ def full(args) -> list:
             lines.append(mean_std_row(label, study.evaluate(runs, f"slate_msf_{slug}")))
     if "video" in args.parts:
         study.data("shapes_video")
-        lines += [dataset_line("shapes_video"), ""]
+        lines += ["", dataset_line("shapes_video"), ""]
         lines += ["", "## STEVE on `shapes_video`: VQ vs MSF guidance (one score per 24-frame video)", ""]
         lines += metric_header("guidance")
         for guidance in ("vq", "msf"):
@@ -244,7 +244,8 @@ def dataset_line(name: str) -> str:
 def finish(study: Study, lines: list) -> list:
     from common import atomic_write_text
 
-    lines += ["", "## Wall-clock time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += ["", "## Wall-clock time per stage", "", "Of this invocation: a stage finished by an earlier one is "
+              "skipped and shows only its start-up time.", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {what} | {seconds:.0f} |" for what, seconds in study.timings]
     path = os.path.join(study.out, "report.md")
     atomic_write_text(path, "\n".join(lines) + "\n")
