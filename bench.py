@@ -115,25 +115,38 @@ def vae_step(name: str, device, full: bool):
     return training_step(lambda: model(images)[0], model.parameters(), device, _dtype(device))
 
 
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _measure_peak_gib(builder, name: str, device: str, full: bool) -> float:
     """Run in a fresh process: the peak memory of building `builder(name, device, full)` (a module-level function
     returning a training step) and taking two steps, model, optimizer state, inputs and activations included.
-    CUDA: the caching allocator's peak; CPU: the peak resident set above the one right after the imports (Linux)."""
-    import resource
-
+    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set (VmHWM) above the resident set right
+    after the imports, with the peak reset there. Not getrusage's ru_maxrss: a spawned child inherits its parent's
+    resident set at fork time as its starting maximum."""
     import model  # noqa: F401 -- imported before the baseline, like msf below
     import msf  # noqa: F401
 
     device = torch.device(device)
-    with open("/proc/self/statm") as f:
-        baseline = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    baseline = _proc_status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set (Linux >= 4.0)
+    except OSError:
+        pass  # VmHWM then also covers the imports, which peak far below a training step
     step = builder(name, device, full)
     for _ in range(2):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2 ** 30  # ru_maxrss: KiB
+    return (_proc_status_bytes("VmHWM") - baseline) / 2 ** 30
 
 
 def peak_memory(builder, names: tuple, device, full: bool, prefix: str) -> dict:
@@ -141,7 +154,7 @@ def peak_memory(builder, names: tuple, device, full: bool, prefix: str) -> dict:
     would keep the other model's memory and the allocator's high-water mark), and their ratio."""
     import multiprocessing
 
-    if device.type == "cpu" and not os.path.exists("/proc/self/statm"):
+    if device.type == "cpu" and not os.path.exists("/proc/self/status"):
         return {}
     peaks = {}
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
