@@ -23,6 +23,7 @@ Conventions (the paper's metrics cover objects *and* background, SPEC §6):
 """
 
 import argparse
+import contextlib
 import math
 import os
 import warnings
@@ -390,7 +391,8 @@ def load_for_evaluation(path: str, device):
         path = os.path.join(path, "best.pt")
     state = load_checkpoint(path)
     if state["kind"] == "vae":
-        vae = msf.build_vae(state["config"])
+        with _older_config_error(state):
+            vae = msf.build_vae(state["config"])
         vae.load_state_dict(state["model"])
         return vae.to(device).eval(), state
     if state["kind"] != "ocl":
@@ -398,9 +400,9 @@ def load_for_evaluation(path: str, device):
     import train_ocl  # imported here: train_ocl imports this module
 
     config = dict(state["config"], dino_pretrained=False, dino_weights="")  # DINO's weights are in the checkpoint
-    vae = msf.build_vae(state["vae_config"]) if state.get("vae_config") else None
-    with warnings.catch_warnings():
+    with _older_config_error(state), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DINO is RANDOMLY")
+        vae = msf.build_vae(state["vae_config"]) if state.get("vae_config") else None
         model = train_ocl.build_model(config, state["video"], vae)
     try:
         model.load_state_dict(state["model"])
@@ -408,6 +410,17 @@ def load_for_evaluation(path: str, device):
         raise UserError(f"{state['path']} does not fit the model its own config describes "
                         f"({str(error).splitlines()[0][:200]})") from None
     return model.to(device).eval(), state
+
+
+@contextlib.contextmanager
+def _older_config_error(state: dict):
+    """A checkpoint from an older version may lack a key its model needs now: say so in one sentence (filling it
+    with today's default could rebuild a different model without a word)."""
+    try:
+        yield
+    except KeyError as error:
+        raise UserError(f"{state['path']} was written by an older version: its config lacks {error.args[0]!r}; "
+                        f"retrain, or add it to the checkpoint's config with the value it was trained with") from None
 
 
 def run_name(path: str) -> str:

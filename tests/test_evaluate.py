@@ -98,3 +98,8 @@ def test_bad_checkpoints_fail_with_one_sentence(trained, tmp_path):
     torch.save(state, tmp_path / "pruned.pt")
     with pytest.raises(UserError, match="does not fit the model its own config describes"):
         evaluate.main([str(tmp_path / "pruned.pt"), "--out", str(tmp_path / "x")])
+    state = torch.load(os.path.join(root, "seed0", "best.pt"), weights_only=True)
+    del state["config"]["decoder_heads"]  # as if written before the key existed
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(UserError, match="older version: its config lacks 'decoder_heads'"):
+        evaluate.main([str(tmp_path / "old.pt"), "--out", str(tmp_path / "x")])
