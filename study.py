@@ -67,22 +67,24 @@ class Study:
         args = ["--device", self.device, "--resume", "auto"]
         return args + (["--log_every", self.log_every] if self.log_every else [])
 
-    def data(self, name: str) -> None:
+    def data(self, name: str) -> str:
         """Generate data/NAME at the study's size, unless it is there at that size already (the demo and the study
-        share one size, so either reuses the other's data)."""
+        share one size, so either reuses the other's data); returns the report's line on it."""
         from prepare_data import load_split
 
         target = os.path.join(ROOT, "data", name)
         sizes = DATA_SIZES[name]
+        line = f"Data: `data/{name}`, {sizes[0]} training and {sizes[1]} validation samples."
         if os.path.isfile(os.path.join(target, "val.lmdb")):
             found = tuple(len(load_split(os.path.join(target, f"{split}.lmdb"))) for split in ("train", "val"))
             if found == sizes:
                 print(f"using the existing {target}")
-                return
+                return line
             print(f"{target} has {found[0]} training / {found[1]} validation samples, the study uses "
                   f"{sizes[0]} / {sizes[1]}: generating it anew")
         self.run("prepare_data.py", [name, "--out", target, "--num_train", sizes[0], "--num_val", sizes[1]],
                  f"generate {name}")
+        return line
 
     def vae(self, name: str, config: str, overrides: dict = None, steps: int = 0) -> str:
         out = os.path.join(self.out, name)
@@ -181,8 +183,7 @@ def full(args) -> list:
              f"device: {device_name(args.device)}. "
              f"Metrics in percent, mean ± std over seeds, background counted as a segment (SPEC §6).", ""]
     if "main" in args.parts or "ablations" in args.parts:
-        study.data("shapes")
-        lines += [dataset_line("shapes"), ""]
+        lines += [study.data("shapes"), ""]
     vaes = {}
     if "main" in args.parts or "ablations" in args.parts:
         for guidance in ("vq", "grouped", "msf") if "main" in args.parts else ("msf",):
@@ -214,8 +215,7 @@ def full(args) -> list:
                               {"guidance_scales": scales}) for s in args.ablation_seeds]
             lines.append(mean_std_row(label, study.evaluate(runs, f"slate_msf_{slug}")))
     if "video" in args.parts:
-        study.data("shapes_video")
-        lines += ["", dataset_line("shapes_video"), ""]
+        lines += ["", study.data("shapes_video"), ""]
         lines += ["", "## STEVE on `shapes_video`: VQ vs MSF guidance (one score per 24-frame video)", ""]
         lines += metric_header("guidance")
         for guidance in ("vq", "msf"):
@@ -232,13 +232,6 @@ def device_name(setting: str) -> str:
     if setting != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({os.cpu_count()} cores)"
-
-
-def dataset_line(name: str) -> str:
-    from prepare_data import load_split
-
-    sizes = {split: len(load_split(os.path.join(ROOT, "data", name, f"{split}.lmdb"))) for split in ("train", "val")}
-    return f"Data: `data/{name}`, {sizes['train']} training and {sizes['val']} validation samples."
 
 
 def finish(study: Study, lines: list) -> list:
