@@ -156,6 +156,8 @@ def peak_memory(builder, names: tuple, device, full: bool, prefix: str) -> dict:
 
     if device.type == "cpu" and not os.path.exists("/proc/self/status"):
         return {}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the caller's freed timing models back to the driver for the children
     peaks = {}
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         for name in names:

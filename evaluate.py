@@ -419,7 +419,10 @@ def _older_config_error(state: dict):
     try:
         yield
     except KeyError as error:
-        raise UserError(f"{state['path']} was written by an older version: its config lacks {error.args[0]!r}; "
+        key = error.args[0] if error.args else None
+        if key in state["config"] or key in (state.get("vae_config") or {}):
+            raise  # not a missing config key: a bug, keep its traceback
+        raise UserError(f"{state['path']} was written by an older version: its config lacks {key!r}; "
                         f"retrain, or add it to the checkpoint's config with the value it was trained with") from None
 
 
