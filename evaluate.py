@@ -247,13 +247,15 @@ def linear_sum_assignment(cost, maximize: bool = False) -> tuple[np.ndarray, np.
 # ================================================================================================================
 # Object separability of the guidance (paper Sect. 4.3, Table 4).
 
-def separability(vectors, k: int, seed: int = 0) -> dict:
+def separability(vectors, k: int, seed: int = 0, return_labels: bool = False) -> dict:
     """KMeans inter- and intra-cluster distances of one image's guidance vectors (P, c), e.g. 32x32 super-pixels.
 
     `k` is the number of ground-truth segments in the image, background included. Returns
       inter: mean Euclidean distance over all pairs of cluster centroids — larger is better;
       intra: mean Euclidean distance of each vector to its own cluster's centroid — smaller is better;
-      k:     the number of clusters used.
+      k:     the number of clusters used;
+      distinct: the number of distinct vectors (codes) in the image;
+      labels: with `return_labels`, the (P,) cluster of every vector.
     These are the quantities Table 4's column headers describe ("Inter-Cluster ↑", "Intra-Cluster ↓"); its caption
     swaps the two definitions, which the arrows and the values (inter > intra everywhere) rule out. Discrete
     codes repeat, so `k` is clipped to the number of distinct vectors; with one cluster `inter` is NaN, and with
@@ -269,28 +271,37 @@ def separability(vectors, k: int, seed: int = 0) -> dict:
     distinct, counts = np.unique(vectors, axis=0, return_counts=True)
     k = min(int(k), len(distinct))
     if k < 1:
-        return {"inter": math.nan, "intra": math.nan, "k": 0}
+        return {"inter": math.nan, "intra": math.nan, "k": 0, "distinct": len(distinct),
+                **({"labels": np.zeros(len(vectors), dtype=np.int64)} if return_labels else {})}
     kmeans = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(distinct, sample_weight=counts)
     centroids = kmeans.cluster_centers_  # (k, c)
     distances = np.linalg.norm(distinct - centroids[kmeans.labels_], axis=1)
     intra = float((distances * counts).sum() / counts.sum())
     pairs = np.triu_indices(k, 1)
     inter = np.linalg.norm(centroids[:, None] - centroids[None], axis=2)[pairs].mean() if k > 1 else math.nan
-    return {"inter": float(inter), "intra": float(intra), "k": k}
+    result = {"inter": float(inter), "intra": float(intra), "k": k, "distinct": len(distinct)}
+    if return_labels:
+        _, inverse = np.unique(vectors, axis=0, return_inverse=True)
+        result["labels"] = kmeans.labels_[inverse.reshape(-1)]  # (P,) cluster of every vector
+    return result
 
 
-def separability_batch(vectors, ks, seed: int = 0) -> dict:
+def separability_batch(vectors, ks, seed: int = 0, return_labels: bool = False) -> dict:
     """`separability` of every image of a batch: vectors (B, P, c), ks (B,) -> dict of (B,) arrays, `inter` and
-    `intra` float64 (NaN where undefined), `k` int64."""
+    `intra` float64 (NaN where undefined), `k` and `distinct` int64; with `return_labels`, `labels` (B, P)."""
     if isinstance(vectors, torch.Tensor):
         vectors = vectors.detach().cpu().numpy()
     ks = ks.tolist() if isinstance(ks, (torch.Tensor, np.ndarray)) else list(ks)
     if len(vectors) != len(ks):
         raise ValueError(f"one k per image is needed: {len(vectors)} images but {len(ks)} values of k")
-    results = [separability(image_vectors, k, seed) for image_vectors, k in zip(vectors, ks)]
-    return {"inter": np.array([r["inter"] for r in results], dtype=np.float64),
-            "intra": np.array([r["intra"] for r in results], dtype=np.float64),
-            "k": np.array([r["k"] for r in results], dtype=np.int64)}
+    results = [separability(image_vectors, k, seed, return_labels) for image_vectors, k in zip(vectors, ks)]
+    batch = {"inter": np.array([r["inter"] for r in results], dtype=np.float64),
+             "intra": np.array([r["intra"] for r in results], dtype=np.float64),
+             "k": np.array([r["k"] for r in results], dtype=np.int64),
+             "distinct": np.array([r["distinct"] for r in results], dtype=np.int64)}
+    if return_labels:
+        batch["labels"] = np.stack([r["labels"] for r in results])
+    return batch
 
 def segmentation_scores(pred: torch.Tensor, true: torch.Tensor, extended: bool = False) -> dict:
     """Every reported metric of one batch: (B,) float64 per key. `extended` adds mIoU / mBO without the
@@ -484,26 +495,49 @@ def _guidance_separability(vectors: torch.Tensor, truth: torch.Tensor, prefix: s
 REPRESENTATIONS = ("si_before", "si_after", "sv", "final")
 
 
+def segments_at(truth: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Ground-truth segments (b,H,W) at a token grid (b,h,w): the majority label of each block; ignore (255) votes
+    as a label of its own, so that blocks it dominates still drop out of the scores."""
+    labels = truth.long()
+    ignore = labels == IGNORE
+    ignore_id = int(labels[~ignore].max()) + 1 if (~ignore).any() else 0
+    votes = F.one_hot(labels.masked_fill(ignore, ignore_id), ignore_id + 1).permute(0, 3, 1, 2).float()
+    majority = F.adaptive_avg_pool2d(votes, size).argmax(1)  # (b,h,w)
+    return majority.masked_fill(majority == ignore_id, IGNORE) if ignore.any() else majority
+
+
 @torch.no_grad()
 def vae_separability(vae, loader, device, max_images: int, figure_path: str = "") -> dict:
-    """Mean inter/intra-cluster distances per scale and representation: for MSF the scale-invariant part before
-    and after inter-scale fusion, the scale-variant part and the final X_n; for VQ / grouped the final vectors.
-    k per image is its number of ground-truth segments (background included)."""
+    """Object separability per scale and representation: for MSF the scale-invariant part before and after
+    inter-scale fusion, the scale-variant part and the final X_n; for VQ / grouped the final vectors.
+
+    Per image, KMeans with k = its number of ground-truth segments (background included) gives the paper's
+    inter- and intra-cluster distances (Table 4). Their ratio alone rewards collapse: a VAE that uses few codes has
+    tight clusters by construction (k clusters of k distinct codes have intra 0). Three columns make VAEs
+    comparable: `object_ari`, the ARI (background included, in percent) of the KMeans clusters against the
+    ground-truth segments at the token grid, which is scale-free and high only when the clusters follow objects;
+    `tokens`, the distinct vectors per image; and, per codebook, the share of codes used over the images."""
     sums, figure = {}, None
     seen = 0
+    books = vae.codebooks()
+    code_counts = [torch.zeros(b.num_codes, dtype=torch.long) for b in books]
     bar = progress_bar(min(max_images, len(loader.dataset)), 0, "separability")
     for batch in loader:
         images, truth = batch["image"].to(device), batch["segment"].long()
         images, truth = images[:max_images - seen], truth[:max_images - seen]
         quantized = vae.quantize(images)
+        for book, indices in quantized.assignments:
+            code_counts[books.index(book)] += torch.bincount(indices.reshape(-1).cpu(), minlength=book.num_codes)
         ks = _segment_counts(truth)
         representations = {"final": quantized.guidance}
         representations.update({k: v for k, v in quantized.parts.items() if v})
         for name, per_scale in representations.items():
             for n, vectors in enumerate(per_scale):
-                result = separability_batch(vectors.flatten(1, 2).float().cpu().numpy(), ks)
-                for which in ("inter", "intra"):
-                    sums.setdefault((name, n + 1, which), []).append(result[which])
+                result = separability_batch(vectors.flatten(1, 2).float().cpu().numpy(), ks, return_labels=True)
+                grid_truth = segments_at(truth, tuple(vectors.shape[1:3])).flatten(1)
+                result["object_ari"] = 100 * ari(torch.as_tensor(result["labels"]), grid_truth).numpy()
+                for which in ("inter", "intra", "object_ari", "distinct"):
+                    sums.setdefault((name, n + 1, which), []).append(np.asarray(result[which], dtype=np.float64))
         if figure is None and figure_path:
             figure = (images[:8], {k: [v[:8] for v in per] for k, per in representations.items()})
         seen += images.shape[0]
@@ -515,9 +549,11 @@ def vae_separability(vae, loader, device, max_images: int, figure_path: str = ""
     for (name, scale, which), values in sums.items():
         values = np.concatenate(values)
         values = values[~np.isnan(values)]
-        table.setdefault(f"{name}_scale{scale}", {})[which] = float(values.mean()) if len(values) else math.nan
+        key = "tokens" if which == "distinct" else which
+        table.setdefault(f"{name}_scale{scale}", {})[key] = float(values.mean()) if len(values) else math.nan
     for row in table.values():  # undefined when the clusters are single points (tiny code maps)
         row["ratio"] = row["inter"] / row["intra"] if row["intra"] > 1e-9 else math.nan
+    usage = {f"codebook{i}": float((count > 0).float().mean()) for i, count in enumerate(code_counts)}
     if figure is not None:
         images, representations = figure
         size = tuple(images.shape[-2:])
@@ -526,7 +562,7 @@ def vae_separability(vae, loader, device, max_images: int, figure_path: str = ""
             for vectors in representations[name]:
                 rows.append(F.interpolate(msf.pca_colours(vectors), size=size, mode="nearest").cpu())
         _save_grid(rows, images.shape[0], figure_path)
-    return table
+    return {"table": table, "codes_used": usage}
 
 
 # ================================================================================================================
@@ -628,11 +664,16 @@ def _report(results: list, compare: bool) -> dict:
                      ("; sep_*: KMeans inter/intra-cluster distance of the scale-1 guidance" if "sep_inter" in keys
                       else ""))
     for run in vae_runs:
-        rows = [[name, f"{v['inter']:.4f}", f"{v['intra']:.4f}", f"{v['ratio']:.3f}"]
-                for name, v in run["separability"].items()]
+        separation = run["separability"]
+        rows = [[name, f"{v['inter']:.4f}", f"{v['intra']:.4f}", f"{v['ratio']:.3f}", f"{v['object_ari']:.1f}",
+                 f"{v['tokens']:.1f}"] for name, v in separation["table"].items()]
+        used = ", ".join(f"{name} {100 * share:.0f}%" for name, share in separation["codes_used"].items())
         lines.append(f"separability of {run['name']} (step {run['step']}): bigger inter and smaller intra "
-                     f"separate objects better")
-        lines.append(_format_table(["representation", "inter", "intra", "inter/intra"], rows))
+                     f"separate objects better, but the ratio also grows as fewer codes are used; object_ari "
+                     f"(KMeans clusters vs ground-truth objects, %) compares VAEs; tokens: distinct vectors per "
+                     f"image; codes used over these images: {used}")
+        lines.append(_format_table(["representation", "inter", "intra", "inter/intra", "object_ari", "tokens"],
+                                   rows))
     return {"text": "\n\n".join(lines), "json": payload}
 
 

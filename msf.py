@@ -32,9 +32,17 @@ def residual_alpha(step: int, total_steps: int, config: dict) -> float:
 
 
 def gumbel_temperature(step: int, total_steps: int, config: dict) -> float:
-    """Scale of the Gumbel noise added to the matching logits; 0 means plain argmax matching."""
+    """Scale of the Gumbel noise added to the matching logits; 0 means plain argmax matching.
+
+    paper matching: in units of each vector's logit spread (the std of -||z - c|| over the codes), so a temperature
+    means the same whatever the codes' scale; cosine-annealed start -> end over `gumbel_anneal_fraction` of training.
+    official matching: the release multiplies its chi-normalised logits by a factor that grows 1 -> 2 over the whole
+    run (cosine in log space) before adding unit Gumbel noise; the equivalent noise scale is 1 / factor.
+    """
     if not config["gumbel"]:
         return 0.0
+    if config["matching"] == "official":
+        return 1.0 / math.exp(cosine_anneal(step, total_steps, 0.0, math.log(2.0)))
     anneal = int(total_steps * config["gumbel_anneal_fraction"])
     return cosine_anneal(step, anneal, config["gumbel_temperature_start"], config["gumbel_temperature_end"])
 
@@ -105,15 +113,33 @@ def squared_code_distances(vectors: torch.Tensor, codes: torch.Tensor, out: torc
 def logits_from_squared(squared: torch.Tensor, dim: int, matching: str = "paper",
                         temperature: float = 0.0) -> torch.Tensor:
     """Matching logits from squared distances, in place: -distance (paper, Eq. 1) or -distance / chi std
-    (official), plus `temperature`-scaled Gumbel noise in training, so that argmax samples from
-    softmax(logits / temperature) (Gumbel-max); temperature 0 is plain argmax matching."""
+    (official), plus Gumbel noise in training, so that argmax samples from softmax(logits / noise scale)
+    (Gumbel-max); temperature 0 is plain argmax matching.
+
+    The paper's logits are in absolute units: the gap between the nearest and the second code is ~1e-3 with fresh
+    codes and ~0.1 later, so noise of a fixed size would make early matches random and late ones exact. Its noise
+    is therefore scaled by each row's spread (std over the codes): temperature 1 is noise as wide as the logits.
+    The official logits are already normalised; their noise scale is the temperature itself."""
     logits = squared.sqrt_().neg_()
     if matching == "official":
         logits /= chi_distance_std(dim)
     if temperature > 0:
         uniform = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
-        logits -= temperature * torch.log(-torch.log(uniform))
+        scale = temperature if matching == "official" else temperature * logits.std(1, keepdim=True)
+        logits -= scale * torch.log(-torch.log(uniform))
     return logits
+
+
+def log_max_probability(logits: torch.Tensor) -> tuple:
+    """log max_m softmax(logits) and its argmax, per row of (M, m) logits, accurate when the match is confident.
+
+    `max - logsumexp` in float32 cancels to ~1e-6 absolute error while log max P is -1e-5 .. -1e-10 for confident
+    matches, which decides Eq. 4's winner at random; -log1p(sum over m != argmax of exp(l_m - l_max)) keeps the
+    small sum's relative precision."""
+    best_logit, best = logits.max(1)
+    others = torch.exp(logits - best_logit[:, None])
+    others.scatter_(1, best[:, None], 0.0)
+    return -torch.log1p(others.sum(1)), best
 
 
 @torch.no_grad()
@@ -129,7 +155,13 @@ def match_logits(vectors: torch.Tensor, codes: torch.Tensor, matching: str = "pa
 
 class Codebook(nn.Module):
     """m codes of dimension c: plain learnable vectors, or SimVQ (a frozen N(0,1) basis through a learnable
-    linear map, the official code's parametrisation)."""
+    linear map, the official code's parametrisation).
+
+    Plain codes start from data: the first training batch's encoder outputs (rank 0's draw on every rank), since
+    codes drawn around zero lie far from the encoder's outputs and most never win a match. Dead codes are replaced
+    by the code replacing trick (the paper's alternative to a utilisation loss): every `replace_every` steps, a code
+    used less than `dead_fraction` of a uniform share over that window is reset to a recent encoder output.
+    """
 
     def __init__(self, num_codes: int, dim: int, kind: str = "plain", basis_dim: int = 1024):
         super().__init__()
@@ -141,58 +173,105 @@ class Codebook(nn.Module):
             self.project = nn.Linear(basis_dim, dim)
         else:
             raise ValueError(f"unknown codebook kind {kind}")
-        # Usage bookkeeping for code replacement and logging; synchronised across ranks in `maintain`.
-        self.register_buffer("usage", torch.zeros(num_codes))  # EMA of each code's share of assignments
-        self.register_buffer("usage_steps", torch.zeros(()))  # EMA updates so far, for the bias correction
+        self.register_buffer("initialised", torch.tensor(kind != "plain"))
+        # Usage over the current replacement window, summed over ranks in `maintain` (saved, so resume is exact).
+        self.register_buffer("window_counts", torch.zeros(num_codes))
+        self.register_buffer("window_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("step_counts", torch.zeros(num_codes), persistent=False)
-        self.recent = None  # a sample of this step's matched continuous vectors, (k, c), emptied by `maintain`
+        self.recent = []  # random samples of this step's matched vectors, one per `track` call (i.e. per scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before data initialisation and windowed replacement hold trained codes.
+        state_dict.setdefault(prefix + "initialised", torch.tensor(True))
+        state_dict.setdefault(prefix + "window_counts", torch.zeros(self.num_codes))
+        state_dict.setdefault(prefix + "window_steps", torch.zeros((), dtype=torch.long))
+        for old in ("usage", "usage_steps"):
+            state_dict.pop(prefix + old, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def codes(self) -> torch.Tensor:
         """(m, c)"""
         return self.weight if self.kind == "plain" else self.project(self.basis)
 
-    def track(self, indices: torch.Tensor, vectors: torch.Tensor, keep: int = 1024) -> None:
-        """Record a training step's assignments and keep a random sample of the vectors that were matched."""
+    @torch.no_grad()
+    def initialise_from(self, vectors: list) -> None:
+        """Set plain codes to random rows of the given tensors (..., c), an equal share from each (one per scale
+        the codebook serves), jittered so that repeated rows differ. Under DDP the rows of every rank are gathered
+        and rank 0's draw is copied to all, so replicas start equal (and as one process with the same global batch
+        would)."""
+        if bool(self.initialised):
+            return
+        shares = [self.num_codes // len(vectors) + (i < self.num_codes % len(vectors)) for i in range(len(vectors))]
+        picked = []
+        for v, share in zip(vectors, shares):
+            flat = v.detach().reshape(-1, self.dim).float()
+            if dist.is_available() and dist.is_initialized():  # draw from the global batch, as one process would
+                gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+                dist.all_gather(gathered, flat.contiguous())
+                flat = torch.cat(gathered)
+            if flat.shape[0] >= share:
+                picked.append(flat[torch.randperm(flat.shape[0], device=flat.device)[:share]])
+            else:
+                picked.append(flat[torch.randint(flat.shape[0], (share,), device=flat.device)])
+        fresh = torch.cat(picked)
+        fresh += 1e-2 * fresh.std() * torch.randn_like(fresh)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(fresh, 0)
+        self.weight.data.copy_(fresh)
+        self.initialised.fill_(True)
+
+    def track(self, indices: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Record a training step's assignments and keep a random sample of the vectors that were matched; each call
+        (each scale of a shared codebook) contributes its own sample, so fresh codes come from every scale."""
         self.step_counts += torch.bincount(indices.reshape(-1), minlength=self.num_codes).float()
         flat = vectors.detach().reshape(-1, self.dim).float()
-        chosen = torch.randperm(flat.shape[0], device=flat.device)[:keep]
-        self.recent = flat[chosen] if self.recent is None else torch.cat([self.recent, flat[chosen]])[-keep:]
+        keep = max(1024, 2 * self.num_codes)
+        self.recent.append(flat[torch.randperm(flat.shape[0], device=flat.device)[:keep]])
 
-    def usage_share(self, decay: float = 0.99) -> torch.Tensor:
-        """Bias-corrected EMA of each code's share of the assignments, (m,)."""
-        return self.usage / (1 - decay ** self.usage_steps).clamp_min(1e-12)
-
-    def dead_codes(self, decay: float = 0.99, dead_fraction: float = 0.03) -> torch.Tensor:
-        """Codes whose usage share fell under `dead_fraction` of a uniform share, (m,) bool."""
-        return self.usage_share(decay) < dead_fraction / self.num_codes
+    def dead_codes(self, dead_fraction: float = 0.03) -> torch.Tensor:
+        """Codes used less than `dead_fraction` of a uniform share in the current window, (m,) bool."""
+        total = self.window_counts.sum()
+        if total == 0:
+            return torch.zeros(self.num_codes, dtype=torch.bool, device=self.window_counts.device)
+        return self.window_counts < dead_fraction * total / self.num_codes
 
     @torch.no_grad()
-    def maintain(self, replace: bool, decay: float = 0.99, dead_fraction: float = 0.03) -> int:
-        """Fold this step's counts into the usage EMA; if `replace`, re-initialise the dead codes from recent
-        encoder outputs (rank 0 draws, every rank copies). Returns the number of codes replaced."""
+    def maintain(self, replace: bool, replace_every: int = 100, dead_fraction: float = 0.03) -> torch.Tensor:
+        """Fold this step's counts (all ranks) into the window; at the window's end, if `replace`, reset the dead
+        codes to random recent encoder outputs (rank 0 draws, every rank copies) and start a new window. Returns the
+        (m,) bool mask of replaced codes, whose optimiser state the caller resets (`reset_optimizer_rows`)."""
         counts = self.step_counts.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
         self.step_counts.zero_()
-        total = counts.sum()
-        if total > 0:
-            self.usage.mul_(decay).add_((1 - decay) * counts / total)
-            self.usage_steps += 1
-        pool, self.recent = self.recent, None  # the pool holds this step's vectors only (resume stays exact)
-        if not replace or self.kind != "plain" or pool is None or self.usage_steps == 0:
-            return 0
-        dead = self.dead_codes(decay, dead_fraction)
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return 0
-        picks = torch.randint(pool.shape[0], (num_dead,), device=pool.device)
-        fresh = pool[picks] + 1e-3 * pool.std() * torch.randn(num_dead, self.dim, device=pool.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(fresh, 0)
-        self.weight.data[dead] = fresh.to(self.weight.dtype)
-        # A grace period: revived codes start at a uniform share.
-        self.usage[dead] = (1 - decay ** self.usage_steps) / self.num_codes
-        return num_dead
+        self.window_counts += counts
+        self.window_steps += 1
+        pool, self.recent = self.recent, []  # this step's vectors only, so resume stays exact
+        replaced = torch.zeros(self.num_codes, dtype=torch.bool, device=counts.device)
+        if int(self.window_steps) < replace_every:
+            return replaced
+        if replace and self.kind == "plain" and pool:
+            replaced = self.dead_codes(dead_fraction)
+            num_dead = int(replaced.sum())
+            if num_dead:
+                pool = torch.cat(pool)
+                picks = torch.randint(pool.shape[0], (num_dead,), device=pool.device)
+                fresh = pool[picks] + 1e-2 * pool.std() * torch.randn(num_dead, self.dim, device=pool.device)
+                if dist.is_available() and dist.is_initialized():
+                    dist.broadcast(fresh, 0)
+                self.weight.data[replaced] = fresh.to(self.weight.dtype)
+        self.window_counts.zero_()
+        self.window_steps.zero_()
+        return replaced
+
+
+@torch.no_grad()
+def reset_optimizer_rows(optimizer: torch.optim.Optimizer, parameter: torch.Tensor, rows: torch.Tensor) -> None:
+    """Zero the optimiser's per-element state (Adam's moments) of the given rows of a parameter, so a replaced
+    code does not keep moving with the momentum of the dead code it replaces."""
+    for value in optimizer.state.get(parameter, {}).values():
+        if torch.is_tensor(value) and value.shape == parameter.shape:
+            value[rows] = 0
 
 
 def codebook_stats(indices: torch.Tensor, num_codes: int) -> dict:
@@ -242,6 +321,8 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z_list: list, alpha: float = 0.0, temperature: float = 0.0) -> Quantized:
         (z,) = z_list  # (b,h,w,c)
+        if self.training:
+            self.codebook.initialise_from([z])
         codes = self.codebook.codes()
         indices = match_logits(z.reshape(-1, z.shape[-1]), codes, self.matching, temperature).argmax(1)
         indices = indices.view(z.shape[:-1])  # (b,h,w)
@@ -293,6 +374,8 @@ class GroupedQuantizer(nn.Module):
         parts = self.project.up(z).split(self.dim, -1)  # G x (b,h,w,c)
         continuous, quantized, indices, loss, stats = [], [], [], 0.0, {}
         for g, (part, book) in enumerate(zip(parts, self.groups)):
+            if self.training:
+                book.initialise_from([part])
             codes = book.codes()
             index = match_logits(part.reshape(-1, self.dim), codes, self.matching, temperature).argmax(1)
             index = index.view(part.shape[:-1])
@@ -394,8 +477,7 @@ def _candidate_matches(z_list: list, pooled: dict, codes: torch.Tensor, matching
         squared[offset:offset + size] = (block_distances - spread[..., None]).reshape(size, -1).clamp_min(0)
         offset += size
     logits = logits_from_squared(squared, dim, matching, temperature)  # (M, m), every candidate once
-    confidence, best = logits.max(1)
-    confidence -= torch.logsumexp(logits, 1)  # log max_m P, with P = softmax(logits)
+    confidence, best = log_max_probability(logits)  # log max_m P, with P = softmax(logits)
     return confidence, best, own_sizes, pooled_sizes
 
 
@@ -460,6 +542,11 @@ class MultiScaleQuantizer(nn.Module):
         else:  # `mean` fusion (official code) and intra-scale fusion off: both halves are Z itself
             z_si, z_sv = list(z_list), list(z_list)
 
+        if self.training:
+            self.si.initialise_from(z_si)
+            if self.intra:
+                for n, book in enumerate(self.sv):
+                    book.initialise_from(z_sv if len(self.sv) == 1 else [z_sv[n]])
         codes_si = self.si.codes()
         fused, winners_z, own_idx, _ = fuse_inter_scale(z_si, codes_si, self.mode, self.matching, temperature)
         loss, stats, parts, assignments = 0.0, {}, {"si_before": [], "si_after": [], "sv": []}, []
@@ -620,14 +707,15 @@ VAE_OPTIONS = {
                        choices=("paper", "official")),
     "commitment": option(0.25, "commitment loss weight beta"),
     "gumbel": option(True, "Gumbel sampling of the code match during pretraining"),
-    "gumbel_temperature_start": option(1.0, "Gumbel noise scale at step 0"),
-    "gumbel_temperature_end": option(0.0, "Gumbel noise scale at the end of its anneal"),
-    "gumbel_anneal_fraction": option(0.5, "fraction of training over which the Gumbel scale is annealed"),
+    "gumbel_temperature_start": option(1.0, "paper matching: Gumbel noise at step 0, in units of the logits' spread"),
+    "gumbel_temperature_end": option(0.0, "paper matching: Gumbel noise at the end of its anneal"),
+    "gumbel_anneal_fraction": option(0.5, "paper matching: fraction of training over which the noise is annealed "
+                                          "(official matching follows the release: 1 / (1 -> 2) over the whole run)"),
     "residual_anneal": option(True, "decoder input alpha·Z + (1-alpha)·X with alpha cosine-annealed 1 -> 0"),
     "residual_anneal_fraction": option(0.5, "fraction of training over which alpha goes from 1 to 0"),
     "code_replacement": option(True, "re-initialise dead codes from recent encoder outputs"),
-    "replace_every": option(100, "steps between code replacements"),
-    "dead_fraction": option(0.03, "a code is dead when its usage EMA falls under this fraction of uniform"),
+    "replace_every": option(100, "steps per code-replacement window (dead codes are replaced at its end)"),
+    "dead_fraction": option(0.03, "a code is dead when its use over a window falls under this fraction of uniform"),
 }
 
 

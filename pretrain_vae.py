@@ -56,6 +56,7 @@ def validate(model: msf.VAE, loader, d, autocast_dtype) -> dict:
     """Per-scale reconstruction MSE and codebook usage over the validation split (all ranks reduced)."""
     model.eval()
     sums = torch.zeros(model.num_scales + 1, device=d.device, dtype=torch.float64)  # per-scale SE, pixel count
+    psnr = torch.zeros(model.num_scales + 1, device=d.device, dtype=torch.float64)  # per-scale PSNR sum, images
     books = model.codebooks()
     counts = [torch.zeros(b.num_codes, device=d.device) for b in books]
     for batch in loader:
@@ -65,16 +66,21 @@ def validate(model: msf.VAE, loader, d, autocast_dtype) -> dict:
         pyramid = msf.image_pyramid(images, model.num_scales)
         for n, (r, t) in enumerate(zip(recons, pyramid)):
             sums[n] += F.mse_loss(r.float(), t, reduction="sum").double() / (t[0].numel() / images[0].numel())
+            per_image = (r.float() - t).square().flatten(1).mean(1).double()
+            psnr[n] += (10 * torch.log10(4.0 / per_image.clamp_min(1e-10))).sum()  # peak-to-peak range 2 ([-1, 1])
         sums[-1] += images.numel()
+        psnr[-1] += images.shape[0]
         for book, indices in quantized.assignments:
             count = counts[books.index(book)]
             count += torch.bincount(indices.reshape(-1), minlength=book.num_codes).float()
     if d.enabled:
         torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(psnr)
         for count in counts:
             torch.distributed.all_reduce(count)
     model.train()
     result = {f"val_recon_mse_scale{n + 1}": float(sums[n] / sums[-1]) for n in range(model.num_scales)}
+    result.update({f"val_psnr_scale{n + 1}": float(psnr[n] / psnr[-1]) for n in range(model.num_scales)})
     for i, (book, count) in enumerate(zip(books, counts)):
         p = count / count.sum().clamp_min(1)
         result[f"val_codebook{i}_usage"] = float((count > 0).float().mean())
@@ -98,6 +104,17 @@ def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
         rows.append(F.interpolate(msf.pca_colours(g), size=size, mode="nearest"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torchvision.utils.save_image(torch.cat(rows), path, nrow=images.shape[0], padding=2)
+
+
+def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> None:
+    """One loud line per codebook that uses under `threshold` of its codes on validation: its tokens carry
+    little information, and an OCL model guided by them has little to bind to."""
+    for key, usage in metrics.items():
+        if key.endswith("_usage") and usage < threshold:
+            book = key[len("val_"):-len("_usage")]
+            log.info(f"WARNING: {book} is collapsed: {100 * usage:.1f}% of its codes are used on validation "
+                     f"(perplexity {metrics[key.replace('_usage', '_perplexity')]:.1f}); train longer, or check the "
+                     f"Gumbel and code-replacement settings, before using this VAE as guidance")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,7 +165,7 @@ def train(config: dict, d) -> None:
     steps = config["steps"]
     progress = progress_bar(steps, start_step, "pretrain_vae", d.is_main)
     batches = iter(loader)
-    last_time = time.perf_counter()
+    last_time, replaced, metrics = time.perf_counter(), 0, None
     for step in range(start_step, steps):
         lr = set_scheduled_lr(optimizer, step, config)
         alpha = msf.residual_alpha(step, steps, config)
@@ -160,10 +177,11 @@ def train(config: dict, d) -> None:
             raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; the "
                             f"last checkpoint in {config['out_dir']} is intact")
         grad_norm = optimizer_step(loss, model.parameters(), optimizer, scaler, config["grad_clip"])
-        replaced = 0
         for book in model.codebooks():
-            replace = config["code_replacement"] and step % config["replace_every"] == 0
-            replaced += book.maintain(replace, dead_fraction=config["dead_fraction"])
+            reset = book.maintain(config["code_replacement"], config["replace_every"], config["dead_fraction"])
+            if reset.any():
+                msf.reset_optimizer_rows(optimizer, book.weight, reset)
+                replaced += int(reset.sum())
         progress.update(1)
 
         if step % config["log_every"] == 0 or step == steps - 1:
@@ -172,11 +190,9 @@ def train(config: dict, d) -> None:
             entry.update(step=step, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
                          replaced_codes=replaced, seconds_per_step=(now - last_time) / (1 if step == start_step
                                                                                         else config["log_every"]))
-            entry["dead_codes"] = sum(int(b.dead_codes(dead_fraction=config["dead_fraction"]).sum())
-                                      for b in model.codebooks())
-            last_time = now
+            last_time, replaced = now, 0
             log.record(entry)
-            progress.set_postfix(loss=f"{entry['loss']:.4f}", dead=entry["dead_codes"])
+            progress.set_postfix(loss=f"{entry['loss']:.4f}", replaced=entry["replaced_codes"])
         if (step + 1) % config["val_every"] == 0 or step == steps - 1:
             metrics = validate(model, val, d, dtype)
             log.record({"step": step, **metrics})
@@ -189,6 +205,8 @@ def train(config: dict, d) -> None:
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    elif metrics is not None:
+        warn_collapsed_codebooks(metrics, log)
 
 
 if __name__ == "__main__":

@@ -137,12 +137,17 @@ def metric_header(first: str, keys=METRICS) -> list:
 
 
 def separability_table(metrics: dict) -> list:
-    lines = ["| VAE | representation | scale | inter ↑ | intra ↓ | inter/intra ↑ |", "|---|---|---|---|---|---|"]
+    lines = ["| VAE | representation | scale | inter ↑ | intra ↓ | inter/intra | object ARI ↑ | tokens/image |",
+             "|---|---|---|---|---|---|---|---|"]
     for run in metrics["runs"]:
-        for key, value in run["separability"].items():
+        for key, value in run["separability"]["table"].items():
             representation, scale = key.rsplit("_scale", 1)
             lines.append(f"| {run['name']} | {representation} | {scale} | {number(value['inter'], 3)} | "
-                         f"{number(value['intra'], 3)} | {number(value['ratio'], 2)} |")
+                         f"{number(value['intra'], 3)} | {number(value['ratio'], 2)} | "
+                         f"{number(value['object_ari'], 1)} | {number(value['tokens'], 1)} |")
+    for run in metrics["runs"]:
+        used = ", ".join(f"{name} {100 * share:.0f} %" for name, share in run["separability"]["codes_used"].items())
+        lines.append(f"\nCodes used by {run['name']} over these images: {used}.")
     return lines
 
 

@@ -73,13 +73,15 @@ def test_vae_separability_table(trained, tmp_path, shapes_dir):
     evaluate.main([vq, msf_vae, "--separability", "--data_dir", shapes_dir, "--samples", "6", "--out",
                    str(tmp_path / "sep"), "--device", "cpu", "--num_workers", "0"])
     runs = json.loads((tmp_path / "sep" / "metrics.json").read_text())["runs"]
-    assert sorted(runs[0]["separability"]) == ["final_scale1"]
-    assert sorted(runs[1]["separability"]) == sorted(f"{r}_scale{n}" for r in evaluate.REPRESENTATIONS
-                                                     for n in (1, 2, 3))
+    assert sorted(runs[0]["separability"]["table"]) == ["final_scale1"]
+    assert sorted(runs[1]["separability"]["table"]) == sorted(f"{r}_scale{n}" for r in evaluate.REPRESENTATIONS
+                                                              for n in (1, 2, 3))
+    assert sorted(runs[1]["separability"]["codes_used"]) == [f"codebook{i}" for i in range(4)]
     for key in ("final_scale1", "si_before_scale1", "si_after_scale1", "sv_scale1"):
-        row = runs[1]["separability"][key]  # 8x8 code maps at scale 1 (32-px images)
+        row = runs[1]["separability"]["table"][key]  # 8x8 code maps at scale 1 (32-px images)
         assert row["inter"] > 0 and row["intra"] >= 0, key
         assert row["ratio"] is None or math.isfinite(row["ratio"]), key  # undefined (intra 0) is null
+        assert -100 <= row["object_ari"] <= 100 and 1 <= row["tokens"] <= 64, key
     assert (tmp_path / "sep" / "vq_code_maps.png").exists() and (tmp_path / "sep" / "msf_sep_code_maps.png").exists()
 
 

@@ -14,7 +14,7 @@ from scipy.special import gammaln
 from sklearn.metrics import adjusted_rand_score
 
 import evaluate
-from evaluate import ari, mbo, mean_percent, miou, separability, separability_batch
+from evaluate import ari, mbo, mean_percent, miou, segments_at, separability, separability_batch
 
 TOL = 1e-6
 
@@ -372,3 +372,37 @@ def test_separability_batch_matches_per_image():
         single = separability(vectors[i], int(ks[i]), seed=1)
         np.testing.assert_allclose([batch["inter"][i], batch["intra"][i]], [single["inter"], single["intra"]])
     assert math.isnan(batch["inter"][2]) and batch["k"].tolist() == [2, 3, 1]
+
+
+def test_segments_at_token_grid_is_the_block_majority():
+    generator = np.random.default_rng(14)
+    truth = torch.from_numpy(generator.choice([0, 1, 2, 255], size=(2, 16, 16), p=[0.4, 0.3, 0.2, 0.1]))
+    truth[0, :8, :8] = 1  # a whole block of one object
+    truth[1, 8:12, 8:12] = 255  # a block that is ignore only
+    grid = segments_at(truth, (4, 4))
+    for b, i, j in itertools.product(range(2), range(4), range(4)):
+        block = truth[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(-1).tolist()
+        counts = {label: block.count(label) for label in set(block)}
+        best = max(counts.values())
+        assert counts.get(int(grid[b, i, j]), 0) == best  # a most frequent label of the block (ties: any)
+    assert (grid[0, :2, :2] == 1).all() and grid[1, 2, 2] == 255
+
+
+def test_cluster_labels_follow_the_vectors_and_object_ari_cannot_reward_collapse():
+    # Two guidance maps of one 8x8 image with a square object: one codes the object, the other uses two codes in
+    # stripes that ignore it. Both have intra 0 (as many clusters as codes), so the inter/intra ratio cannot tell
+    # them apart; the clusters' ARI against the objects can.
+    truth = torch.zeros(1, 8, 8, dtype=torch.long)
+    truth[0, 2:6, 2:6] = 1
+    follows = torch.where(truth[0, ..., None] == 1, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    stripes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[torch.arange(8) % 2][None].expand(8, 8, 2)
+    scores = []
+    for vectors in (follows, stripes):
+        result = separability_batch(vectors.reshape(1, 64, 2), [2], return_labels=True)
+        labels = result["labels"][0]
+        flat = vectors.reshape(64, 2)
+        for p, q in itertools.combinations(range(0, 64, 7), 2):  # equal vectors share a cluster
+            assert (labels[p] == labels[q]) == bool(torch.equal(flat[p], flat[q]))
+        assert result["intra"][0] == pytest.approx(0.0) and result["distinct"][0] == 2
+        scores.append(float(ari(torch.as_tensor(labels)[None], truth.reshape(1, 64))[0]))
+    assert scores[0] == pytest.approx(1.0) and abs(scores[1]) < 0.1

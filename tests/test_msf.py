@@ -4,6 +4,7 @@ reductions to the baselines, code replacement and the schedules."""
 import itertools
 import math
 
+import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,13 @@ def test_every_toggle_builds_and_trains(toggles):
     assert all((indices[..., g] < size).all() for g, size in enumerate(sizes))
 
 
+def keep_codes(*models):
+    """Mark the codes as initialised, so that training-mode forwards compare the codes the test copied."""
+    for model in models:
+        for book in model.codebooks():
+            book.initialised.fill_(True)
+
+
 def test_msf_with_one_scale_and_no_intra_fusion_is_a_plain_vq_vae():
     """SPEC §2: num_scales 1 = plain VQ-VAE. With one scale inter-scale fusion has no other scale to vote."""
     vq = msf.build_vae(dict(TINY, quantizer="vq", codebook_size=16))
@@ -165,6 +173,7 @@ def test_msf_with_one_scale_and_no_intra_fusion_is_a_plain_vq_vae():
     one.decoder.load_state_dict(vq.decoder.state_dict())
     with torch.no_grad():
         one.quantizer.si.weight.copy_(vq.quantizer.codebook.weight)
+    keep_codes(vq, one)
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     for alpha in (0.0, 0.4):
         loss_vq, stats_vq, q_vq, rec_vq = vq(images, alpha, return_reconstructions=True)
@@ -179,6 +188,7 @@ def test_msf_with_one_scale_equals_grouped_codes_with_two_groups():
     one = msf.build_vae(dict(TINY, quantizer="msf", num_scales=1))
     one.load_state_dict({k.replace("quantizer.groups.0", "quantizer.si").replace("quantizer.groups.1", "quantizer.sv.0"): v
                          for k, v in grouped.state_dict().items()})
+    keep_codes(grouped, one)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     loss_g, _, q_g, _ = grouped(images, 0.2, return_reconstructions=True)
     loss_m, _, q_m, _ = one(images, 0.2, return_reconstructions=True)
@@ -213,31 +223,165 @@ def test_msf_without_fusion_is_per_scale_matching():
         assert torch.equal(out.indices[n][..., 0], direct)
 
 
-def test_code_replacement_revives_dead_codes():
+def test_code_replacement_revives_dead_codes_at_the_end_of_each_window():
     torch.manual_seed(0)
     book = msf.Codebook(8, 4)
     with torch.no_grad():
         book.weight.copy_(torch.randn(8, 4))
         book.weight[5:] = 100.0  # far from every encoder output: never matched
+    book.initialised.fill_(True)
     vectors = torch.randn(256, 4)
     indices = msf.match_logits(vectors, book.codes()).argmax(1)
     assert not (indices >= 5).any()
     book.track(indices, vectors)
-    assert book.maintain(replace=False) == 0  # counting alone replaces nothing
+    assert not book.maintain(True, replace_every=2).any()  # mid-window: counting only
     assert book.dead_codes()[5:].all() and not book.dead_codes()[:5].any()
     book.track(indices, vectors)
-    assert book.maintain(replace=True) == 3
+    replaced = book.maintain(True, replace_every=2)
+    assert replaced.tolist() == [False] * 5 + [True] * 3
     assert (book.weight[5:].abs() < 10).all()  # re-initialised from encoder outputs
     revived = msf.match_logits(vectors, book.codes()).argmax(1)
     assert (revived >= 5).any()  # and now in use
-    assert not book.dead_codes().any()  # with a grace period
+    assert int(book.window_steps) == 0 and not book.window_counts.any()  # a new window starts
 
 
-def test_usage_share_is_bias_corrected():
+def test_replacement_without_replace_only_counts():
     book = msf.Codebook(4, 2)
-    book.track(torch.tensor([0, 0, 0, 1]), torch.zeros(4, 2))
-    book.maintain(replace=False)
-    torch.testing.assert_close(book.usage_share(), torch.tensor([0.75, 0.25, 0.0, 0.0]))
+    book.initialised.fill_(True)
+    for _ in range(3):
+        book.track(torch.tensor([0, 0, 0, 1]), torch.zeros(4, 2))
+        assert not book.maintain(False, replace_every=3).any()
+    before = book.weight.clone()
+    assert torch.equal(book.weight, before) and int(book.window_steps) == 0
+
+
+def test_fresh_codes_come_from_every_scale_a_shared_codebook_serves():
+    # Scale 1 has 16x more vectors than scale 3; the pool keeps a sample per scale, so a replacement that revives
+    # many codes draws from both.
+    torch.manual_seed(0)
+    book = msf.Codebook(64, 2)
+    book.initialised.fill_(True)
+    with torch.no_grad():
+        book.weight.fill_(1000.0)
+    fine, coarse = torch.randn(4096, 2) + 50, torch.randn(256, 2) - 50
+    book.track(torch.zeros(4096, dtype=torch.long), fine)
+    book.track(torch.zeros(256, dtype=torch.long), coarse)
+    replaced = book.maintain(True, replace_every=1)
+    assert int(replaced.sum()) == 63
+    fresh = book.weight[1:]
+    assert (fresh[:, 0] > 25).sum() > 10 and (fresh[:, 0] < -25).sum() > 10
+
+
+def test_codes_start_from_the_first_batch_of_encoder_outputs():
+    torch.manual_seed(0)
+    model = msf.build_vae(dict(TINY, quantizer="msf", num_scales=3))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    model(images)
+    _, z = model.encode(images)
+    halves = [model.quantizer.project.up(v).split(8, -1) for v in z]
+    for book, vectors in [(model.quantizer.si, [h[0] for h in halves])] + [
+            (model.quantizer.sv[n], [halves[n][1]]) for n in range(3)]:
+        flat = torch.cat([v.reshape(-1, 8) for v in vectors])
+        nearest = torch.cdist(book.codes().detach(), flat).min(1).values
+        assert bool(book.initialised)
+        assert (nearest < 0.05 * flat.std() * math.sqrt(8)).all()  # every code is (a jittered) encoder output
+    si = model.quantizer.si.codes().detach()
+    codes = si.clone()
+    model(images)
+    assert torch.equal(model.quantizer.si.codes().detach(), codes)  # only once
+
+
+def test_initial_codes_take_an_equal_share_from_every_scale():
+    torch.manual_seed(0)
+    book = msf.Codebook(64, 2)
+    scales = [torch.randn(4096, 2) + 50, torch.randn(256, 2), torch.randn(16, 2) - 50]  # scale 3 has few vectors
+    book.initialise_from(scales)
+    origin = torch.stack([torch.cdist(book.codes().detach(), v).min(1).values for v in scales]).argmin(0)
+    assert torch.bincount(origin, minlength=3).tolist() == [22, 21, 21]
+
+
+def test_replaced_codes_lose_their_adam_moments():
+    book = msf.Codebook(4, 3)
+    with torch.no_grad():
+        book.weight.fill_(1.0)
+    other = torch.nn.Parameter(torch.ones(4, 3))
+    optimizer = torch.optim.Adam([book.weight, other], lr=0.1)
+    (book.weight.square().sum() + other.square().sum() + book.weight.sum()).backward()
+    optimizer.step()
+    rows = torch.tensor([False, True, False, True])
+    msf.reset_optimizer_rows(optimizer, book.weight, rows)
+    state = optimizer.state[book.weight]
+    assert not state["exp_avg"][rows].any() and not state["exp_avg_sq"][rows].any()
+    assert state["exp_avg"][~rows].all() and state["exp_avg_sq"][~rows].all()
+    assert optimizer.state[other]["exp_avg_sq"].all()  # other parameters untouched
+
+
+def test_old_checkpoints_without_window_buffers_load():
+    book = msf.Codebook(4, 2)
+    state = {k: v for k, v in book.state_dict().items() if k not in ("initialised", "window_counts", "window_steps")}
+    state.update(usage=torch.zeros(4), usage_steps=torch.zeros(()))
+    fresh = msf.Codebook(4, 2)
+    fresh.load_state_dict(state)
+    assert bool(fresh.initialised)
+
+
+# ------------------------------------------------------------------------------- noise and confidence on Eq. 1/4
+
+def test_paper_noise_is_relative_to_the_logits_spread():
+    # Scaling codes and vectors by k scales every distance by k; relative noise scales with them, so the same
+    # random numbers pick the same codes. Absolute noise would not: it would be 1000x weaker at k = 1000.
+    torch.manual_seed(0)
+    codes, vectors = torch.randn(64, 8), torch.randn(512, 8)
+    picks = []
+    for k in (1e-3, 1.0, 1e3):
+        torch.manual_seed(1)
+        picks.append(msf.match_logits(vectors * k, codes * k, temperature=0.3).argmax(1))
+    assert (picks[0] == picks[1]).float().mean() > 0.99 and (picks[2] == picks[1]).float().mean() > 0.99
+    assert (picks[1] != msf.match_logits(vectors, codes).argmax(1)).any()  # it is noise
+
+
+def old_log_max_probability(logits):
+    """The formula this project used before: log max P as max - logsumexp, float32."""
+    best_logit, best = logits.max(1)
+    return best_logit - torch.logsumexp(logits, 1), best
+
+
+def confident_inputs(seed=0):
+    """Encodings near well-separated codes: max P is within 1e-10..1e-5 of 1 at every scale."""
+    torch.manual_seed(seed)
+    codes = torch.randn(16, 8) * 8
+    z = [codes[torch.randint(16, (2, s, s))] + 0.3 * torch.randn(2, s, s, 8) for s in (8, 4, 2)]
+    return z, codes
+
+
+def test_log_max_probability_agrees_with_float64_on_confident_rows():
+    z, codes = confident_inputs()
+    logits = -torch.cdist(z[0].reshape(-1, 8), codes)
+    ours, best = msf.log_max_probability(logits)
+    # The oracle: the textbook formula at 50 significant digits (float64 log_softmax itself rounds log max P of
+    # 1e-14 to the ulp of the max logit, ~1e-16).
+    mpmath.mp.dps = 50
+    exact = torch.tensor([float(mpmath.log(max(mpmath.exp(v) for v in row) / mpmath.fsum(mpmath.exp(v) for v in row)))
+                          for row in logits.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=0)
+    assert torch.equal(best, logits.argmax(1))
+    assert exact.median() > -1e-6  # confident indeed
+    old, _ = old_log_max_probability(logits)
+    assert ((old.double() - exact).abs() / exact.abs() > 0.1).any()  # the old formula is off by > 10 %
+
+
+@pytest.mark.parametrize("matching", ["paper", "official"])
+def test_fusion_on_confident_inputs_agrees_with_float64(matching, monkeypatch):
+    z, codes = confident_inputs()
+    expected, _ = naive_fusion(z, codes)
+    if matching == "official":  # official logits are divided by the chi std: scaled inputs give the same logits
+        z, codes = [v * msf.chi_distance_std(8) for v in z], codes * msf.chi_distance_std(8)
+    fused = msf.fuse_inter_scale(z, codes, "adjacent", matching, return_vectors=False)[0]
+    for got, want in zip(fused, expected):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(msf, "log_max_probability", old_log_max_probability)
+    old = msf.fuse_inter_scale(z, codes, "adjacent", matching, return_vectors=False)[0]
+    assert sum(int((got != want).sum()) for got, want in zip(old, expected)) > 0  # the old formula fails here
 
 
 def test_invalid_configs_are_refused():
@@ -278,6 +422,11 @@ def test_annealing_schedules():
     assert msf.gumbel_temperature(12.5, 100, config) == pytest.approx(0.55)
     assert msf.gumbel_temperature(60, 100, config) == pytest.approx(0.1)
     assert msf.gumbel_temperature(0, 100, dict(config, gumbel=False)) == 0.0
+    # official matching: the release's logit factor exp(cosine from ln 1 to ln 2 over the whole run), inverted
+    official = dict(config, matching="official")
+    for step in (0, 25, 50, 100, 120):
+        factor = math.exp(0.5 * (0 - math.log(2)) * (1 + math.cos(math.pi * min(step, 100) / 100)) + math.log(2))
+        assert msf.gumbel_temperature(step, 100, official) == pytest.approx(1 / factor)
     assert cosine_anneal(3, 0, 1.0, 0.0) == 0.0
     assert cosine_anneal(1, 4, 1.0, 0.0) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
 
