@@ -751,9 +751,11 @@ class OCLModel(nn.Module):
         return blocks.flatten(1, 2)
 
     def guidance(self, frames: torch.Tensor) -> dict:
-        """The frozen VAE's guidance of (n,3,H,W) frames for the configured scales (float32, no gradients)."""
+        """The frozen VAE's guidance of (n,3,H,W) frames for the configured scales (float32, no gradients);
+        sampled with `guidance_noise` while training, argmax otherwise."""
+        temperature = self.config["guidance_noise"] if self.training else 0.0
         with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
-            return self.vae.guidance(frames.float(), self.scales)
+            return self.vae.guidance(frames.float(), self.scales, temperature)
 
     def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d)."""
@@ -847,6 +849,8 @@ OCL_OPTIONS = {
     "decoder_layers": option(4, "transformer decoder layers"),
     "decoder_heads": option(4, "attention heads (decoder, predictor, UNet)"),
     "decoder_dropout": option(0.1, "transformer decoder dropout"),
+    "guidance_noise": option(0.0, "Gumbel temperature of the frozen VAE's matching while training (0 = argmax); "
+                                  "the release uses 0.2 (its std 5) with matching: official"),
     "slate_loss": option("combined", "SLATE targets: one cross-entropy over the combined index, or one per group "
                          "summed (official code)", choices=("combined", "grouped")),
     "predictor_layers": option(1, "STEVE predictor transformer layers"),

@@ -81,8 +81,13 @@ class Decoder(nn.Sequential):
                          nn.Conv2d(width, 3, 1))
 
 
-def image_pyramid(images: torch.Tensor, num_scales: int) -> list:
-    """T_1 = images, T_n = T_{n-1} bilinearly halved (an exact 2x2 mean, so T_n is the 2^(n-1) box average)."""
+def image_pyramid(images: torch.Tensor, num_scales: int, kind: str = "paper") -> list:
+    """paper: T_1 = images, T_n = T_{n-1} bilinearly halved (an exact 2x2 mean, so T_n is the 2^(n-1) box average).
+    official: T_n = bilinear resize of the input by 2^-(n-1) in one step, as the release does; without antialiasing
+    that samples the central 2x2 of each 2^(n-1) block (T_3 is not the 4x4 mean)."""
+    if kind == "official":
+        return [images] + [F.interpolate(images, scale_factor=2.0 ** -n, mode="bilinear", align_corners=False)
+                           for n in range(1, num_scales)]
     pyramid = [images]
     for _ in range(1, num_scales):
         pyramid.append(F.interpolate(pyramid[-1], scale_factor=0.5, mode="bilinear", align_corners=False))
@@ -119,14 +124,17 @@ def logits_from_squared(squared: torch.Tensor, dim: int, matching: str = "paper"
     The paper's logits are in absolute units: the gap between the nearest and the second code is ~1e-3 with fresh
     codes and ~0.1 later, so noise of a fixed size would make early matches random and late ones exact. Its noise
     is therefore scaled by each row's spread (std over the codes): temperature 1 is noise as wide as the logits.
-    The official logits are already normalised; their noise scale is the temperature itself."""
+    The official logits are chi-normalised; as in the release they are multiplied by 1 / temperature before unit
+    Gumbel noise is added, so the softmax that Eq. 4 compares is the release's gumbel_softmax."""
     logits = squared.sqrt_().neg_()
     if matching == "official":
         logits /= chi_distance_std(dim)
     if temperature > 0:
-        uniform = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
-        scale = temperature if matching == "official" else temperature * logits.std(1, keepdim=True)
-        logits -= scale * torch.log(-torch.log(uniform))
+        gumbel = torch.empty_like(logits).uniform_(1e-9, 1 - 1e-9).log_().neg_().log_().neg_()  # Gumbel(0, 1)
+        if matching == "official":  # the release: gumbel_softmax(factor * logits), factor = 1 / temperature
+            logits.div_(temperature).add_(gumbel)
+        else:  # the spread of a row, estimated on up to 256 codes (plenty for a std, and 16x cheaper at m = 4096)
+            logits += gumbel.mul_(temperature * logits[:, :256].std(1, keepdim=True))
     return logits
 
 
@@ -148,6 +156,16 @@ def match_logits(vectors: torch.Tensor, codes: torch.Tensor, matching: str = "pa
     """Matching logits (M, m) of vectors (M, c) against codes (m, c); see `logits_from_squared`. Only indices come
     out of matching, so no graph is kept (gradients flow through the straight-through estimator and VQ losses)."""
     return logits_from_squared(squared_code_distances(vectors, codes), codes.shape[1], matching, temperature)
+
+
+@torch.no_grad()
+def match_indices(vectors: torch.Tensor, codes: torch.Tensor, matching: str = "paper",
+                  temperature: float = 0.0) -> torch.Tensor:
+    """argmax_m of `match_logits`, (M,); without noise the nearest code, found without the square root."""
+    squared = squared_code_distances(vectors, codes)
+    if temperature == 0:
+        return squared.argmin(1)
+    return logits_from_squared(squared, codes.shape[1], matching, temperature).argmax(1)
 
 
 # ================================================================================================================
@@ -302,6 +320,16 @@ def vq_losses(continuous: torch.Tensor, quantized: torch.Tensor, beta: float) ->
     return F.mse_loss(quantized, continuous.detach()) + beta * F.mse_loss(continuous, quantized.detach())
 
 
+def official_vae_losses(continuous: torch.Tensor, quantized: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """The release's VAE terms on the (mean-fused) encoding z and quantisation q, channels-last (b,h,w,c):
+    alignment ||q - sg(z)||^2, commitment beta·||z - sg(alpha·z + (1-alpha)·q)||^2 towards the residual mix the
+    decoder sees (so it vanishes while alpha is 1), and 0.1·||z - sg(group_norm(z))||^2 holding z near unit scale."""
+    residual = alpha * continuous + (1 - alpha) * quantized
+    normalised = F.group_norm(continuous.detach().permute(0, 3, 1, 2), 1).permute(0, 2, 3, 1)
+    return (F.mse_loss(quantized, continuous.detach()) + beta * F.mse_loss(continuous, residual.detach())
+            + 0.1 * F.mse_loss(continuous, normalised))
+
+
 def straight_through(continuous: torch.Tensor, quantized: torch.Tensor, alpha: float) -> torch.Tensor:
     """Forward alpha·z + (1-alpha)·q (annealed residual), backward the identity to z."""
     mixed = quantized if alpha == 0 else alpha * continuous + (1 - alpha) * quantized
@@ -311,10 +339,11 @@ def straight_through(continuous: torch.Tensor, quantized: torch.Tensor, alpha: f
 class VectorQuantizer(nn.Module):
     """The VQ-VAE baseline: one codebook, nearest code (Eq. 1-2)."""
 
-    def __init__(self, dim: int, num_codes: int, codebook: str, basis_dim: int, matching: str, beta: float):
+    def __init__(self, dim: int, num_codes: int, codebook: str, basis_dim: int, matching: str, beta: float,
+                 losses: str = "paper"):
         super().__init__()
         self.codebook = Codebook(num_codes, dim, codebook, basis_dim)
-        self.matching, self.beta = matching, beta
+        self.matching, self.beta, self.losses = matching, beta, losses
 
     def codebooks(self) -> list:
         return [self.codebook]
@@ -324,13 +353,15 @@ class VectorQuantizer(nn.Module):
         if self.training:
             self.codebook.initialise_from([z])
         codes = self.codebook.codes()
-        indices = match_logits(z.reshape(-1, z.shape[-1]), codes, self.matching, temperature).argmax(1)
+        indices = match_indices(z.reshape(-1, z.shape[-1]), codes, self.matching, temperature)
         indices = indices.view(z.shape[:-1])  # (b,h,w)
         quantized = codes[indices]
         if self.training:
             self.codebook.track(indices, z)
+        loss = (official_vae_losses(z, quantized, alpha, self.beta) if self.losses == "official"
+                else vq_losses(z, quantized, self.beta))
         return Quantized([straight_through(z, quantized, alpha)], [quantized.detach()], [indices[..., None]],
-                         [[self.codebook.num_codes]], vq_losses(z, quantized, self.beta),
+                         [[self.codebook.num_codes]], loss,
                          {"codes": codebook_stats(indices, self.codebook.num_codes)}, [(self.codebook, indices)])
 
 
@@ -340,8 +371,12 @@ class ProjectPinv(nn.Module):
 
     def __init__(self, dim: int, groups: int = 2):
         super().__init__()
-        # Stacked identities (scaled): full rank at init, and every group starts as a copy of Z.
-        self.weight = nn.Parameter(torch.eye(dim).repeat(groups, 1) / math.sqrt(groups))  # (g·c, c)
+        # A random W with orthonormal columns: pinv(W) = W^T at init, so up() keeps norms (and with them the scale
+        # that data-initialised codes and distances see), W is perfectly conditioned, and the groups start as
+        # different projections of Z. Stacked identities would make every group an exact copy of Z, so the
+        # scale-invariant and scale-variant halves would start indistinguishable. (The release's LinearPinv uses
+        # nn.Linear's random init plus a bias; the paper's Eq. 3/5 have no bias, nor does this.)
+        self.weight = nn.Parameter(torch.linalg.qr(torch.randn(groups * dim, dim)).Q)  # (g·c, c)
 
     def up(self, z: torch.Tensor) -> torch.Tensor:
         """(…, c) -> (…, g·c)"""
@@ -357,14 +392,14 @@ class GroupedQuantizer(nn.Module):
     codebook_size^(1/G) codes, concatenated and projected back with W."""
 
     def __init__(self, dim: int, combinations: int, groups: int, codebook: str, basis_dim: int, matching: str,
-                 beta: float):
+                 beta: float, losses: str = "paper"):
         super().__init__()
         size = round(combinations ** (1 / groups))
         if size ** groups != combinations:
             raise UserError(f"codebook_size {combinations} is not a perfect power of num_groups={groups}")
         self.project = ProjectPinv(dim, groups)
         self.groups = nn.ModuleList([Codebook(size, dim, codebook, basis_dim) for _ in range(groups)])
-        self.matching, self.beta, self.dim = matching, beta, dim
+        self.matching, self.beta, self.dim, self.losses = matching, beta, dim, losses
 
     def codebooks(self) -> list:
         return list(self.groups)
@@ -377,15 +412,18 @@ class GroupedQuantizer(nn.Module):
             if self.training:
                 book.initialise_from([part])
             codes = book.codes()
-            index = match_logits(part.reshape(-1, self.dim), codes, self.matching, temperature).argmax(1)
+            index = match_indices(part.reshape(-1, self.dim), codes, self.matching, temperature)
             index = index.view(part.shape[:-1])
             q = codes[index]
             if self.training:
                 book.track(index, part)
-            loss = loss + vq_losses(part, q, self.beta)
+            if self.losses == "paper":
+                loss = loss + vq_losses(part, q, self.beta)
             continuous.append(part), quantized.append(q), indices.append(index)
             stats[f"group{g}"] = codebook_stats(index, book.num_codes)
         pre, post = torch.cat(continuous, -1), torch.cat(quantized, -1)
+        if self.losses == "official":  # on the project-up space, as the release's grouped VAE
+            loss = official_vae_losses(pre, post, alpha, self.beta)
         return Quantized([self.project.down(straight_through(pre, post, alpha))], [self.project.down(post).detach()],
                          [torch.stack(indices, -1)], [[b.num_codes for b in self.groups]], loss, stats,
                          list(zip(self.groups, indices)))
@@ -395,12 +433,13 @@ class GroupedQuantizer(nn.Module):
 # Inter-scale fusion (Eq. 4), batched.
 
 def _candidate_scales(scale: int, num_scales: int, mode: str) -> list:
-    """Scales whose super-pixels vote for scale `scale` (0-based): itself first, then finer, then coarser."""
+    """Scales whose super-pixels vote for scale `scale` (0-based), in the order that wins exact ties: adjacent
+    (paper) itself first, then finer, then coarser; all (official) finest first, as the release stacks them."""
     if mode == "none":
         return [scale]
     if mode == "adjacent":
         return [scale] + [k for k in (scale - 1, scale + 1) if 0 <= k < num_scales]
-    return [scale] + [k for k in range(num_scales) if k != scale]
+    return list(range(num_scales))
 
 
 def fuse_inter_scale(z_list: list, codes: torch.Tensor, mode: str = "adjacent", matching: str = "paper",
@@ -423,7 +462,7 @@ def fuse_inter_scale(z_list: list, codes: torch.Tensor, mode: str = "adjacent", 
     # pooled[(n, k)]: scale k's vectors (k finer than n) averaged over 2^(n-k) blocks, at scale n's resolution
     pooled = {}
     for n in range(num_scales):
-        for k in _candidate_scales(n, num_scales, mode)[1:]:
+        for k in _candidate_scales(n, num_scales, mode):
             if k < n:
                 pooled[(n, k)] = F.avg_pool2d(z_list[k].permute(0, 3, 1, 2), 2 ** (n - k)).permute(0, 2, 3, 1)
     with torch.no_grad():
@@ -477,7 +516,12 @@ def _candidate_matches(z_list: list, pooled: dict, codes: torch.Tensor, matching
         squared[offset:offset + size] = (block_distances - spread[..., None]).reshape(size, -1).clamp_min(0)
         offset += size
     logits = logits_from_squared(squared, dim, matching, temperature)  # (M, m), every candidate once
-    confidence, best = log_max_probability(logits)  # log max_m P, with P = softmax(logits)
+    if matching == "official":
+        # The release compares float32 softmax probabilities: confident candidates saturate at exactly 1.0 and the
+        # tie goes to the first of them, the finest scale (see `_candidate_scales`). Reproduced as it is.
+        confidence, best = torch.softmax(logits, 1).max(1)
+    else:
+        confidence, best = log_max_probability(logits)  # log max_m P, with P = softmax(logits)
     return confidence, best, own_sizes, pooled_sizes
 
 
@@ -514,9 +558,9 @@ class MultiScaleQuantizer(nn.Module):
 
     def __init__(self, dim: int, num_scales: int, si_size: int, sv_sizes: list, inter_scale_fusion: bool,
                  intra_scale_fusion: bool, sv_codebook: str, fusion: str, candidates: str, codebook: str,
-                 basis_dim: int, matching: str, beta: float):
+                 basis_dim: int, matching: str, beta: float, losses: str = "paper"):
         super().__init__()
-        self.dim, self.num_scales, self.matching, self.beta = dim, num_scales, matching, beta
+        self.dim, self.num_scales, self.matching, self.beta, self.losses = dim, num_scales, matching, beta, losses
         self.mode = candidates if inter_scale_fusion else "none"
         self.intra = intra_scale_fusion
         self.fusion = fusion
@@ -555,7 +599,8 @@ class MultiScaleQuantizer(nn.Module):
             q_si = codes_si[fused[n]]  # X_si dot of scale n: the fused scale-invariant code
             if self.training:
                 self.si.track(fused[n], winners_z[n])
-            loss = loss + vq_losses(winners_z[n], q_si, self.beta)
+            if self.losses == "paper":
+                loss = loss + vq_losses(winners_z[n], q_si, self.beta)
             stats[f"si_scale{n + 1}"] = codebook_stats(fused[n], self.si.num_codes)
             assignments.append((self.si, fused[n]))
             parts["si_before"].append(codes_si[own_idx[n]].detach())
@@ -567,12 +612,13 @@ class MultiScaleQuantizer(nn.Module):
             else:
                 book = self._sv_codebook(n)
                 codes_sv = book.codes()
-                index_sv = match_logits(z_sv[n].reshape(-1, self.dim), codes_sv, self.matching,
-                                        temperature).argmax(1).view(z_sv[n].shape[:-1])
+                index_sv = match_indices(z_sv[n].reshape(-1, self.dim), codes_sv, self.matching,
+                                         temperature).view(z_sv[n].shape[:-1])
                 q_sv = codes_sv[index_sv]
                 if self.training:
                     book.track(index_sv, z_sv[n])
-                loss = loss + vq_losses(z_sv[n], q_sv, self.beta)
+                if self.losses == "paper":
+                    loss = loss + vq_losses(z_sv[n], q_sv, self.beta)
                 stats[f"sv_scale{n + 1}"] = codebook_stats(index_sv, book.num_codes)
                 assignments.append((book, index_sv))
                 parts["sv"].append(q_sv.detach())
@@ -583,6 +629,8 @@ class MultiScaleQuantizer(nn.Module):
                 else:  # official code: plain mean of the shared and the specific vector
                     pre, post = (winners_z[n] + z_sv[n]) / 2, (q_si + q_sv) / 2
                     combine = _identity
+            if self.losses == "official":  # on the fused encoding and quantisation the decoder path uses
+                loss = loss + official_vae_losses(pre, post, alpha, self.beta)
             decoder_inputs.append(combine(straight_through(pre, post, alpha)))
             guidance.append(combine(post).detach())
             indices.append(index)
@@ -598,14 +646,16 @@ class VAE(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        self.config = dict(config)
+        # Keys added after a checkpoint was written take their defaults, which reproduce the older behaviour.
+        config = {**{key: o.default for key, o in VAE_OPTIONS.items()}, **config}
+        self.config = config
         c = config["code_dim"]
         self.kind = config["quantizer"]
         self.num_scales = config["num_scales"] if self.kind == "msf" else 1
         self.encoder = Encoder(config["vae_width"], c)
         self.decoder = Decoder(config["vae_width"], c)
         common = dict(codebook=config["codebook"], basis_dim=config["simvq_basis_dim"], matching=config["matching"],
-                      beta=config["commitment"])
+                      beta=config["commitment"], losses=config["vae_losses"])
         if self.kind == "vq":
             self.quantizer = VectorQuantizer(c, config["codebook_size"], **common)
         elif self.kind == "grouped":
@@ -618,7 +668,7 @@ class VAE(nn.Module):
 
     def encode(self, images: torch.Tensor, num_scales: int = None) -> tuple:
         """Pyramid and per-scale continuous Z: lists of (b,3,H_n,W_n) and (b,h_n,w_n,c)."""
-        pyramid = image_pyramid(images, num_scales or self.num_scales)
+        pyramid = image_pyramid(images, num_scales or self.num_scales, self.config["pyramid"])
         return pyramid, [self.encoder(t).permute(0, 2, 3, 1) for t in pyramid]
 
     def forward(self, images: torch.Tensor, alpha: float = 0.0, temperature: float = 0.0,
@@ -640,19 +690,20 @@ class VAE(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def quantize(self, images: torch.Tensor) -> Quantized:
-        """Evaluation-time quantisation of every scale (argmax matching, no residual)."""
+    def quantize(self, images: torch.Tensor, temperature: float = 0.0) -> Quantized:
+        """Quantisation of every scale without residual: argmax matching, or Gumbel-sampled with `temperature`."""
         _, z = self.encode(images)
         with torch.autocast(images.device.type, enabled=False):
-            return self.quantizer([v.float() for v in z], 0.0, 0.0)
+            return self.quantizer([v.float() for v in z], 0.0, temperature)
 
     @torch.no_grad()
-    def guidance(self, images: torch.Tensor, scales=(1,)) -> dict:
+    def guidance(self, images: torch.Tensor, scales=(1,), temperature: float = 0.0) -> dict:
         """What an OCL decoder is guided by: for each requested scale, the fused discrete vectors (b,h,w,c), the
-        code indices per group (b,h,w,G) and the group sizes. The decoder is not run."""
+        code indices per group (b,h,w,G) and the group sizes. The decoder is not run. `temperature` > 0 samples
+        the matches (the release does so while training an OCL model: Gumbel on 5x its normalised logits)."""
         if max(scales) > self.num_scales:
             raise UserError(f"guidance scale {max(scales)} asked of a VAE with {self.num_scales} scale(s)")
-        quantized = self.quantize(images)
+        quantized = self.quantize(images, temperature)
         return {"vectors": [quantized.guidance[s - 1] for s in scales],
                 "indices": [quantized.indices[s - 1] for s in scales],
                 "group_sizes": [quantized.group_sizes[s - 1] for s in scales]}
@@ -706,6 +757,11 @@ VAE_OPTIONS = {
     "matching": option("paper", "logits: -L2 distance (paper) or divided by the chi std (official)",
                        choices=("paper", "official")),
     "commitment": option(0.25, "commitment loss weight beta"),
+    "vae_losses": option("paper", "paper: VQ codebook + commitment per codebook; official: the release's alignment, "
+                                  "commitment towards the residual and group-norm terms on the fused vectors",
+                         choices=("paper", "official")),
+    "pyramid": option("paper", "msf pyramid: paper (repeated 2x bilinear halving = box means) or official "
+                               "(one bilinear resize per scale)", choices=("paper", "official")),
     "gumbel": option(True, "Gumbel sampling of the code match during pretraining"),
     "gumbel_temperature_start": option(1.0, "paper matching: Gumbel noise at step 0, in units of the logits' spread"),
     "gumbel_temperature_end": option(0.0, "paper matching: Gumbel noise at the end of its anneal"),

@@ -63,7 +63,7 @@ def validate(model: msf.VAE, loader, d, autocast_dtype) -> dict:
         images = frames_of(batch).to(d.device, non_blocking=True)
         with torch.autocast(d.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             _, _, quantized, recons = model(images, return_reconstructions=True)
-        pyramid = msf.image_pyramid(images, model.num_scales)
+        pyramid = msf.image_pyramid(images, model.num_scales, model.config["pyramid"])
         for n, (r, t) in enumerate(zip(recons, pyramid)):
             sums[n] += F.mse_loss(r.float(), t, reduction="sum").double() / (t[0].numel() / images[0].numel())
             per_image = (r.float() - t).square().flatten(1).mean(1).double()

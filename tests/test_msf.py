@@ -370,17 +370,14 @@ def test_log_max_probability_agrees_with_float64_on_confident_rows():
     assert ((old.double() - exact).abs() / exact.abs() > 0.1).any()  # the old formula is off by > 10 %
 
 
-@pytest.mark.parametrize("matching", ["paper", "official"])
-def test_fusion_on_confident_inputs_agrees_with_float64(matching, monkeypatch):
+def test_fusion_on_confident_inputs_agrees_with_float64(monkeypatch):
     z, codes = confident_inputs()
     expected, _ = naive_fusion(z, codes)
-    if matching == "official":  # official logits are divided by the chi std: scaled inputs give the same logits
-        z, codes = [v * msf.chi_distance_std(8) for v in z], codes * msf.chi_distance_std(8)
-    fused = msf.fuse_inter_scale(z, codes, "adjacent", matching, return_vectors=False)[0]
+    fused = msf.fuse_inter_scale(z, codes, "adjacent", "paper", return_vectors=False)[0]
     for got, want in zip(fused, expected):
         assert torch.equal(got, want)
     monkeypatch.setattr(msf, "log_max_probability", old_log_max_probability)
-    old = msf.fuse_inter_scale(z, codes, "adjacent", matching, return_vectors=False)[0]
+    old = msf.fuse_inter_scale(z, codes, "adjacent", "paper", return_vectors=False)[0]
     assert sum(int((got != want).sum()) for got, want in zip(old, expected)) > 0  # the old formula fails here
 
 
@@ -434,3 +431,122 @@ def test_annealing_schedules():
 def test_pca_colours_range_and_shape():
     colours = msf.pca_colours(torch.randn(2, 4, 5, 8))
     assert colours.shape == (2, 3, 4, 5) and colours.min() >= 0 and colours.max() <= 1
+
+
+# ------------------------------------------------------------------------- the release's variant, transcribed
+
+OFFICIAL = dict(TINY, quantizer="msf", num_scales=3, fusion="mean", candidates="all", codebook="simvq",
+                simvq_basis_dim=32, matching="official", vae_losses="official", pyramid="official",
+                code_replacement=False, si_codebook_size=16, sv_codebook_sizes=[16, 8, 4])
+
+
+def release_quantise(z_list, books, alpha, beta=0.25):
+    """A transcription of the release's VQVAEZMultiScale forward after the encoder (eval mode), in its own terms:
+    for each scale every scale's features are brought to its grid (avg-pool from finer, nearest upsampling from
+    coarser) and stacked finest first; each is matched to the shared codebook by a softmax over chi-normalised
+    negative cdist; the highest probability over codes, then the argmax over the stack, picks the code and the
+    encoding; the specific codebook of the scale matches the scale's own features; shared and specific vectors are
+    averaged. Losses: MSE(quant, sg(enc)) + beta·MSE(enc, sg(residual)) + 0.1·MSE(enc, sg(group_norm(enc)))."""
+    c = z_list[0].shape[-1]
+    mu = math.sqrt(2) * math.exp(math.lgamma((c + 1) / 2) - math.lgamma(c / 2))
+    sigma = math.sqrt(c - mu ** 2)
+
+    def match(encode, codes):
+        similarity = (-torch.cdist(encode.flatten(0, -2), codes) - mu) / sigma
+        soft = similarity.softmax(-1)
+        return soft.unflatten(0, encode.shape[:-1]), soft.argmax(-1).view(encode.shape[:-1])
+
+    s = len(z_list)
+    shared = books[0].codes()
+    indices, decoder_inputs, loss = [], [], 0.0
+    for i in range(s):
+        stack = []
+        for j, encode in enumerate(z_list):
+            e = encode.permute(0, 3, 1, 2)
+            if j < i:
+                e = F.avg_pool2d(e, 2 ** (i - j))
+            elif j > i:
+                e = F.interpolate(e, scale_factor=2 ** (j - i), mode="nearest")
+            stack.append(e.permute(0, 2, 3, 1))
+        stack = torch.stack(stack)  # (s,b,h,w,c)
+        soft, _ = match(stack.flatten(0, 1), shared)
+        best_p, best_code = soft.unflatten(0, stack.shape[:2]).max(-1)  # (s,b,h,w)
+        winner = best_p.argmax(0)
+        code1 = best_code.gather(0, winner[None])[0]
+        encode1 = stack.gather(0, winner[None, ..., None].expand(-1, -1, -1, -1, c))[0]
+        _, code2 = match(z_list[i], books[1 + i].codes())
+        encode = (encode1 + z_list[i]) / 2
+        quant = (shared[code1] + books[1 + i].codes()[code2]) / 2
+        residual = encode * alpha + quant * (1 - alpha)
+        decoder_inputs.append(encode + (residual - encode).detach())
+        indices.append(torch.stack([code1, code2], -1))
+        normed = F.group_norm(encode.detach().permute(0, 3, 1, 2), num_groups=1).permute(0, 2, 3, 1)
+        loss = loss + F.mse_loss(quant, encode.detach()) + beta * F.mse_loss(encode, residual.detach()) \
+            + 0.1 * F.mse_loss(encode, normed)
+    return indices, decoder_inputs, loss
+
+
+@pytest.mark.parametrize("confident", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_official_variant_matches_a_transcription_of_the_release(confident, alpha):
+    torch.manual_seed(3)
+    vae = msf.build_vae(OFFICIAL).eval()
+    books = vae.codebooks()
+    if confident:  # every feature a near copy of a shared code: probabilities saturate at 1.0 in float32
+        shared = books[0].codes().detach() * 20
+        with torch.no_grad():
+            books[0].project.weight.mul_(20), books[0].project.bias.mul_(20)
+        z = [shared[torch.randint(16, (2, n, n))] + 0.01 * torch.randn(2, n, n, 8) for n in (8, 4, 2)]
+    else:
+        z = [torch.randn(2, n, n, 8) * 3 for n in (8, 4, 2)]
+    out = vae.quantizer(z, alpha)
+    want_indices, want_inputs, want_loss = release_quantise(z, books, alpha)
+    for n in range(3):
+        assert torch.equal(out.indices[n], want_indices[n]), n
+        torch.testing.assert_close(out.decoder_inputs[n], want_inputs[n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, want_loss, rtol=1e-5, atol=1e-6)
+    if confident:  # the case exercises saturated ties: own and coarser candidates of scale 2 both at P = 1.0
+        codes = books[0].codes().detach()
+        own = msf.match_logits(z[1].reshape(-1, 8), codes, "official").softmax(1).max(1).values
+        coarse = msf.match_logits(F.interpolate(z[2].permute(0, 3, 1, 2), scale_factor=2).permute(0, 2, 3, 1)
+                                  .reshape(-1, 8), codes, "official").softmax(1).max(1).values
+        assert ((own == 1.0) & (coarse == 1.0)).sum() > 4
+
+
+def test_official_pyramid_is_one_bilinear_resize_per_scale():
+    images = torch.rand(2, 3, 16, 16)
+    pyramid = msf.image_pyramid(images, 3, "official")
+    # without antialiasing, a 4x bilinear downsample reads the centre 2x2 of every 4x4 block
+    centre = images.unfold(2, 4, 4).unfold(3, 4, 4)[..., 1:3, 1:3].mean((-1, -2))
+    torch.testing.assert_close(pyramid[2], centre)
+    box = F.avg_pool2d(images, 4)
+    torch.testing.assert_close(msf.image_pyramid(images, 3)[2], box)  # the paper's: the whole block's mean
+    assert not torch.allclose(pyramid[2], box)
+
+
+def test_official_noise_is_the_releases_gumbel_softmax_of_scaled_logits(monkeypatch):
+    # With the Gumbel draws fixed, the release's gumbel_softmax(factor * s) argmax equals ours at 1 / factor.
+    torch.manual_seed(0)
+    vectors, codes = torch.randn(64, 8), torch.randn(16, 8)
+    draws = torch.rand(64, 16).clamp(1e-9, 1 - 1e-9)
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.copy_(draws))
+    ours = msf.match_logits(vectors, codes, "official", temperature=0.5)
+    similarity = -torch.cdist(vectors, codes) / msf.chi_distance_std(8)
+    release = 2.0 * similarity - torch.log(-torch.log(draws))
+    torch.testing.assert_close(ours, release, rtol=1e-5, atol=1e-5)
+
+
+def test_pinv_split_stays_inverse_through_training_and_starts_with_distinct_halves():
+    torch.manual_seed(0)
+    model = msf.build_vae(dict(TINY, quantizer="msf", num_scales=2))
+    project = model.quantizer.project
+    z = torch.randn(50, 8)
+    halves = project.up(z).split(8, -1)
+    assert not torch.allclose(halves[0], halves[1], atol=1e-3)  # not two copies of Z
+    torch.testing.assert_close(project.up(z).norm(dim=1), z.norm(dim=1))  # orthonormal columns keep norms
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(20):
+        loss, _ = model(torch.rand(4, 3, 16, 16) * 2 - 1, alpha=0.3, temperature=0.2)
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    assert not torch.allclose(project.weight, torch.linalg.qr(project.weight).Q)  # W has moved
+    torch.testing.assert_close(project.down(project.up(z)), z, rtol=1e-4, atol=1e-4)
