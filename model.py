@@ -87,6 +87,15 @@ def load_dino(config: dict) -> nn.Module:
     return vit
 
 
+def dino_input_statistics(vit: nn.Module) -> tuple:
+    """The per-channel (mean, std) of [0, 1] pixels the ViT's weights were trained with: timm's pretrained config of
+    the model (ImageNet's for DINO and DINOv2), timm's ImageNet defaults if the model carries none."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
+
+
 def load_vit_weights(vit: nn.Module, path: str) -> None:
     """Load a timm or official DINO state dict into `vit`, resampling the position embedding to its grid."""
     from timm.layers import resample_abs_pos_embed
@@ -110,11 +119,16 @@ def load_vit_weights(vit: nn.Module, path: str) -> None:
 
 class BigLittleEncoder(nn.Module):
     """The paper's primary encoder (appendix A.1): dino(x) -> conv3x3 -> upsample, added to a naive CNN branch,
-    so a 128-px input still gives a high-resolution feature map; DINO stays frozen."""
+    so a 128-px input still gives a high-resolution feature map; DINO stays frozen. The data is in [-1, 1]; only
+    the DINO branch converts it to the ImageNet-normalised pixels DINO was trained on (the CNN branch and the VAE
+    keep [-1, 1])."""
 
     def __init__(self, config: dict, out_dim: int):
         super().__init__()
         self.dino = load_dino(config)
+        mean, std = dino_input_statistics(self.dino)  # a function of dino_model: not saved in checkpoints
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.patch = self.dino.patch_embed.patch_size[0]
         self.stride = config["encoder_stride"]
         self.project = nn.Conv2d(self.dino.num_features, out_dim, 3, 1, 1)
@@ -125,10 +139,14 @@ class BigLittleEncoder(nn.Module):
         self.dino.eval()  # frozen: no dropout, fixed norms
         return self
 
+    def dino_input(self, images: torch.Tensor) -> torch.Tensor:
+        """(b,3,H,W) pixels in [-1, 1] -> [0, 1] -> (x - mean) / std, the ViT's input."""
+        return ((images + 1) / 2 - self.pixel_mean) / self.pixel_std
+
     @torch.no_grad()
     def dino_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(b,3,H,W) -> (b, D, H/patch, W/patch) frozen DINO patch features."""
-        tokens = self.dino.forward_features(images)[:, self.dino.num_prefix_tokens:]  # (b, h*w, D)
+        """(b,3,H,W) in [-1, 1] -> (b, D, H/patch, W/patch) frozen DINO patch features (also DINOSAUR's targets)."""
+        tokens = self.dino.forward_features(self.dino_input(images))[:, self.dino.num_prefix_tokens:]  # (b, h*w, D)
         h, w = images.shape[-2] // self.patch, images.shape[-1] // self.patch
         return tokens.transpose(1, 2).reshape(images.shape[0], -1, h, w)
 

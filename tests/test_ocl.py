@@ -372,3 +372,74 @@ def test_every_config_loads_and_names_a_matching_vae():
         assert (vae["resolution"] or 128) == config["resolution"] and vae["data_dir"] == config["data_dir"], name
         assert (vae["code_dim"] <= 16) == (config["method"] == "slotdiffusion"), name
         assert max(config["guidance_scales"]) <= (vae["num_scales"] if vae["quantizer"] == "msf" else 1), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DINO branch sees ImageNet-normalised pixels; the CNN branch and DINOSAUR's targets are checked with it.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def model_config(**overrides) -> dict:
+    """A tiny OCL model config (every OCL key at its default, sizes shrunk)."""
+    config = {k: o.default for k, o in models.OCL_OPTIONS.items()}
+    config.update(resolution=32, cnn_channels=8, encoder_stride=2, num_slots=3, slot_dim=16, decoder_heads=2,
+                  unet_channels=16, dinosaur_hidden=16, dino_pretrained=False, dino_depth=1)
+    config.update(overrides)
+    return config
+
+
+def known_images() -> torch.Tensor:
+    """(2,3,32,32) in [-1, 1] with the extremes and the midpoint in known places."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images[0, :, 0, 0] = torch.tensor([-1.0, 0.0, 1.0])
+    images[1, :, 5, 7] = torch.tensor([1.0, -1.0, 0.0])
+    return images
+
+
+def imagenet_normalised(images: torch.Tensor) -> torch.Tensor:
+    """By hand, channel by channel: [-1, 1] -> [0, 1] -> (x - mean) / std."""
+    out = torch.empty_like(images)
+    for c in range(3):
+        out[:, c] = ((images[:, c] + 1) / 2 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+    return out
+
+
+def capture_inputs(module: torch.nn.Module, into: list):
+    return module.register_forward_pre_hook(lambda _, args: into.append(args[0].detach().clone()))
+
+
+def test_dino_branch_input_is_imagenet_normalised_and_cnn_branch_keeps_raw_pixels():
+    with pytest.warns(UserWarning, match="DINO is RANDOMLY INITIALISED"):
+        encoder = models.BigLittleEncoder(model_config(), 16)
+    assert models.dino_input_statistics(encoder.dino) == (IMAGENET_MEAN, IMAGENET_STD)  # timm's pretrained cfg
+    assert "pixel_mean" not in encoder.state_dict()  # derived from dino_model, not a checkpoint entry
+    vit_inputs, cnn_inputs = [], []
+    capture_inputs(encoder.dino.patch_embed, vit_inputs)  # the ViT's first layer: exactly what the ViT is fed
+    capture_inputs(encoder.cnn, cnn_inputs)
+    images = known_images()
+    encoder(images)
+    (vit_input,), (cnn_input,) = vit_inputs, cnn_inputs
+    torch.testing.assert_close(vit_input, imagenet_normalised(images), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(vit_input[0, :, 0, 0], torch.tensor([(0 - 0.485) / 0.229, (0.5 - 0.456) / 0.224,
+                                                                    (1 - 0.406) / 0.225]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(vit_input[1, :, 5, 7], torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224,
+                                                                    (0.5 - 0.406) / 0.225]), atol=1e-6, rtol=0)
+    assert torch.equal(cnn_input, images)
+
+
+def test_dinosaur_targets_come_from_the_normalised_input():
+    with pytest.warns(UserWarning, match="DINO is RANDOMLY INITIALISED"):
+        ocl = models.OCLModel(model_config(method="dinosaur", guidance="none", encoder="dino_biglittle"))
+    backbone = ocl.encoder.backbone
+    vit_inputs = []
+    capture_inputs(backbone.dino.patch_embed, vit_inputs)
+    images = known_images()
+    loss, _, _ = ocl({"image": images})
+    assert len(vit_inputs) == 1  # one DINO pass serves both the slots and the target
+    torch.testing.assert_close(vit_inputs[0], imagenet_normalised(images), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # the target, independently: timm's ViT on the hand-normalised pixels, patch tokens only
+        tokens = backbone.dino.forward_features(imagenet_normalised(images))[:, backbone.dino.num_prefix_tokens:]
+        target = tokens.transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(backbone.dino_features(images), target, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(loss)
