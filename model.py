@@ -726,7 +726,8 @@ class OCLModel(nn.Module):
                                          config["beta_end"])
             self.decoder = SlotUNet(vae.config["code_dim"], config["unet_channels"], slot_dim=dim,
                                     heads=config["decoder_heads"])
-            # LDM's latent scale: the guidance latent is divided by its std so the diffusion sees unit variance.
+            self.diffusion_target = config["diffusion_target"]
+            # LDM's latent scale: the diffused latent is divided by its std so the diffusion sees unit variance.
             self.register_buffer("latent_scale", torch.tensor(float(config["latent_scale"] or 1.0)))
         elif self.method == "dinosaur":
             dino = self.encoder.backbone.dino
@@ -773,10 +774,21 @@ class OCLModel(nn.Module):
         with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
             return self.vae.guidance(frames.float(), self.scales)
 
+    def diffusion_latent(self, frames: torch.Tensor) -> torch.Tensor:
+        """SlotDiffusion's x0 for (n,3,H,W) frames, (n,c,h,w) float32 before the latent scale: the VAE encoder's
+        continuous scale-1 output Z_1 before any quantisation (`continuous`: SlotDiffusion's VQVAE.encode, the MSF
+        release's eaq=True; for MSF with concat_pinv it is Z_1 before the project-up split), or the quantised
+        guidance X_1 (`quantized`)."""
+        if self.diffusion_target == "quantized":
+            return self.guidance(frames)["vectors"][0].permute(0, 3, 1, 2).float()
+        with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
+            _, continuous = self.vae.encode(frames.float())
+        return continuous[0].permute(0, 3, 1, 2).float()
+
     def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d)."""
         if self.method == "slotdiffusion":
-            latent = self.guidance(frames)["vectors"][0].permute(0, 3, 1, 2) / self.latent_scale  # (n,c,h,w)
+            latent = self.diffusion_latent(frames) / self.latent_scale  # (n,c,h,w)
             return diffusion_loss(self.decoder, self.schedule, latent, slots)
         guidance = self.guidance(frames)
         tokens = torch.cat([v.flatten(1, 2) for v in guidance["vectors"]], 1)  # (n, L, c)
@@ -805,7 +817,9 @@ class OCLModel(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, slots: torch.Tensor, steps: int = 50) -> torch.Tensor:
-        """SlotDiffusion: sample the latent from the slots and decode it with the VAE -> (b,3,H,W) in [-1,1]."""
+        """SlotDiffusion: sample the latent from the slots and decode it with the VAE -> (b,3,H,W) in [-1,1]. The
+        sample, continuous or an estimate of the quantised guidance, goes to the VAE decoder as it is (no
+        re-quantisation: MSF's quantiser needs every pyramid scale, a sampled scale-1 latent has only one)."""
         shape = (images.shape[0], self.vae.config["code_dim"], images.shape[-2] // 4, images.shape[-1] // 4)
         latent = sample(self.decoder, self.schedule, slots, shape, num_inference_steps=steps) * self.latent_scale
         return self.vae.decode(latent.permute(0, 2, 3, 1)).clamp(-1, 1)
@@ -876,6 +890,9 @@ OCL_OPTIONS = {
                             "sqrt(beta) (SlotDiffusion's and the MSF release's)", choices=("linear", "scaled_linear")),
     "beta_start": option(0.0015, "DDPM beta at t = 0 (SlotDiffusion / MSF release; diffusers' default 1e-4)"),
     "beta_end": option(0.0195, "DDPM beta at the last step (SlotDiffusion / MSF release; diffusers' default 0.02)"),
+    "diffusion_target": option("continuous", "SlotDiffusion's x0: the VAE's continuous scale-1 encoding before "
+                               "quantisation (SlotDiffusion; the MSF release's eaq=True) or the quantised guidance X",
+                               choices=("continuous", "quantized")),
     "latent_scale": option(0.0, "SlotDiffusion latent divisor (0 = the std of the training latents, measured)"),
     "dinosaur_hidden": option(1024, "DINOSAUR MLP decoder width"),
 }

@@ -443,3 +443,65 @@ def test_dinosaur_targets_come_from_the_normalised_input():
         target = tokens.transpose(1, 2).reshape(2, -1, 4, 4)
     torch.testing.assert_close(backbone.dino_features(images), target, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What SlotDiffusion diffuses: the x0 its loss noises is the configured latent of the given images.
+
+def tiny_vae(quantizer: str, **overrides):
+    config = {k: o.default for k, o in msf.VAE_OPTIONS.items()}
+    config.update(quantizer=quantizer, code_dim=4, vae_width=8, codebook_size=64, **overrides)
+    torch.manual_seed(0)
+    return msf.build_vae(config).eval()
+
+
+def slotdiffusion_model(vae, **overrides) -> models.OCLModel:
+    torch.manual_seed(1)
+    return models.OCLModel(model_config(method="slotdiffusion", guidance=vae.kind, encoder="cnn", **overrides), vae)
+
+
+VAE_KINDS = [("vq", {}), ("grouped", {}), ("msf", {}), ("msf", {"fusion": "mean"})]
+
+
+@pytest.mark.parametrize("target", ["continuous", "quantized"])
+@pytest.mark.parametrize("kind,vae_overrides", VAE_KINDS, ids=["vq", "grouped", "msf", "msf-mean"])
+def test_slotdiffusion_noises_the_configured_target(monkeypatch, target, kind, vae_overrides):
+    vae = tiny_vae(kind, **vae_overrides)
+    ocl = slotdiffusion_model(vae, diffusion_target=target)
+    ocl.latent_scale.fill_(1.75)
+    noised = []
+    add_noise = ocl.schedule.add_noise
+    monkeypatch.setattr(ocl.schedule, "add_noise", lambda x0, noise, t: noised.append(x0) or add_noise(x0, noise, t))
+    images = known_images()
+    loss = ocl.decode_loss(images, torch.randn(2, 3, 16))
+    assert torch.isfinite(loss) and len(noised) == 1
+    with torch.no_grad():  # independently, from the VAE's public methods (channels-last -> channels-first)
+        continuous = vae.encode(images)[1][0].permute(0, 3, 1, 2)  # scale 1, before any quantisation
+        quantized = vae.guidance(images, [1])["vectors"][0].permute(0, 3, 1, 2)
+    assert continuous.shape == quantized.shape == (2, 4, 8, 8)
+    assert (continuous - quantized).abs().max() > 1e-2  # the two readings are distinguishable here
+    expected = continuous if target == "continuous" else quantized
+    torch.testing.assert_close(noised[0] * 1.75, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_slotdiffusion_defaults_to_the_continuous_latent():
+    assert models.OCL_OPTIONS["diffusion_target"].default == "continuous"
+
+
+@pytest.mark.parametrize("target", ["continuous", "quantized"])
+def test_latent_scale_is_measured_on_the_diffusion_target(target):
+    vae = tiny_vae("msf")
+    ocl = slotdiffusion_model(vae, diffusion_target=target)
+    images = torch.cat([known_images(), -known_images()])
+
+    class Images:  # the dataset interface measure_latent_scale reads: dataset[(index, epoch)]["image"]
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, key):
+            return {"image": images[key[0]]}
+
+    scale = train_ocl.measure_latent_scale(ocl, Images(), torch.device("cpu"))
+    with torch.no_grad():
+        latent = vae.encode(images)[1][0] if target == "continuous" else vae.guidance(images, [1])["vectors"][0]
+    assert scale == pytest.approx(float(latent.std()), rel=1e-6)
