@@ -11,6 +11,7 @@ Every method takes `guidance: vq | grouped | msf` from the frozen VAE it is give
 Token/feature tensors are (b, n, d); image tensors (b, 3, H, W); videos (b, T, 3, H, W).
 """
 
+import copy
 import math
 import warnings
 
@@ -678,6 +679,34 @@ def sample(unet: nn.Module, schedule: DDPMSchedule, slots: torch.Tensor, shape: 
     return x.to(slots.dtype)
 
 
+class EMA(nn.Module):
+    """An exponential moving average of a module's parameters, kept as a frozen copy (`module`), as SlotDiffusion
+    keeps one of its denoiser (LDM's LitEma): update n (1, 2, ...) sets shadow <- d shadow + (1 - d) live with
+    d = min(decay, (1 + n) / (10 + n)), so early updates follow the live weights closely. The copy and the update
+    count are in the state dict: checkpoints carry them and resume continues them exactly."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.module = copy.deepcopy(module).requires_grad_(False).eval()
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, live: nn.Module) -> None:
+        self.updates += 1
+        n = int(self.updates)
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for shadow, parameter in zip(self.module.parameters(), live.parameters()):
+            shadow.lerp_(parameter.detach(), 1 - decay)
+        for shadow, buffer in zip(self.module.buffers(), live.buffers()):
+            shadow.copy_(buffer)
+
+
 # ================================================================================================================
 # The OCL model: one class, the method picks the decoder.
 
@@ -708,6 +737,9 @@ class OCLModel(nn.Module):
         if vae is not None:
             vae.requires_grad_(False).eval()
         feature_size = config["resolution"] // 4  # VAE tokens per side at scale 1
+        self.decoder_ema = None  # SlotDiffusion's sampling denoiser, when denoiser_ema is set
+        if self.method != "slotdiffusion" and config.get("denoiser_ema"):  # .get: older configs lack the key
+            raise UserError(f"denoiser_ema is SlotDiffusion's; method {self.method} has no denoiser, set it to 0")
 
         if self.method in ("slate", "steve", "sysbinder", "ogdr"):
             vocabularies = vae_vocabularies(vae, self.scales)
@@ -727,6 +759,10 @@ class OCLModel(nn.Module):
             self.decoder = SlotUNet(vae.config["code_dim"], config["unet_channels"], slot_dim=dim,
                                     heads=config["decoder_heads"])
             self.diffusion_target = config["diffusion_target"]
+            if not 0 <= config["denoiser_ema"] < 1:
+                raise UserError(f"denoiser_ema must be in [0, 1) (0 = off), got {config['denoiser_ema']}")
+            # The denoiser used for sampling: an EMA of the trained one (SlotDiffusion's use_ema), or itself.
+            self.decoder_ema = EMA(self.decoder, config["denoiser_ema"]) if config["denoiser_ema"] else None
             # LDM's latent scale: the diffused latent is divided by its std so the diffusion sees unit variance.
             self.register_buffer("latent_scale", torch.tensor(float(config["latent_scale"] or 1.0)))
         elif self.method == "dinosaur":
@@ -739,6 +775,11 @@ class OCLModel(nn.Module):
         if self.vae is not None:
             self.vae.eval()  # frozen guidance: argmax matching, no Gumbel
         return self
+
+    def update_ema(self) -> None:
+        """After each optimiser step: advance the EMA of the SlotDiffusion denoiser, if configured."""
+        if self.decoder_ema is not None:
+            self.decoder_ema.update(self.decoder)
 
     # --------------------------------------------------------------------------------------------- slots
     def slots(self, images: torch.Tensor, sigma: float, boxes: torch.Tensor = None, dino_features=None) -> tuple:
@@ -819,9 +860,11 @@ class OCLModel(nn.Module):
     def reconstruct(self, images: torch.Tensor, slots: torch.Tensor, steps: int = 50) -> torch.Tensor:
         """SlotDiffusion: sample the latent from the slots and decode it with the VAE -> (b,3,H,W) in [-1,1]. The
         sample, continuous or an estimate of the quantised guidance, goes to the VAE decoder as it is (no
-        re-quantisation: MSF's quantiser needs every pyramid scale, a sampled scale-1 latent has only one)."""
+        re-quantisation: MSF's quantiser needs every pyramid scale, a sampled scale-1 latent has only one). The
+        denoiser is the EMA one when `denoiser_ema` is set."""
         shape = (images.shape[0], self.vae.config["code_dim"], images.shape[-2] // 4, images.shape[-1] // 4)
-        latent = sample(self.decoder, self.schedule, slots, shape, num_inference_steps=steps) * self.latent_scale
+        denoiser = self.decoder_ema.module if self.decoder_ema is not None else self.decoder
+        latent = sample(denoiser, self.schedule, slots, shape, num_inference_steps=steps) * self.latent_scale
         return self.vae.decode(latent.permute(0, 2, 3, 1)).clamp(-1, 1)
 
 
@@ -894,5 +937,7 @@ OCL_OPTIONS = {
                                "quantisation (SlotDiffusion; the MSF release's eaq=True) or the quantised guidance X",
                                choices=("continuous", "quantized")),
     "latent_scale": option(0.0, "SlotDiffusion latent divisor (0 = the std of the training latents, measured)"),
+    "denoiser_ema": option(0.0, "SlotDiffusion: EMA decay of the denoiser that samples the reconstructions (0 = off, "
+                           "as in SlotDiffusion's and the MSF release's configs; LDM's LitEma default 0.9999)"),
     "dinosaur_hidden": option(1024, "DINOSAUR MLP decoder width"),
 }

@@ -227,6 +227,7 @@ def train(config: dict, d) -> None:
             raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; "
                             f"the last checkpoint in {config['out_dir']} is intact")
         grad_norm = optimizer_step(loss, trainable, optimizer, scaler, config["grad_clip"])
+        model.update_ema()
         progress.update(1)
         if step % config["log_every"] == 0 or step == steps - 1:
             now = time.perf_counter()

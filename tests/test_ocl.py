@@ -505,3 +505,50 @@ def test_latent_scale_is_measured_on_the_diffusion_target(target):
     with torch.no_grad():
         latent = vae.encode(images)[1][0] if target == "continuous" else vae.guidance(images, [1])["vectors"][0]
     assert scale == pytest.approx(float(latent.std()), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA of the SlotDiffusion denoiser: off by default, samples the reconstructions when on, resumes exactly.
+
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+def test_reconstruction_samples_with_the_ema_denoiser(monkeypatch, decay):
+    ocl = slotdiffusion_model(tiny_vae("msf"), denoiser_ema=decay)
+    used = []
+    monkeypatch.setattr(models, "sample", lambda unet, schedule, slots, shape, **_: used.append(unet) or
+                        torch.zeros(shape))
+    images = known_images()
+    assert ocl.reconstruct(images, torch.randn(2, 3, 16), steps=2).shape == images.shape
+    if decay:
+        assert used == [ocl.decoder_ema.module] and ocl.decoder_ema.module is not ocl.decoder
+        trainable = {id(p) for p in ocl.parameters() if p.requires_grad}
+        assert not any(id(p) in trainable for p in ocl.decoder_ema.parameters())
+    else:  # off: no EMA entries in the state dict, so checkpoints from before the option load unchanged
+        assert used == [ocl.decoder] and ocl.decoder_ema is None
+        assert not any(k.startswith("decoder_ema") for k in ocl.state_dict())
+    assert models.OCL_OPTIONS["denoiser_ema"].default == 0.0
+
+
+def test_denoiser_ema_is_checked():
+    with pytest.raises(UserError, match=r"denoiser_ema must be in \[0, 1\)"):
+        slotdiffusion_model(tiny_vae("msf"), denoiser_ema=1.0)
+    with pytest.raises(UserError, match="denoiser_ema is SlotDiffusion's"):
+        models.OCLModel(model_config(method="slate", guidance="msf", encoder="cnn", denoiser_ema=0.9),
+                        tiny_vae("msf"))
+
+
+def test_slotdiffusion_with_ema_and_quantized_target_resumes_bit_identically(tmp_path, shapes_dir, vaes):
+    config = write_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", diffusion_target="quantized",
+                          denoiser_ema=0.9, steps=4, val_every=2, batch_size=2, val_batch_size=2, val_samples=2)
+    train_ocl.main([config])
+    full = tmp_path / "run"
+    train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
+    a, b = losses(full), losses(tmp_path / "resumed")
+    assert sorted(b) == [2, 3] and all(a[s] == b[s] for s in b), (a, b)
+    final_a = torch.load(full / "ckpt_0000004.pt", weights_only=True)["model"]
+    final_b = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)["model"]
+    assert set(final_a) == set(final_b) and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert int(final_a["decoder_ema.updates"]) == 4  # one update per optimiser step
+    name = "conv_out.weight"  # zero at init, so it moves from step 1; the average lags behind the live weights
+    assert final_a[f"decoder_ema.module.{name}"].abs().sum() > 0
+    assert not torch.equal(final_a[f"decoder_ema.module.{name}"], final_a[f"decoder.{name}"])
+    assert (full / "figures").is_dir() and os.listdir(full / "figures")
