@@ -11,6 +11,7 @@ Every method takes `guidance: vq | grouped | msf` from the frozen VAE it is give
 Token/feature tensors are (b, n, d); image tensors (b, 3, H, W); videos (b, T, 3, H, W).
 """
 
+import copy
 import math
 import warnings
 
@@ -87,6 +88,15 @@ def load_dino(config: dict) -> nn.Module:
     return vit
 
 
+def dino_input_statistics(vit: nn.Module) -> tuple:
+    """The per-channel (mean, std) of [0, 1] pixels the ViT's weights were trained with: timm's pretrained config of
+    the model (ImageNet's for DINO and DINOv2), timm's ImageNet defaults if the model carries none."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
+
+
 def load_vit_weights(vit: nn.Module, path: str) -> None:
     """Load a timm or official DINO state dict into `vit`, resampling the position embedding to its grid."""
     from timm.layers import resample_abs_pos_embed
@@ -110,11 +120,16 @@ def load_vit_weights(vit: nn.Module, path: str) -> None:
 
 class BigLittleEncoder(nn.Module):
     """The paper's primary encoder (appendix A.1): dino(x) -> conv3x3 -> upsample, added to a naive CNN branch,
-    so a 128-px input still gives a high-resolution feature map; DINO stays frozen."""
+    so a 128-px input still gives a high-resolution feature map; DINO stays frozen. The data is in [-1, 1]; only
+    the DINO branch converts it to the ImageNet-normalised pixels DINO was trained on (the CNN branch and the VAE
+    keep [-1, 1])."""
 
     def __init__(self, config: dict, out_dim: int):
         super().__init__()
         self.dino = load_dino(config)
+        mean, std = dino_input_statistics(self.dino)  # a function of dino_model: not saved in checkpoints
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.patch = self.dino.patch_embed.patch_size[0]
         self.stride = config["encoder_stride"]
         self.project = nn.Conv2d(self.dino.num_features, out_dim, 3, 1, 1)
@@ -125,10 +140,14 @@ class BigLittleEncoder(nn.Module):
         self.dino.eval()  # frozen: no dropout, fixed norms
         return self
 
+    def dino_input(self, images: torch.Tensor) -> torch.Tensor:
+        """(b,3,H,W) pixels in [-1, 1] -> [0, 1] -> (x - mean) / std, the ViT's input."""
+        return ((images + 1) / 2 - self.pixel_mean) / self.pixel_std
+
     @torch.no_grad()
     def dino_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(b,3,H,W) -> (b, D, H/patch, W/patch) frozen DINO patch features."""
-        tokens = self.dino.forward_features(images)[:, self.dino.num_prefix_tokens:]  # (b, h*w, D)
+        """(b,3,H,W) in [-1, 1] -> (b, D, H/patch, W/patch) frozen DINO patch features (also DINOSAUR's targets)."""
+        tokens = self.dino.forward_features(self.dino_input(images))[:, self.dino.num_prefix_tokens:]  # (b, h*w, D)
         h, w = images.shape[-2] // self.patch, images.shape[-1] // self.patch
         return tokens.transpose(1, 2).reshape(images.shape[0], -1, h, w)
 
@@ -660,6 +679,34 @@ def sample(unet: nn.Module, schedule: DDPMSchedule, slots: torch.Tensor, shape: 
     return x.to(slots.dtype)
 
 
+class EMA(nn.Module):
+    """An exponential moving average of a module's parameters, kept as a frozen copy (`module`), as SlotDiffusion
+    keeps one of its denoiser (LDM's LitEma): update n (1, 2, ...) sets shadow <- d shadow + (1 - d) live with
+    d = min(decay, (1 + n) / (10 + n)), so early updates follow the live weights closely. The copy and the update
+    count are in the state dict: checkpoints carry them and resume continues them exactly."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.module = copy.deepcopy(module).requires_grad_(False).eval()
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, live: nn.Module) -> None:
+        self.updates += 1
+        n = int(self.updates)
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for shadow, parameter in zip(self.module.parameters(), live.parameters()):
+            shadow.lerp_(parameter.detach(), 1 - decay)
+        for shadow, buffer in zip(self.module.buffers(), live.buffers()):
+            shadow.copy_(buffer)
+
+
 # ================================================================================================================
 # The OCL model: one class, the method picks the decoder.
 
@@ -690,6 +737,9 @@ class OCLModel(nn.Module):
         if vae is not None:
             vae.requires_grad_(False).eval()
         feature_size = config["resolution"] // 4  # VAE tokens per side at scale 1
+        self.decoder_ema = None  # SlotDiffusion's sampling denoiser, when denoiser_ema is set
+        if self.method != "slotdiffusion" and config.get("denoiser_ema"):  # .get: older configs lack the key
+            raise UserError(f"denoiser_ema is SlotDiffusion's; method {self.method} has no denoiser, set it to 0")
 
         if self.method in ("slate", "steve", "sysbinder", "ogdr"):
             vocabularies = vae_vocabularies(vae, self.scales)
@@ -708,7 +758,12 @@ class OCLModel(nn.Module):
                                          config["beta_end"])
             self.decoder = SlotUNet(vae.config["code_dim"], config["unet_channels"], slot_dim=dim,
                                     heads=config["decoder_heads"])
-            # LDM's latent scale: the guidance latent is divided by its std so the diffusion sees unit variance.
+            self.diffusion_target = config["diffusion_target"]
+            if not 0 <= config["denoiser_ema"] < 1:
+                raise UserError(f"denoiser_ema must be in [0, 1) (0 = off), got {config['denoiser_ema']}")
+            # The denoiser used for sampling: an EMA of the trained one (SlotDiffusion's use_ema), or itself.
+            self.decoder_ema = EMA(self.decoder, config["denoiser_ema"]) if config["denoiser_ema"] else None
+            # LDM's latent scale: the diffused latent is divided by its std so the diffusion sees unit variance.
             self.register_buffer("latent_scale", torch.tensor(float(config["latent_scale"] or 1.0)))
         elif self.method == "dinosaur":
             dino = self.encoder.backbone.dino
@@ -720,6 +775,11 @@ class OCLModel(nn.Module):
         if self.vae is not None:
             self.vae.eval()  # frozen guidance: argmax matching, no Gumbel
         return self
+
+    def update_ema(self) -> None:
+        """After each optimiser step: advance the EMA of the SlotDiffusion denoiser, if configured."""
+        if self.decoder_ema is not None:
+            self.decoder_ema.update(self.decoder)
 
     # --------------------------------------------------------------------------------------------- slots
     def slots(self, images: torch.Tensor, sigma: float, boxes: torch.Tensor = None, dino_features=None) -> tuple:
@@ -757,10 +817,21 @@ class OCLModel(nn.Module):
         with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
             return self.vae.guidance(frames.float(), self.scales, temperature)
 
+    def diffusion_latent(self, frames: torch.Tensor) -> torch.Tensor:
+        """SlotDiffusion's x0 for (n,3,H,W) frames, (n,c,h,w) float32 before the latent scale: the VAE encoder's
+        continuous scale-1 output Z_1 before any quantisation (`continuous`: SlotDiffusion's VQVAE.encode, the MSF
+        release's eaq=True; for MSF with concat_pinv it is Z_1 before the project-up split), or the quantised
+        guidance X_1 (`quantized`)."""
+        if self.diffusion_target == "quantized":
+            return self.guidance(frames)["vectors"][0].permute(0, 3, 1, 2).float()
+        with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
+            _, continuous = self.vae.encode(frames.float())
+        return continuous[0].permute(0, 3, 1, 2).float()
+
     def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d)."""
         if self.method == "slotdiffusion":
-            latent = self.guidance(frames)["vectors"][0].permute(0, 3, 1, 2) / self.latent_scale  # (n,c,h,w)
+            latent = self.diffusion_latent(frames) / self.latent_scale  # (n,c,h,w)
             return diffusion_loss(self.decoder, self.schedule, latent, slots)
         guidance = self.guidance(frames)
         tokens = torch.cat([v.flatten(1, 2) for v in guidance["vectors"]], 1)  # (n, L, c)
@@ -789,9 +860,13 @@ class OCLModel(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, slots: torch.Tensor, steps: int = 50) -> torch.Tensor:
-        """SlotDiffusion: sample the latent from the slots and decode it with the VAE -> (b,3,H,W) in [-1,1]."""
+        """SlotDiffusion: sample the latent from the slots and decode it with the VAE -> (b,3,H,W) in [-1,1]. The
+        sample, continuous or an estimate of the quantised guidance, goes to the VAE decoder as it is (no
+        re-quantisation: MSF's quantiser needs every pyramid scale, a sampled scale-1 latent has only one). The
+        denoiser is the EMA one when `denoiser_ema` is set."""
         shape = (images.shape[0], self.vae.config["code_dim"], images.shape[-2] // 4, images.shape[-1] // 4)
-        latent = sample(self.decoder, self.schedule, slots, shape, num_inference_steps=steps) * self.latent_scale
+        denoiser = self.decoder_ema.module if self.decoder_ema is not None else self.decoder
+        latent = sample(denoiser, self.schedule, slots, shape, num_inference_steps=steps) * self.latent_scale
         return self.vae.decode(latent.permute(0, 2, 3, 1)).clamp(-1, 1)
 
 
@@ -862,6 +937,11 @@ OCL_OPTIONS = {
                             "sqrt(beta) (SlotDiffusion's and the MSF release's)", choices=("linear", "scaled_linear")),
     "beta_start": option(0.0015, "DDPM beta at t = 0 (SlotDiffusion / MSF release; diffusers' default 1e-4)"),
     "beta_end": option(0.0195, "DDPM beta at the last step (SlotDiffusion / MSF release; diffusers' default 0.02)"),
+    "diffusion_target": option("continuous", "SlotDiffusion's x0: the VAE's continuous scale-1 encoding before "
+                               "quantisation (SlotDiffusion; the MSF release's eaq=True) or the quantised guidance X",
+                               choices=("continuous", "quantized")),
     "latent_scale": option(0.0, "SlotDiffusion latent divisor (0 = the std of the training latents, measured)"),
+    "denoiser_ema": option(0.0, "SlotDiffusion: EMA decay of the denoiser that samples the reconstructions (0 = off, "
+                           "as in SlotDiffusion's and the MSF release's configs; LDM's LitEma default 0.9999)"),
     "dinosaur_hidden": option(1024, "DINOSAUR MLP decoder width"),
 }

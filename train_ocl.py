@@ -96,12 +96,13 @@ def build_model(config: dict, video: bool, vae=None) -> models.OCLModel:
 
 @torch.no_grad()
 def measure_latent_scale(model: models.OCLModel, dataset, device, samples: int = 32) -> float:
-    """Std of the VAE guidance latent over the first training samples (deterministic, the same on every rank)."""
+    """Std of the latent SlotDiffusion diffuses (`diffusion_target`) over the first training samples
+    (deterministic, the same on every rank)."""
     frames = []
     for index in range(min(samples, len(dataset))):
         sample = dataset[(index, index)]
         frames.append(sample["video"] if "video" in sample else sample["image"][None])
-    latent = model.guidance(torch.cat(frames).to(device))["vectors"][0]
+    latent = model.diffusion_latent(torch.cat(frames).to(device))
     return float(latent.float().std().clamp_min(1e-6))
 
 
@@ -226,6 +227,7 @@ def train(config: dict, d) -> None:
             raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; "
                             f"the last checkpoint in {config['out_dir']} is intact")
         grad_norm = optimizer_step(loss, trainable, optimizer, scaler, config["grad_clip"])
+        model.update_ema()
         progress.update(1)
         if step % config["log_every"] == 0 or step == steps - 1:
             now = time.perf_counter()

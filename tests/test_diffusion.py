@@ -4,7 +4,7 @@ and whole DDIM / DDPM trajectories; then the slot-conditioned UNet, the loss and
 import pytest
 import torch
 
-from model import DDPMSchedule, SlotUNet, diffusion_loss, sample
+from model import EMA, DDPMSchedule, SlotUNet, diffusion_loss, sample
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -228,3 +228,32 @@ def test_sample_matches_diffusers_ddim_loop():
     for t in oracle.timesteps:
         x = oracle.step(FakeUNet()(x, t.repeat(2), slots), t, x, eta=0.0).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ EMA of the denoiser
+
+def test_ema_follows_the_hand_computed_update():
+    """LitEma's rule: at update n, d = min(decay, (1 + n) / (10 + n)) and shadow <- d shadow + (1 - d) live."""
+    torch.manual_seed(0)
+    live = torch.nn.Linear(3, 2)
+    ema = EMA(live, decay=0.5)  # (1 + n) / (10 + n) passes 0.5 at n = 8: both branches of the min are taken
+    expected = {name: p.detach().clone() for name, p in live.named_parameters()}
+    assert all(not p.requires_grad for p in ema.module.parameters()) and all(p.requires_grad for p in live.parameters())
+    for n in range(1, 13):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.copy_(torch.randn_like(p))
+        ema.update(live)
+        d = min(0.5, (1 + n) / (10 + n))
+        for name, p in live.named_parameters():
+            expected[name] = d * expected[name] + (1 - d) * p.detach()
+        for name, shadow in ema.module.named_parameters():
+            torch.testing.assert_close(shadow, expected[name], atol=1e-6, rtol=1e-6)
+    assert int(ema.updates) == 12
+    ema.train()
+    assert not ema.module.training  # the averaged copy only ever samples
+    state = ema.state_dict()
+    assert set(state) == {"updates", "module.weight", "module.bias"}
+    restored = EMA(torch.nn.Linear(3, 2), decay=0.5)
+    restored.load_state_dict(state)
+    assert int(restored.updates) == 12 and torch.equal(restored.module.weight, ema.module.weight)

@@ -282,6 +282,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path, video_dir, vaes):
     """STEVE + MSF, same global batch: 1 process x 2 clips and 2 gloo processes x 1 clip agree."""
     config = write_config(tmp_path, video_dir, vaes, method="steve", steps=2, batch_size=2, val_every=2,
                           val_batch_size=1, val_samples=2, num_workers=1)
+    # One thread, as each of the two processes (OMP_NUM_THREADS=1): the thread count changes float sums, and on
+    # this tiny data one flipped mask argmax moves the validation ARI by 2e-4.
+    torch.set_num_threads(1)
     train_ocl.main([config, "--out_dir", str(tmp_path / "one")])
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "train_ocl.py", config, "--out_dir", str(tmp_path / "two"), "--device", "cpu"],
@@ -372,3 +375,183 @@ def test_every_config_loads_and_names_a_matching_vae():
         assert (vae["resolution"] or 128) == config["resolution"] and vae["data_dir"] == config["data_dir"], name
         assert (vae["code_dim"] <= 16) == (config["method"] == "slotdiffusion"), name
         assert max(config["guidance_scales"]) <= (vae["num_scales"] if vae["quantizer"] == "msf" else 1), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DINO branch sees ImageNet-normalised pixels; the CNN branch and DINOSAUR's targets are checked with it.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def model_config(**overrides) -> dict:
+    """A tiny OCL model config (every OCL key at its default, sizes shrunk)."""
+    config = {k: o.default for k, o in models.OCL_OPTIONS.items()}
+    config.update(resolution=32, cnn_channels=8, encoder_stride=2, num_slots=3, slot_dim=16, decoder_heads=2,
+                  unet_channels=16, dinosaur_hidden=16, dino_pretrained=False, dino_depth=1)
+    config.update(overrides)
+    return config
+
+
+def known_images() -> torch.Tensor:
+    """(2,3,32,32) in [-1, 1] with the extremes and the midpoint in known places."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images[0, :, 0, 0] = torch.tensor([-1.0, 0.0, 1.0])
+    images[1, :, 5, 7] = torch.tensor([1.0, -1.0, 0.0])
+    return images
+
+
+def imagenet_normalised(images: torch.Tensor) -> torch.Tensor:
+    """By hand, channel by channel: [-1, 1] -> [0, 1] -> (x - mean) / std."""
+    out = torch.empty_like(images)
+    for c in range(3):
+        out[:, c] = ((images[:, c] + 1) / 2 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+    return out
+
+
+def capture_inputs(module: torch.nn.Module, into: list):
+    return module.register_forward_pre_hook(lambda _, args: into.append(args[0].detach().clone()))
+
+
+def test_dino_branch_input_is_imagenet_normalised_and_cnn_branch_keeps_raw_pixels():
+    with pytest.warns(UserWarning, match="DINO is RANDOMLY INITIALISED"):
+        encoder = models.BigLittleEncoder(model_config(), 16)
+    assert models.dino_input_statistics(encoder.dino) == (IMAGENET_MEAN, IMAGENET_STD)  # timm's pretrained cfg
+    assert "pixel_mean" not in encoder.state_dict()  # derived from dino_model, not a checkpoint entry
+    vit_inputs, cnn_inputs = [], []
+    capture_inputs(encoder.dino.patch_embed, vit_inputs)  # the ViT's first layer: exactly what the ViT is fed
+    capture_inputs(encoder.cnn, cnn_inputs)
+    images = known_images()
+    encoder(images)
+    (vit_input,), (cnn_input,) = vit_inputs, cnn_inputs
+    torch.testing.assert_close(vit_input, imagenet_normalised(images), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(vit_input[0, :, 0, 0], torch.tensor([(0 - 0.485) / 0.229, (0.5 - 0.456) / 0.224,
+                                                                    (1 - 0.406) / 0.225]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(vit_input[1, :, 5, 7], torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224,
+                                                                    (0.5 - 0.406) / 0.225]), atol=1e-6, rtol=0)
+    assert torch.equal(cnn_input, images)
+
+
+def test_dinosaur_targets_come_from_the_normalised_input():
+    with pytest.warns(UserWarning, match="DINO is RANDOMLY INITIALISED"):
+        ocl = models.OCLModel(model_config(method="dinosaur", guidance="none", encoder="dino_biglittle"))
+    backbone = ocl.encoder.backbone
+    vit_inputs = []
+    capture_inputs(backbone.dino.patch_embed, vit_inputs)
+    images = known_images()
+    loss, _, _ = ocl({"image": images})
+    assert len(vit_inputs) == 1  # one DINO pass serves both the slots and the target
+    torch.testing.assert_close(vit_inputs[0], imagenet_normalised(images), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # the target, independently: timm's ViT on the hand-normalised pixels, patch tokens only
+        tokens = backbone.dino.forward_features(imagenet_normalised(images))[:, backbone.dino.num_prefix_tokens:]
+        target = tokens.transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(backbone.dino_features(images), target, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What SlotDiffusion diffuses: the x0 its loss noises is the configured latent of the given images.
+
+def tiny_vae(quantizer: str, **overrides):
+    config = {k: o.default for k, o in msf.VAE_OPTIONS.items()}
+    config.update(quantizer=quantizer, code_dim=4, vae_width=8, codebook_size=64, **overrides)
+    torch.manual_seed(0)
+    return msf.build_vae(config).eval()
+
+
+def slotdiffusion_model(vae, **overrides) -> models.OCLModel:
+    torch.manual_seed(1)
+    return models.OCLModel(model_config(method="slotdiffusion", guidance=vae.kind, encoder="cnn", **overrides), vae)
+
+
+VAE_KINDS = [("vq", {}), ("grouped", {}), ("msf", {}), ("msf", {"fusion": "mean"})]
+
+
+@pytest.mark.parametrize("target", ["continuous", "quantized"])
+@pytest.mark.parametrize("kind,vae_overrides", VAE_KINDS, ids=["vq", "grouped", "msf", "msf-mean"])
+def test_slotdiffusion_noises_the_configured_target(monkeypatch, target, kind, vae_overrides):
+    vae = tiny_vae(kind, **vae_overrides)
+    ocl = slotdiffusion_model(vae, diffusion_target=target)
+    ocl.latent_scale.fill_(1.75)
+    noised = []
+    add_noise = ocl.schedule.add_noise
+    monkeypatch.setattr(ocl.schedule, "add_noise", lambda x0, noise, t: noised.append(x0) or add_noise(x0, noise, t))
+    images = known_images()
+    loss = ocl.decode_loss(images, torch.randn(2, 3, 16))
+    assert torch.isfinite(loss) and len(noised) == 1
+    with torch.no_grad():  # independently, from the VAE's public methods (channels-last -> channels-first)
+        continuous = vae.encode(images)[1][0].permute(0, 3, 1, 2)  # scale 1, before any quantisation
+        quantized = vae.guidance(images, [1])["vectors"][0].permute(0, 3, 1, 2)
+    assert continuous.shape == quantized.shape == (2, 4, 8, 8)
+    assert (continuous - quantized).abs().max() > 1e-2  # the two readings are distinguishable here
+    expected = continuous if target == "continuous" else quantized
+    torch.testing.assert_close(noised[0] * 1.75, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_slotdiffusion_defaults_to_the_continuous_latent():
+    assert models.OCL_OPTIONS["diffusion_target"].default == "continuous"
+
+
+@pytest.mark.parametrize("target", ["continuous", "quantized"])
+def test_latent_scale_is_measured_on_the_diffusion_target(target):
+    vae = tiny_vae("msf")
+    ocl = slotdiffusion_model(vae, diffusion_target=target)
+    images = torch.cat([known_images(), -known_images()])
+
+    class Images:  # the dataset interface measure_latent_scale reads: dataset[(index, epoch)]["image"]
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, key):
+            return {"image": images[key[0]]}
+
+    scale = train_ocl.measure_latent_scale(ocl, Images(), torch.device("cpu"))
+    with torch.no_grad():
+        latent = vae.encode(images)[1][0] if target == "continuous" else vae.guidance(images, [1])["vectors"][0]
+    assert scale == pytest.approx(float(latent.std()), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA of the SlotDiffusion denoiser: off by default, samples the reconstructions when on, resumes exactly.
+
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+def test_reconstruction_samples_with_the_ema_denoiser(monkeypatch, decay):
+    ocl = slotdiffusion_model(tiny_vae("msf"), denoiser_ema=decay)
+    used = []
+    monkeypatch.setattr(models, "sample", lambda unet, schedule, slots, shape, **_: used.append(unet) or
+                        torch.zeros(shape))
+    images = known_images()
+    assert ocl.reconstruct(images, torch.randn(2, 3, 16), steps=2).shape == images.shape
+    if decay:
+        assert used == [ocl.decoder_ema.module] and ocl.decoder_ema.module is not ocl.decoder
+        trainable = {id(p) for p in ocl.parameters() if p.requires_grad}
+        assert not any(id(p) in trainable for p in ocl.decoder_ema.parameters())
+    else:  # off: no EMA entries in the state dict, so checkpoints from before the option load unchanged
+        assert used == [ocl.decoder] and ocl.decoder_ema is None
+        assert not any(k.startswith("decoder_ema") for k in ocl.state_dict())
+    assert models.OCL_OPTIONS["denoiser_ema"].default == 0.0
+
+
+def test_denoiser_ema_is_checked():
+    with pytest.raises(UserError, match=r"denoiser_ema must be in \[0, 1\)"):
+        slotdiffusion_model(tiny_vae("msf"), denoiser_ema=1.0)
+    with pytest.raises(UserError, match="denoiser_ema is SlotDiffusion's"):
+        models.OCLModel(model_config(method="slate", guidance="msf", encoder="cnn", denoiser_ema=0.9),
+                        tiny_vae("msf"))
+
+
+def test_slotdiffusion_with_ema_and_quantized_target_resumes_bit_identically(tmp_path, shapes_dir, vaes):
+    config = write_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", diffusion_target="quantized",
+                          denoiser_ema=0.9, steps=4, val_every=2, batch_size=2, val_batch_size=2, val_samples=2)
+    train_ocl.main([config])
+    full = tmp_path / "run"
+    train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
+    a, b = losses(full), losses(tmp_path / "resumed")
+    assert sorted(b) == [2, 3] and all(a[s] == b[s] for s in b), (a, b)
+    final_a = torch.load(full / "ckpt_0000004.pt", weights_only=True)["model"]
+    final_b = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)["model"]
+    assert set(final_a) == set(final_b) and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert int(final_a["decoder_ema.updates"]) == 4  # one update per optimiser step
+    name = "conv_out.weight"  # zero at init, so it moves from step 1; the average lags behind the live weights
+    assert final_a[f"decoder_ema.module.{name}"].abs().sum() > 0
+    assert not torch.equal(final_a[f"decoder_ema.module.{name}"], final_a[f"decoder.{name}"])
+    assert (full / "figures").is_dir() and os.listdir(full / "figures")
