@@ -550,3 +550,18 @@ def test_pinv_split_stays_inverse_through_training_and_starts_with_distinct_halv
         optimizer.zero_grad(), loss.backward(), optimizer.step()
     assert not torch.allclose(project.weight, torch.linalg.qr(project.weight).Q)  # W has moved
     torch.testing.assert_close(project.down(project.up(z)), z, rtol=1e-4, atol=1e-4)
+
+
+def test_paper_vq_terms_use_the_nearest_code_while_the_decoder_sees_the_sample():
+    torch.manual_seed(0)
+    quantizer = msf.VectorQuantizer(4, 16, "plain", 16, "paper", 0.25)
+    quantizer.codebook.initialised.fill_(True)
+    z = torch.randn(2, 4, 4, 4)
+    out = quantizer([z], alpha=0.0, temperature=5.0)
+    codes = quantizer.codebook.codes()
+    nearest = torch.cdist(z.reshape(-1, 4), codes).argmin(1).view(2, 4, 4)
+    assert (out.indices[0][..., 0] != nearest).any()  # the decoder path is sampled
+    torch.testing.assert_close(out.decoder_inputs[0], codes[out.indices[0][..., 0]])
+    expected = F.mse_loss(codes[nearest], z) * 1.25  # codebook + 0.25 commitment, same value forward
+    torch.testing.assert_close(out.loss, expected)
+    assert torch.equal(quantizer.codebook.step_counts, torch.bincount(nearest.reshape(-1), minlength=16).float())
