@@ -30,13 +30,14 @@ def figure(function):
 @figure
 def loader_images_per_s(args):
     """Decoded and normalised 128x128 images per second through OCLDataset + DataLoader with 2 workers."""
+    import data
     import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
         prepare_data.write_synthetic("shapes", tmp, {"train": 512}, seed=0, min_objects=2, max_objects=6,
                                      frames=0, workers=2, progress=False)
-        dataset = prepare_data.OCLDataset(os.path.join(tmp, "train.lmdb"), train=True)
-        sampler = prepare_data.StepSampler(len(dataset), 64, seed=0)
+        dataset = data.OCLDataset(os.path.join(tmp, "train.lmdb"), train=True)
+        sampler = data.StepSampler(len(dataset), 64, seed=0)
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, sampler=sampler, num_workers=2,
                                              persistent_workers=True, prefetch_factor=4)
         iterator = iter(loader)

@@ -441,8 +441,7 @@ def open_run(config: dict, d: "Dist") -> tuple:
     log = RunLog(config["out_dir"], d.is_main)
     if config["batch_size"] % d.world_size:
         raise UserError(f"batch_size {config['batch_size']} must be divisible by the {d.world_size} processes")
-    paths = [os.path.join(config["data_dir"], f"{config[key]}.lmdb") for key in ("train_split", "val_split")]
-    return log, paths[0], paths[1]
+    return log, *[os.path.join(config["data_dir"], f"{config[key]}.lmdb") for key in ("train_split", "val_split")]
 
 
 def restore_training_state(state: dict, model, optimizer, scaler, config: dict, d: "Dist", log) -> None:
@@ -511,44 +510,7 @@ def amp_dtype(setting: str, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data loaders and the optimisation step shared by the two trainers.
-
-def train_loader(path: str, global_batch: int, num_workers: int, seed: int, d: Dist, start_step: int = 0,
-                 resolution: int = 0, num_frames: int = 6):
-    """An endless loader whose order is a pure function of (seed, step): see prepare_data.StepSampler."""
-    import torch
-
-    from prepare_data import OCLDataset, StepSampler
-
-    dataset = OCLDataset(path, train=True, num_frames=num_frames, resolution=resolution, seed=seed)
-    sampler = StepSampler(len(dataset), global_batch, seed, d.rank, d.world_size, start_step)
-    # Its own generator keeps the loader from drawing on the global RNG, which resume restores exactly.
-    return torch.utils.data.DataLoader(dataset, batch_size=global_batch // d.world_size, sampler=sampler,
-                                       num_workers=num_workers, pin_memory=d.device.type == "cuda",
-                                       persistent_workers=num_workers > 0, generator=torch.Generator(),
-                                       multiprocessing_context=worker_context(num_workers))
-
-
-def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolution: int = 0, max_samples: int = 0):
-    """A finite loader over this rank's share (every world_size-th sample) of the first `max_samples` samples."""
-    import torch
-
-    from prepare_data import OCLDataset
-
-    dataset = OCLDataset(path, train=False, resolution=resolution)
-    count = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
-    subset = torch.utils.data.Subset(dataset, list(range(d.rank, count, d.world_size)))
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       pin_memory=d.device.type == "cuda", generator=torch.Generator(),
-                                       multiprocessing_context=worker_context(num_workers))
-
-
-def worker_context(num_workers: int):
-    """Loader workers start from a forkserver, not by forking the trainer: a fork of a process that already runs
-    gloo/OpenMP threads can copy a held lock into the worker, which then never starts (seen as a DDP run that
-    hangs at its first validation)."""
-    return "forkserver" if num_workers > 0 else None
-
+# The optimisation step shared by the two trainers.
 
 def all_finite(value, d: Dist) -> bool:
     """True when `value` is finite on every rank (all ranks stop together otherwise)."""

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 import msf
-from common import (UserError, atomic_write_text, eval_loader, load_checkpoint, progress_bar, run_main,
-                    setup_distributed, strict_json)
+from common import UserError, atomic_write_text, load_checkpoint, progress_bar, run_main, setup_distributed, strict_json
+from data import eval_loader, split_path
 from model import masks_to_segments
 
 BACKGROUND = 0
@@ -436,7 +436,8 @@ def run_name(path: str) -> str:
 
 
 def data_path(state: dict, split: str, data_dir: str = "") -> str:
-    return os.path.join(data_dir or state["data"]["data_dir"], f"{split}.lmdb")
+    """The split a checkpoint is evaluated on: in `data_dir` if given, else in the directory it was trained on."""
+    return split_path(data_dir or state["data"]["data_dir"], split)
 
 
 # ================================================================================================================

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, eval_loader, gather_rng_states, open_run,
-                    optimizer_step, option, progress_bar, reduce_mean, restore_training_state, resume_state, run_main,
-                    run_training, save_checkpoint, save_config, set_scheduled_lr, train_loader)
+from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, gather_rng_states, open_run, optimizer_step,
+                    option, progress_bar, reduce_mean, restore_training_state, resume_state, run_main, run_training,
+                    save_checkpoint, save_config, set_scheduled_lr)
+from data import eval_loader, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).

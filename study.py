@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from data import load_split
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # (training, validation) samples of the synthetic data used by the demo and the study.
@@ -70,8 +72,6 @@ class Study:
     def data(self, name: str) -> str:
         """Generate data/NAME at the study's size, unless it is there at that size already (the demo and the study
         share one size, so either reuses the other's data); returns the report's line on it."""
-        from prepare_data import load_split
-
         target = os.path.join(ROOT, "data", name)
         sizes = DATA_SIZES[name]
         line = f"Data: `data/{name}`, {sizes[0]} training and {sizes[1]} validation samples."

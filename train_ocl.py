@@ -18,10 +18,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 import model as models
 import msf
-from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, atomic_torch_save, eval_loader,
-                    gather_rng_states, load_checkpoint, open_run, optimizer_step, option, progress_bar, reduce_mean,
+from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, atomic_torch_save, gather_rng_states,
+                    load_checkpoint, open_run, optimizer_step, option, progress_bar, reduce_mean,
                     restore_training_state, resume_state, run_main, run_training, save_checkpoint, save_config,
-                    set_scheduled_lr, train_loader)
+                    set_scheduled_lr)
+from data import eval_loader, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import prepare_data
 from common import UserError
-from prepare_data import OCLDataset, StepSampler, decode_record, encode_record, load_split
+from data import OCLDataset, StepSampler, decode_record, encode_record, load_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,7 +198,7 @@ def test_missing_database_names_path_and_command(tmp_path):
 
 def test_half_written_database_is_refused(tmp_path):
     directory = tmp_path / "shapes"
-    writer = prepare_data.SplitWriter(str(directory / "train.lmdb"))
+    writer = data.SplitWriter(str(directory / "train.lmdb"))
     writer.add({"image": np.zeros((2, 2, 3), np.uint8)})
     writer.txn.commit()
     writer.env.close()  # a crash before close(): only the .partial file exists
@@ -216,8 +217,9 @@ def test_corrupt_and_foreign_databases_are_refused(tmp_path, shapes_dir):
         load_split(str(garbage))
 
     truncated = tmp_path / "cut.lmdb"
-    data = open(os.path.join(shapes_dir, "val.lmdb"), "rb").read()
-    truncated.write_bytes(data[: len(data) // 3])
+    with open(os.path.join(shapes_dir, "val.lmdb"), "rb") as f:
+        stored = f.read()
+    truncated.write_bytes(stored[: len(stored) // 3])
     with pytest.raises(UserError):
         split = load_split(str(truncated))
         for i in range(len(split)):
