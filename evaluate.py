@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 import msf
-from common import UserError, atomic_write_text, load_checkpoint, progress_bar, run_main, setup_distributed, strict_json
+from common import (UserError, atomic_write_text, autocast, load_checkpoint, progress_bar, run_main, setup_distributed,
+                    strict_json)
 from data import eval_loader, split_path
-from model import masks_to_segments
+from model import build_model, masks_to_segments
 
 BACKGROUND = 0
 IGNORE = 255
@@ -303,6 +304,17 @@ def segmentation_scores(pred: torch.Tensor, true: torch.Tensor, extended: bool =
     return scores
 
 
+def score_batch(model, batch: dict, device, dtype=None, extended: bool = False) -> tuple:
+    """Run one batch through an OCL model and score its slot masks: (scores of segmentation_scores, the loss, the
+    batch on `device`). Videos get one score each, time flattened. train_ocl.py validates with this too."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with autocast(device, dtype):
+        loss, _, masks = model(batch)
+    truth = batch["segment"].long()
+    predicted = masks_to_segments(masks, tuple(truth.shape[-2:]))
+    return segmentation_scores(predicted.flatten(1).cpu(), truth.flatten(1).cpu(), extended), loss, batch
+
+
 # ================================================================================================================
 # Figures.
 
@@ -397,13 +409,11 @@ def load_for_evaluation(path: str, device):
         return vae.to(device).eval(), state
     if state["kind"] != "ocl":
         raise UserError(f"{state['path']} is a {state['kind']} checkpoint; evaluate.py takes OCL or VAE checkpoints")
-    import train_ocl  # imported here: train_ocl imports this module
-
     config = dict(state["config"], dino_pretrained=False, dino_weights="")  # DINO's weights are in the checkpoint
     with _older_config_error(state), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DINO is RANDOMLY")
         vae = msf.build_vae(state["vae_config"]) if state.get("vae_config") else None
-        model = train_ocl.build_model(config, state["video"], vae)
+        model = build_model(config, state["video"], vae)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -450,11 +460,8 @@ def evaluate_ocl(model, loader, device, separability_of_guidance: bool = False, 
     per_sample = {}
     bar = progress_bar(len(loader.dataset), 0, progress)
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        _, _, masks = model(batch)
+        scores, _, batch = score_batch(model, batch, device, extended=True)
         truth = batch["segment"].long()
-        pred = masks_to_segments(masks, tuple(truth.shape[-2:]))
-        scores = segmentation_scores(pred.flatten(1).cpu(), truth.flatten(1).cpu(), extended=True)
         if separability_of_guidance and model.vae is not None and not model.video:
             vectors = model.guidance(batch["image"])["vectors"][0]
             scores.update(_guidance_separability(vectors, truth))

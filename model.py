@@ -819,6 +819,25 @@ def query_sigma(step: int, total_steps: int, config: dict) -> float:
 
 
 # ================================================================================================================
+# Building a model from a config.
+
+def build_model(config: dict, video: bool, vae=None) -> OCLModel:
+    """The OCL model a config describes, after checking that its method fits the data and the guidance VAE
+    (train_ocl.py builds it for training, evaluate.py from a checkpoint's own config)."""
+    if config["method"] == "steve" and not video:
+        raise UserError("STEVE is a video method; point data_dir at a video dataset (e.g. data/shapes_video)")
+    if config["method"] in ("slate", "dinosaur") and video:
+        raise UserError(f"{config['method']} is an image method; its video counterpart is steve")
+    for scale in config["guidance_scales"]:
+        if vae is not None and not 1 <= scale <= vae.num_scales:
+            raise UserError(f"guidance_scales {config['guidance_scales']} asks for scale {scale} of a VAE with "
+                            f"{vae.num_scales} scale(s)")
+    if config["method"] == "slotdiffusion" and config["guidance_scales"] != [1]:
+        raise UserError("SlotDiffusion diffuses one latent: guidance_scales must be [1]")
+    return OCLModel(config, vae, video)
+
+
+# ================================================================================================================
 # Config keys of the OCL model (train_ocl.py adds the training keys; checkpoints store all of them).
 
 OCL_OPTIONS = {

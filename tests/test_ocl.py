@@ -99,7 +99,7 @@ def test_trained_parameters_change_and_guidance_stays_frozen(tmp_path, shapes_di
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     torch.manual_seed(0)
     vae, _ = train_ocl.load_guidance_vae(config)
-    initial = train_ocl.build_model(config, False, vae).state_dict()
+    initial = models.build_model(config, False, vae).state_dict()
     changed = [k for k in initial if not k.startswith("vae.") and not torch.equal(initial[k], state[k])]
     assert any(k.startswith("slot_attention.") for k in changed) and any(k.startswith("decoder.") for k in changed)
 
@@ -340,7 +340,7 @@ def test_guidance_scales_one_and_two(tmp_path, shapes_dir, vaes):
     32-px input; [2] alone trains too."""
     config = load_config(train_ocl.OPTIONS, [write_config(tmp_path, shapes_dir, vaes, guidance_scales=[1, 2])])
     vae, _ = train_ocl.load_guidance_vae(config)
-    ocl = train_ocl.build_model(config, False, vae)
+    ocl = models.build_model(config, False, vae)
     assert ocl.decoder.lengths == [64, 16] and len(ocl.decoder.heads) == 2
     train_ocl.main([write_config(tmp_path, shapes_dir, vaes, guidance_scales=[2], steps=1, val_every=1)])
 
