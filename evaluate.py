@@ -31,6 +31,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 import msf
@@ -185,64 +186,6 @@ def mean_percent(values) -> float:
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     scored = values[~np.isnan(values)]
     return float(scored.mean() * 100) if len(scored) else math.nan
-
-
-# ================================================================================================================
-# Linear sum assignment (Hungarian matching) for mIoU; scipy is only a test dependency.
-
-def linear_sum_assignment(cost, maximize: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Assign rows to distinct columns with minimal (or maximal) total cost, as `scipy.optimize.
-    linear_sum_assignment`: returns (row indices ascending, column indices), min(n_rows, n_cols) pairs.
-
-    Kuhn-Munkres with dual potentials in the shortest-augmenting-path form of Jonker & Volgenant: rows join one
-    at a time, each along a Dijkstra-like shortest path in reduced costs, O(n^2 m) for n <= m. Ties are fine;
-    which of several optimal assignments comes back may differ from scipy's, the total does not.
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim != 2:
-        raise ValueError(f"the cost matrix must be 2-D, got shape {cost.shape}")
-    if not np.isfinite(cost).all():
-        raise ValueError("the cost matrix must be finite")
-    transposed = cost.shape[0] > cost.shape[1]
-    if transposed:
-        cost = cost.T
-    if maximize:
-        cost = -cost
-    num_rows, num_cols = cost.shape  # num_rows <= num_cols
-    # Index 0 is a virtual column from which every augmenting path starts; rows and columns count from 1.
-    row_potential = np.zeros(num_rows + 1)
-    col_potential = np.zeros(num_cols + 1)
-    row_of_col = np.zeros(num_cols + 1, dtype=np.int64)  # 0: column free
-    for row in range(1, num_rows + 1):
-        row_of_col[0] = row
-        previous_col = np.zeros(num_cols + 1, dtype=np.int64)  # the path tree, to walk back along
-        min_slack = np.full(num_cols + 1, np.inf)
-        visited = np.zeros(num_cols + 1, dtype=bool)
-        col = 0
-        while row_of_col[col] != 0:
-            visited[col] = True
-            current_row = row_of_col[col]
-            slack = cost[current_row - 1] - row_potential[current_row] - col_potential[1:]  # (num_cols,)
-            improves = ~visited[1:] & (slack < min_slack[1:])
-            min_slack[1:][improves] = slack[improves]
-            previous_col[1:][improves] = col
-            candidates = np.where(visited[1:], np.inf, min_slack[1:])
-            next_col = int(np.argmin(candidates)) + 1
-            delta = candidates[next_col - 1]
-            row_potential[row_of_col[visited]] += delta  # distinct rows: one per visited column
-            col_potential[visited] -= delta
-            min_slack[1:][~visited[1:]] -= delta
-            col = next_col
-        while col != 0:  # flip the matching along the path back to the virtual column
-            parent = previous_col[col]
-            row_of_col[col] = row_of_col[parent]
-            col = parent
-    cols = np.nonzero(row_of_col[1:])[0]
-    rows = row_of_col[1:][cols] - 1
-    if transposed:
-        rows, cols = cols, rows
-    order = np.argsort(rows)
-    return rows[order], cols[order]
 
 
 # ================================================================================================================
