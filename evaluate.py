@@ -31,6 +31,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
@@ -277,8 +278,6 @@ def colour_segments(segments: torch.Tensor) -> torch.Tensor:
 
 def _save_grid(rows: list, columns: int, path: str) -> None:
     """Tiles (n,3,H,W) images in [0,1] into one PNG, written atomically."""
-    import torchvision
-
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial = path + ".partial.png"
     torchvision.utils.save_image(torch.cat(rows).float().clamp(0, 1), partial, nrow=columns, padding=2, pad_value=1)

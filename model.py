@@ -14,11 +14,13 @@ Token/feature tensors are (b, n, d); image tensors (b, 3, H, W); videos (b, T, 3
 import math
 import warnings
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
-from common import UserError, option
+from common import UserError, cosine_anneal, option
 
 
 # ================================================================================================================
@@ -62,8 +64,6 @@ class NaiveCNN(nn.Module):
 
 def load_dino(config: dict) -> nn.Module:
     """The frozen DINO ViT from timm: pretrained from the hub, from `dino_weights`, or random (loudly)."""
-    import timm
-
     image_size = config["resolution"]
     kwargs = dict(img_size=image_size, num_classes=0, dynamic_img_size=True)
     if config["dino_depth"]:
@@ -89,8 +89,6 @@ def load_dino(config: dict) -> nn.Module:
 
 def load_vit_weights(vit: nn.Module, path: str) -> None:
     """Load a timm or official DINO state dict into `vit`, resampling the position embedding to its grid."""
-    from timm.layers import resample_abs_pos_embed
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -813,8 +811,6 @@ def query_sigma(step: int, total_steps: int, config: dict) -> float:
     """The shared sigma of the Gaussian slot queries: cosine 1 -> 0 over training; 0 for single-object data."""
     if config["single_object"]:
         return 0.0
-    from common import cosine_anneal
-
     return cosine_anneal(step, total_steps, config["query_sigma_start"], 0.0)
 
 

@@ -25,6 +25,10 @@ import subprocess
 import sys
 import time
 
+import torch
+import yaml
+
+from common import atomic_write_text
 from data import load_split
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -60,9 +64,10 @@ class Study:
         self.timings.append((what, time.perf_counter() - start))
 
     def steps(self, config: str, override: int = 0) -> list:
-        import yaml
-
-        steps = override or yaml.safe_load(open(os.path.join(ROOT, config)))["steps"]
+        steps = override
+        if not steps:
+            with open(os.path.join(ROOT, config)) as f:
+                steps = yaml.safe_load(f)["steps"]
         return ["--steps", max(1, int(round(steps * self.steps_scale)))]
 
     def common(self) -> list:
@@ -227,16 +232,12 @@ def full(args) -> list:
 
 
 def device_name(setting: str) -> str:
-    import torch
-
     if setting != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({os.cpu_count()} cores)"
 
 
 def finish(study: Study, lines: list) -> list:
-    from common import atomic_write_text
-
     lines += ["", "## Wall-clock time per stage", "", "Of this invocation: a stage finished by an earlier one is "
               "skipped and shows only its start-up time.", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {what} | {seconds:.0f} |" for what, seconds in study.timings]
