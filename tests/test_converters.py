@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import crc32c
 import numpy as np
 import pytest
 from PIL import Image
@@ -84,8 +85,6 @@ def check_meta(split, dataset, name, frames, max_objects):
 # ------------------------------------------------------------------------------------------------ TFRecord reading
 
 def test_crc32c_numpy_matches_the_crc32c_package():
-    import crc32c
-
     rng = np.random.default_rng(0)
     chunk = prepare_data._CRC32C_CHUNK
     for length in (0, 1, 7, 8, chunk - 1, chunk, chunk + 1, 3 * chunk, 5 * chunk + 1234, 300_001):

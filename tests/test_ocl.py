@@ -13,6 +13,7 @@ import yaml
 
 import model as models
 import msf
+import pretrain_vae
 import train_ocl
 from common import UserError, load_config, read_jsonl
 
@@ -349,8 +350,6 @@ def test_guidance_scales_one_and_two(tmp_path, shapes_dir, vaes):
 # The shipped configs: every file loads, and every OCL config names a VAE config that can guide it.
 
 def test_every_config_loads_and_names_a_matching_vae():
-    import pretrain_vae
-
     directory = os.path.join(ROOT, "configs")
     vae_configs, ocl_configs = {}, {}
     for name in sorted(os.listdir(directory)):
