@@ -210,16 +210,18 @@ def boxes_for_slots(boxes: torch.Tensor, num_slots: int) -> torch.Tensor:
 class SlotAttention(nn.Module):
     """Standard Slot Attention: softmax over slots, weighted mean over inputs, GRU update, residual MLP."""
 
-    def __init__(self, dim: int, iterations: int = 3, mlp_dim: int = 0, eps: float = 1e-8):
+    def __init__(self, dim: int, iterations: int = 3, mlp_dim: int = 0, eps: float = 1e-8, slot_update: bool = True):
+        """`slot_update=False` leaves out the GRU and MLP, for a subclass that brings its own (BlockSlotAttention)."""
         super().__init__()
         self.dim, self.iterations, self.eps = dim, iterations, eps
         self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
-        self.gru = nn.GRUCell(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim or 2 * dim), nn.ReLU(inplace=True),
-                                 nn.Linear(mlp_dim or 2 * dim, dim))
+        if slot_update:
+            self.gru = nn.GRUCell(dim, dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim or 2 * dim), nn.ReLU(inplace=True),
+                                     nn.Linear(mlp_dim or 2 * dim, dim))
 
     def attend(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """One attention step: (b,s,d) slots -> updates (b,s,d) and attention (b,s,n), softmax over slots."""
@@ -276,15 +278,13 @@ class BlockSlotAttention(SlotAttention):
     learned library of prototypes for that block (soft attention over the block's prototypes)."""
 
     def __init__(self, dim: int, iterations: int, blocks: int, prototypes: int):
-        super().__init__(dim, iterations)
+        super().__init__(dim, iterations, slot_update=False)
         if dim % blocks:
             raise UserError(f"slot_dim {dim} must be divisible by sysbinder_blocks {blocks}")
         self.blocks, self.block_dim = blocks, dim // blocks
         self.gru = BlockGRU(dim, blocks)
-        self.mlp = None
         self.block_mlp_in = nn.Parameter(torch.randn(blocks, self.block_dim, 4 * self.block_dim) / math.sqrt(self.block_dim))
         self.block_mlp_out = nn.Parameter(torch.zeros(blocks, 4 * self.block_dim, self.block_dim))
-        self.norm_mlp = nn.LayerNorm(dim)
         self.prototypes = nn.Parameter(torch.randn(blocks, prototypes, self.block_dim))
         self.norm_binding = nn.LayerNorm(self.block_dim)
 
