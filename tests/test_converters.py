@@ -18,9 +18,8 @@ from PIL import Image
 import fixtures_raw
 import prepare_data
 from common import UserError
+from helpers import ROOT, boxes_by_loop
 from prepare_data import load_split
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------ oracles
@@ -51,16 +50,6 @@ def renumber(labels, ignore=255):
         out[labels == value] = number
     out[labels == ignore] = 255
     return out
-
-
-def boxes_by_loop(segment, max_objects):
-    height, width = segment.shape
-    boxes = np.zeros((max_objects, 4), np.float32)
-    for k in range(1, max_objects + 1):
-        ys, xs = np.nonzero(segment == k)
-        if len(ys):
-            boxes[k - 1] = [xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height]
-    return boxes
 
 
 def assert_image_close(converted, source_rgb):

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 MODULES = sorted(name[:-len(".py")] for name in os.listdir(ROOT) if name.endswith(".py"))
 # The modules the stage scripts share; they import none of the scripts.
 LIBRARY = {"common", "data", "model", "msf"}

@@ -1,7 +1,7 @@
 """evaluate.py metrics against independent oracles: sklearn's adjusted_rand_score per sample, naive per-pair
-IoU loops matched by scipy's Hungarian solver (the one miou calls) and by brute force over permutations, hand-checked tables, the edge cases
-(empty foreground, single object, negative ARI, all-ignore samples), video flattening, and object separability
-on synthetic clusters."""
+IoU loops matched by scipy's Hungarian solver (the one miou calls) and by brute force over permutations,
+hand-checked tables, the edge cases (empty foreground, single object, negative ARI, all-ignore samples), video
+flattening, and object separability on synthetic clusters."""
 
 import itertools
 import math
