@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Errors a user can cause end in one sentence, not a traceback (STYLE rule 7).
+# Errors a user can cause end in one sentence, not a traceback.
 
 class UserError(Exception):
     """An error caused by input (config, data, checkpoint) whose message says what to do."""
@@ -234,7 +234,7 @@ def atomic_torch_save(obj, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Schedules: pure functions of the global step so resume is exact (STYLE rule 3).
+# Schedules: pure functions of the global step so resume is exact.
 
 def warmup_cosine(step: int, total: int, peak: float, warmup_fraction: float = 0.05, final_ratio: float = 1e-3) -> float:
     """Linear warm-up from 0 over `warmup_fraction` of `total`, then cosine from `peak` to `peak * final_ratio`."""

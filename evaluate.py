@@ -1,4 +1,5 @@
-"""Stage 3: evaluate a trained OCL checkpoint — segmentation metrics, object separability, figures (SPEC §6).
+"""Stage 3: evaluate a trained OCL checkpoint — segmentation metrics, object separability, figures (protocol:
+README, "Evaluation protocol").
 
     python evaluate.py CKPT [--split val] [--out DIR]
 
@@ -13,7 +14,7 @@ flattened into N, so it gets one score, and a slot keeps one identity across all
 background and 255 for ignore; `pred` ids may be any integers (slot indices, usually). Every metric returns a
 float64 tensor (B,) of fractions in [0, 1] (ARI in [-1, 1]); `mean_percent` turns it into a table entry.
 
-Conventions (the paper's metrics cover objects *and* background, SPEC §6):
+Conventions (the paper's metrics cover objects *and* background; README, "Evaluation protocol"):
   - background (id 0) is a segment like any other in ARI, mIoU and mBO; ARIfg drops the pixels whose true id is
     background — the prediction is never filtered, so a slot that covers background and an object still counts;
   - pixels with true id 255 drop out of every metric, for both `pred` and `true`;
@@ -99,7 +100,7 @@ def ari(pred: torch.Tensor, true: torch.Tensor, foreground_only: bool = False,
         adjusted_rand_index` replaces a zero denominator by 1, which happens only for identical partitions);
       - one true segment but several predicted ones (or the reverse) scores 0.0, as in sklearn;
       - a sample with no scored pixel (all ignore; for ARIfg also no foreground) gets `empty_foreground`: NaN by
-        default, so the mean skips it (SPEC §6). OCLF's 0/0 rule gives such a sample 1.0 and counts it in the
+        default, so the mean skips it. OCLF's 0/0 rule gives such a sample 1.0 and counts it in the
         mean (sklearn also returns 1.0 for empty input); pass `empty_foreground=1.0` to reproduce its numbers.
     Background (true id 0) is one segment; `foreground_only` drops the pixels whose *true* id is background, and
     predicted ids are never filtered. Ignore pixels (true id 255) never count.
@@ -573,8 +574,8 @@ def _report(results: list, compare: bool) -> dict:
         if len(ocl_runs) == 1:
             payload.update({k: ocl_runs[0][k] for k in keys})
         lines.append(_format_table(["run"] + keys, rows))
-        lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (SPEC §6); miou_fg, mbo_fg: "
-                     "background excluded (DINOSAUR's convention)" +
+        lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (README, 'Evaluation "
+                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention)" +
                      ("; sep_*: KMeans inter/intra-cluster distance of the scale-1 guidance" if "sep_inter" in keys
                       else ""))
     for run in vae_runs:

@@ -1,4 +1,4 @@
-"""Object-centric models (SPEC §3): primary encoders, Slot Attention, decoders, and the OCL methods.
+"""Object-centric models (README, "Configs"): primary encoders, Slot Attention, decoders, and the OCL methods.
 
     SLATE          Slot Attention + autoregressive transformer decoder over the frozen VAE's tokens
     STEVE          SLATE per video frame, slots carried over by a transformer predictor
@@ -800,7 +800,7 @@ def vae_vocabularies(vae, scales: list) -> list:
 
 def masks_to_segments(masks: torch.Tensor, size: tuple) -> torch.Tensor:
     """Soft slot masks (b, [T,] s, h, w) -> predicted segment ids (b, [T,] H, W): bilinear upsampling to the image
-    size, then argmax over slots (SPEC §6)."""
+    size, then argmax over slots (README, "Evaluation protocol")."""
     lead = masks.shape[:-3]
     flat = masks.reshape(-1, *masks.shape[-3:]).float()
     upsampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)

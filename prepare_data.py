@@ -34,7 +34,7 @@ RESOLUTION = 128
 
 
 # ================================================================================================================
-# Embedded synthetic data: multi-object scenes whose objects span very different sizes (SPEC §4).
+# Embedded synthetic data: multi-object scenes whose objects span very different sizes.
 # Each sample is drawn from its own generator seeded by (seed, kind, split, index), so the output does not depend on
 # how the work is split across processes.
 

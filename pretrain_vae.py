@@ -3,7 +3,7 @@
     python pretrain_vae.py configs/vae_msf_shapes.yaml [--key value ...]
     torchrun --nproc_per_node K pretrain_vae.py configs/vae_msf_clevrtex.yaml
 
-Per scale n: reconstruction MSE of T_n plus the VQ codebook and commitment terms (SPEC §1.10). Adam with linear
+Per scale n: reconstruction MSE of T_n plus the VQ codebook and commitment terms (msf.VAE.forward). Adam with linear
 warm-up and cosine decay, AMP on GPU, global-norm clipping, code replacement, validation with per-scale MSE and
 codebook usage, PNG grids of reconstructions and code maps, atomic checkpoints (last K kept), exact `--resume`.
 """
@@ -24,7 +24,7 @@ from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, 
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
+# Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
 
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,

@@ -173,7 +173,7 @@ def demo(args) -> list:
         lines.append(f"| {run['name']} | {number(run['ari'])} | {number(run['ari_fg'])} | {number(run['miou'])} | "
                      f"{number(run['mbo'])} | {number(run['sep_inter'], 3)} | {number(run['sep_intra'], 3)} | "
                      f"{number(ratio(run['sep_inter'], run['sep_intra']))} |")
-    lines += ["", "Metrics in percent, background counted as a segment (SPEC §6). Separability: KMeans on each "
+    lines += ["", "Metrics in percent, background counted as a segment (README, 'Evaluation protocol'). Separability: KMeans on each "
               "image's scale-1 guidance vectors, k = its number of ground-truth segments.",
               "", f"Figures: {os.path.relpath(os.path.join(study.out, 'eval', 'slate_vq_vs_msf'), ROOT)}/"]
     return finish(study, lines)
@@ -186,7 +186,7 @@ def full(args) -> list:
              f"Seeds: main {seeds}, ablations {args.ablation_seeds}, video {args.video_seeds}; "
              f"steps x{args.steps_scale} of the `*_shapes*.yaml` configs; "
              f"device: {device_name(args.device)}. "
-             f"Metrics in percent, mean ± std over seeds, background counted as a segment (SPEC §6).", ""]
+             f"Metrics in percent, mean ± std over seeds, background counted as a segment.", ""]
     if "main" in args.parts or "ablations" in args.parts:
         lines += [study.data("shapes"), ""]
     vaes = {}

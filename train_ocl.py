@@ -25,7 +25,7 @@ from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, 
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
+# Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
 
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
