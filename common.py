@@ -428,13 +428,16 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
     return state, state["step"]
 
 
-def restore_training_state(state: dict, model, optimizer, scaler, rank: int) -> None:
+def restore_training_state(state: dict, model, optimizer, scaler, rank: int, log: RunLog) -> None:
     """Load a checkpoint's weights, optimizer and grad-scaler state and this rank's RNG state, so the run continues
-    exactly where it stopped (with more ranks than the checkpoint has RNG states, the extra ones take the last)."""
+    exactly where it stopped (with more ranks than the checkpoint has RNG states, the extra ones take the last),
+    and cut the run's log back to the checkpoint's step."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+    log.rewind(state["step"])
+    log.info(f"resumed from {state['path']} at step {state['step']}")
 
 
 def gather_rng_states(d: "Dist") -> list:

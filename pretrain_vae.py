@@ -129,9 +129,7 @@ def main(argv=None) -> None:
         if state is None:
             torch.manual_seed(config["seed"] * d.world_size + d.rank)
         else:
-            restore_training_state(state, model, optimizer, scaler, d.rank)
-            log.rewind(start_step)
-            log.info(f"resumed from {state['path']} at step {start_step}")
+            restore_training_state(state, model, optimizer, scaler, d.rank, log)
         with warnings.catch_warnings():  # torch >= 2.10 deprecates the flag; its replacement is missing in older torch
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             # Codebook usage statistics are per rank and reduced explicitly; rank 0's must not overwrite them.

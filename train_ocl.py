@@ -162,9 +162,7 @@ def main(argv=None) -> None:
         if state is None:
             torch.manual_seed(config["seed"] * d.world_size + d.rank)
         else:
-            restore_training_state(state, model, optimizer, scaler, d.rank)
-            log.rewind(start_step)
-            log.info(f"resumed from {state['path']} at step {start_step}")
+            restore_training_state(state, model, optimizer, scaler, d.rank, log)
             best = state.get("best", best)
             config["latent_scale"] = state["config"]["latent_scale"]
         ddp_model = DDP(model) if d.enabled else model  # buffers (frozen VAE, latent scale) are equal on every rank
