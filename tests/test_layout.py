@@ -16,6 +16,7 @@ LIBRARY = {"common", "data", "model", "msf"}
 
 
 def parse(module: str) -> ast.Module:
+    """The syntax tree of a top-level module."""
     with open(os.path.join(ROOT, module + ".py")) as f:
         return ast.parse(f.read(), module + ".py")
 
