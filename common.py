@@ -6,7 +6,6 @@ module imports no other module of the project, so every module can import it.
 """
 
 import argparse
-import contextlib
 import difflib
 import json
 import math
@@ -36,6 +35,8 @@ def run_main(main: Callable[[], Any]) -> None:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        if dist.is_initialized():  # a torchrun rank leaves its process group cleanly before exiting
+            dist.destroy_process_group()
         sys.exit(2)
 
 
@@ -303,16 +304,6 @@ def cleanup_distributed(d: Dist) -> None:
     """Leave the process group, if this process joined one."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def distributed(device_name: str):
-    """setup_distributed for a `with` block that always leaves the process group, also on an error."""
-    d = setup_distributed(device_name)
-    try:
-        yield d
-    finally:
-        cleanup_distributed(d)
 
 
 # ----------------------------------------------------------------------------------------------------------------

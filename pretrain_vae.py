@@ -18,9 +18,10 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, distributed,
+from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, cleanup_distributed,
                     gather_rng_states, load_config, optimizer_step, option, progress_bar, reduce_mean,
-                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr)
+                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
+                    setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,99 +105,98 @@ def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
 
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
-    with distributed(config["device"]) as d:  # DDP under torchrun (one process per GPU), else one process
-        # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
-        log = RunLog(config["out_dir"], d.is_main)
-        state, start_step = resume_state(config, "vae", MODEL_KEYS)
+    d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
+    # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
+    log = RunLog(config["out_dir"], d.is_main)
+    state, start_step = resume_state(config, "vae", MODEL_KEYS)
 
-        # Data: this rank's slice of a step-indexed order, so a resumed run sees what the uninterrupted one would.
-        loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
-                              config["num_workers"], config["seed"], d, start_step, config["resolution"],
-                              config["num_frames"])
-        resolution = loader.dataset.resolution
-        msf.check_vae_config(config, resolution)
-        val_path = split_path(config["data_dir"], config["val_split"])
-        val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, resolution,
-                          config["val_samples"])
+    # Data: this rank's slice of a step-indexed order, so a resumed run sees what the uninterrupted one would.
+    loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
+                          config["num_workers"], config["seed"], d, start_step, config["resolution"],
+                          config["num_frames"])
+    resolution = loader.dataset.resolution
+    msf.check_vae_config(config, resolution)
+    val_path = split_path(config["data_dir"], config["val_split"])
+    val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, resolution, config["val_samples"])
 
-        # Model: the global seed gives every rank, whatever the world size, the same initial weights.
-        torch.manual_seed(config["seed"])
-        model = msf.build_vae(config).to(d.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-        dtype = amp_dtype(config["amp"], d.device)
-        scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-        # Seed: from here on each rank draws its own noise (Gumbel, code replacement); resume restores that state.
-        if state is None:
-            torch.manual_seed(config["seed"] * d.world_size + d.rank)
-        else:
-            restore_training_state(state, model, optimizer, scaler, d.rank, log)
-        with warnings.catch_warnings():  # torch >= 2.10 deprecates the flag; its replacement is missing in older torch
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            # Codebook usage statistics are per rank and reduced explicitly; rank 0's must not overwrite them.
-            ddp_model = DDP(model, broadcast_buffers=False) if d.enabled else model
-        if d.is_main:
-            save_config(config, os.path.join(config["out_dir"], "config.yaml"))
-        log.info(f"VAE {config['quantizer']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                 f"{len(loader.dataset)} training samples at {resolution}px, {d.world_size} process(es) on {d.device}")
-        first = next(iter(eval_loader(val_path, 8, 0, d, resolution, 8)))
-        figure_images = (first["video"][:, 0] if "video" in first else first["image"]).to(d.device)
+    # Model: the global seed gives every rank, whatever the world size, the same initial weights.
+    torch.manual_seed(config["seed"])
+    model = msf.build_vae(config).to(d.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    dtype = amp_dtype(config["amp"], d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    # Seed: from here on each rank draws its own noise (Gumbel, code replacement); resume restores that state.
+    if state is None:
+        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    else:
+        restore_training_state(state, model, optimizer, scaler, d.rank, log)
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates the flag; its replacement is missing in older torch
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        # Codebook usage statistics are per rank and reduced explicitly; rank 0's must not overwrite them.
+        ddp_model = DDP(model, broadcast_buffers=False) if d.enabled else model
+    if d.is_main:
+        save_config(config, os.path.join(config["out_dir"], "config.yaml"))
+    log.info(f"VAE {config['quantizer']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+             f"{len(loader.dataset)} training samples at {resolution}px, {d.world_size} process(es) on {d.device}")
+    first = next(iter(eval_loader(val_path, 8, 0, d, resolution, 8)))
+    figure_images = (first["video"][:, 0] if "video" in first else first["image"]).to(d.device)
 
-        def checkpoint(step: int) -> str:
-            states = gather_rng_states(d)
-            if not d.is_main:
-                return ""
-            return save_checkpoint({"kind": "vae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states,
-                                    "data": {"data_dir": config["data_dir"], "train": config["train_split"],
-                                             "val": config["val_split"], "resolution": resolution}},
-                                   config["out_dir"], step, config["keep_checkpoints"])
+    def checkpoint(step: int) -> str:
+        states = gather_rng_states(d)
+        if not d.is_main:
+            return ""
+        return save_checkpoint({"kind": "vae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states,
+                                "data": {"data_dir": config["data_dir"], "train": config["train_split"],
+                                         "val": config["val_split"], "resolution": resolution}},
+                               config["out_dir"], step, config["keep_checkpoints"])
 
-        # The loop: every schedule is a pure function of the step, so resume is exact.
-        steps = config["steps"]
-        progress = progress_bar(steps, start_step, "pretrain_vae", d.is_main)
-        batches = iter(loader)
-        last_time = time.perf_counter()
-        for step in range(start_step, steps):
-            lr = set_scheduled_lr(optimizer, step, config)
-            alpha = msf.residual_alpha(step, steps, config)
-            temperature = msf.gumbel_temperature(step, steps, config)
-            images = frames_of(next(batches)).to(d.device, non_blocking=True)
-            with autocast(d.device, dtype):
-                loss, stats = ddp_model(images, alpha, temperature)
-            if not all_finite(loss, d):
-                raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; "
-                                f"the last checkpoint in {config['out_dir']} is intact")
-            grad_norm = optimizer_step(loss, model.parameters(), optimizer, scaler, config["grad_clip"])
-            replaced = 0
-            for book in model.codebooks():
-                replace = config["code_replacement"] and step % config["replace_every"] == 0
-                replaced += book.maintain(replace, dead_fraction=config["dead_fraction"])
-            progress.update(1)
+    # The loop: every schedule is a pure function of the step, so resume is exact.
+    steps = config["steps"]
+    progress = progress_bar(steps, start_step, "pretrain_vae", d.is_main)
+    batches = iter(loader)
+    last_time = time.perf_counter()
+    for step in range(start_step, steps):
+        lr = set_scheduled_lr(optimizer, step, config)
+        alpha = msf.residual_alpha(step, steps, config)
+        temperature = msf.gumbel_temperature(step, steps, config)
+        images = frames_of(next(batches)).to(d.device, non_blocking=True)
+        with autocast(d.device, dtype):
+            loss, stats = ddp_model(images, alpha, temperature)
+        if not all_finite(loss, d):
+            raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; the "
+                            f"last checkpoint in {config['out_dir']} is intact")
+        grad_norm = optimizer_step(loss, model.parameters(), optimizer, scaler, config["grad_clip"])
+        replaced = 0
+        for book in model.codebooks():
+            replace = config["code_replacement"] and step % config["replace_every"] == 0
+            replaced += book.maintain(replace, dead_fraction=config["dead_fraction"])
+        progress.update(1)
 
-            if step % config["log_every"] == 0 or step == steps - 1:
-                now = time.perf_counter()
-                entry = reduce_mean(stats, d)
-                entry.update(step=step, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
-                             replaced_codes=replaced, seconds_per_step=(now - last_time) / (1 if step == start_step
-                                                                                            else config["log_every"]))
-                entry["dead_codes"] = sum(int(b.dead_codes(dead_fraction=config["dead_fraction"]).sum())
-                                          for b in model.codebooks())
-                last_time = now
-                log.record(entry)
-                progress.set_postfix(loss=f"{entry['loss']:.4f}", dead=entry["dead_codes"])
-            if (step + 1) % config["val_every"] == 0 or step == steps - 1:
-                metrics = validate(model, val, d, dtype)
-                log.record({"step": step, **metrics})
-                log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                if d.is_main:
-                    save_figure(model, figure_images,
-                                os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png"))
-                path = checkpoint(step + 1)
-                if path:
-                    log.info(f"saved {path}")
-        progress.close()
-        if start_step >= steps:
-            log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+        if step % config["log_every"] == 0 or step == steps - 1:
+            now = time.perf_counter()
+            entry = reduce_mean(stats, d)
+            entry.update(step=step, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
+                         replaced_codes=replaced, seconds_per_step=(now - last_time) / (1 if step == start_step
+                                                                                        else config["log_every"]))
+            entry["dead_codes"] = sum(int(b.dead_codes(dead_fraction=config["dead_fraction"]).sum())
+                                      for b in model.codebooks())
+            last_time = now
+            log.record(entry)
+            progress.set_postfix(loss=f"{entry['loss']:.4f}", dead=entry["dead_codes"])
+        if (step + 1) % config["val_every"] == 0 or step == steps - 1:
+            metrics = validate(model, val, d, dtype)
+            log.record({"step": step, **metrics})
+            log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if d.is_main:
+                save_figure(model, figure_images, os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png"))
+            path = checkpoint(step + 1)
+            if path:
+                log.info(f"saved {path}")
+    progress.close()
+    if start_step >= steps:
+        log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    cleanup_distributed(d)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import evaluate
 import model as models
 import msf
 from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save, autocast,
-                    distributed, gather_rng_states, load_checkpoint, load_config, optimizer_step, option,
+                    cleanup_distributed, gather_rng_states, load_checkpoint, load_config, optimizer_step, option,
                     progress_bar, reduce_mean, restore_training_state, resume_state, run_main, save_checkpoint,
-                    save_config, set_scheduled_lr)
+                    save_config, set_scheduled_lr, setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,103 +131,103 @@ def best_value(metrics: dict, name: str) -> float:
 
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
-    with distributed(config["device"]) as d:  # DDP under torchrun (one process per GPU), else one process
-        # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
-        log = RunLog(config["out_dir"], d.is_main)
-        state, start_step = resume_state(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
+    d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
+    # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
+    log = RunLog(config["out_dir"], d.is_main)
+    state, start_step = resume_state(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
 
-        # Data: this rank's slice of a step-indexed order, so a resumed run sees what the uninterrupted one would.
-        loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
-                              config["num_workers"], config["seed"], d, start_step, config["resolution"],
-                              config["num_frames"])
-        video = loader.dataset.is_video
-        val_path = split_path(config["data_dir"], config["val_split"])
-        val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, config["resolution"],
-                          config["val_samples"])
+    # Data: this rank's slice of a step-indexed order, so a resumed run sees what the uninterrupted one would.
+    loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
+                          config["num_workers"], config["seed"], d, start_step, config["resolution"],
+                          config["num_frames"])
+    video = loader.dataset.is_video
+    val_path = split_path(config["data_dir"], config["val_split"])
+    val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, config["resolution"],
+                      config["val_samples"])
 
-        # Model: the global seed gives every rank, whatever the world size, the same initial weights.
-        vae, vae_state = load_guidance_vae(config)
-        torch.manual_seed(config["seed"])
-        model = models.build_model(config, video, vae).to(d.device)
-        # SlotDiffusion's latent scale is measured on a fresh start; a resumed run takes it from the checkpoint.
-        if config["method"] == "slotdiffusion" and not config["latent_scale"] and state is None:
-            config["latent_scale"] = measure_latent_scale(model, loader.dataset, d.device)
-            model.latent_scale.fill_(config["latent_scale"])
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=config["lr"])
-        dtype = amp_dtype(config["amp"], d.device)
-        scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-        best = float("-inf")
-        # Seed: from here on each rank draws its own noise (slot queries, dropout, diffusion); resume restores it.
-        if state is None:
-            torch.manual_seed(config["seed"] * d.world_size + d.rank)
-        else:
-            restore_training_state(state, model, optimizer, scaler, d.rank, log)
-            best = state.get("best", best)
-            config["latent_scale"] = state["config"]["latent_scale"]
-        ddp_model = DDP(model) if d.enabled else model  # buffers (frozen VAE, latent scale) are equal on every rank
-        if d.is_main:
-            save_config(config, os.path.join(config["out_dir"], "config.yaml"))
-        log.info(f"{config['method']} + {config['guidance']} guidance: "
-                 f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, {len(loader.dataset)} "
-                 f"{'videos' if video else 'images'} at {config['resolution']}px, {d.world_size} process(es) on "
-                 f"{d.device}")
-        figure_batch = next(iter(eval_loader(val_path, 4, 0, d, config["resolution"], 4)))
+    # Model: the global seed gives every rank, whatever the world size, the same initial weights.
+    vae, vae_state = load_guidance_vae(config)
+    torch.manual_seed(config["seed"])
+    model = models.build_model(config, video, vae).to(d.device)
+    # SlotDiffusion's latent scale is measured on a fresh start; a resumed run takes it from the checkpoint.
+    if config["method"] == "slotdiffusion" and not config["latent_scale"] and state is None:
+        config["latent_scale"] = measure_latent_scale(model, loader.dataset, d.device)
+        model.latent_scale.fill_(config["latent_scale"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config["lr"])
+    dtype = amp_dtype(config["amp"], d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    best = float("-inf")
+    # Seed: from here on each rank draws its own noise (slot queries, dropout, diffusion); resume restores it.
+    if state is None:
+        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    else:
+        restore_training_state(state, model, optimizer, scaler, d.rank, log)
+        best = state.get("best", best)
+        config["latent_scale"] = state["config"]["latent_scale"]
+    ddp_model = DDP(model) if d.enabled else model  # buffers (frozen VAE, latent scale) are equal on every rank
+    if d.is_main:
+        save_config(config, os.path.join(config["out_dir"], "config.yaml"))
+    log.info(f"{config['method']} + {config['guidance']} guidance: "
+             f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, {len(loader.dataset)} "
+             f"{'videos' if video else 'images'} at {config['resolution']}px, {d.world_size} process(es) on {d.device}")
+    figure_batch = next(iter(eval_loader(val_path, 4, 0, d, config["resolution"], 4)))
 
-        def checkpoint(step: int, metrics: dict) -> None:
-            nonlocal best
-            states = gather_rng_states(d)
-            value = best_value(metrics, config["best_metric"])
-            improved = value > best
-            best = max(best, value)
-            if not d.is_main:
-                return
-            payload = {"kind": "ocl", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states, "best": best,
-                       "metrics": metrics, "video": video, "vae_config": vae.config if vae is not None else None,
-                       "vae_ckpt": vae_state["path"] if vae_state else None,
-                       "data": {"data_dir": config["data_dir"], "train": config["train_split"],
-                                "val": config["val_split"], "resolution": config["resolution"]}}
-            path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"])
-            if improved:
-                atomic_torch_save(payload, os.path.join(config["out_dir"], "best.pt"))
-            log.info(f"saved {path}" + (f" and best.pt ({config['best_metric']} {value:.2f})" if improved else ""))
+    def checkpoint(step: int, metrics: dict) -> None:
+        nonlocal best
+        states = gather_rng_states(d)
+        value = best_value(metrics, config["best_metric"])
+        improved = value > best
+        best = max(best, value)
+        if not d.is_main:
+            return
+        payload = {"kind": "ocl", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states, "best": best,
+                   "metrics": metrics, "video": video, "vae_config": vae.config if vae is not None else None,
+                   "vae_ckpt": vae_state["path"] if vae_state else None,
+                   "data": {"data_dir": config["data_dir"], "train": config["train_split"],
+                            "val": config["val_split"], "resolution": config["resolution"]}}
+        path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"])
+        if improved:
+            atomic_torch_save(payload, os.path.join(config["out_dir"], "best.pt"))
+        log.info(f"saved {path}" + (f" and best.pt ({config['best_metric']} {value:.2f})" if improved else ""))
 
-        # The loop: every schedule is a pure function of the step, so resume is exact.
-        steps = config["steps"]
-        progress = progress_bar(steps, start_step, f"train_ocl {config['method']}", d.is_main)
-        batches = iter(loader)
-        last_time = time.perf_counter()
-        for step in range(start_step, steps):
-            lr = set_scheduled_lr(optimizer, step, config)
-            sigma = models.query_sigma(step, steps, config)
-            batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
-            with autocast(d.device, dtype):
-                loss, stats, _ = ddp_model(batch, sigma)
-            if not all_finite(loss, d):
-                raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; "
-                                f"the last checkpoint in {config['out_dir']} is intact")
-            grad_norm = optimizer_step(loss, trainable, optimizer, scaler, config["grad_clip"])
-            progress.update(1)
-            if step % config["log_every"] == 0 or step == steps - 1:
-                now = time.perf_counter()
-                entry = reduce_mean(stats, d)
-                entry.update(step=step, lr=lr, sigma=sigma, grad_norm=grad_norm,
-                             seconds_per_step=(now - last_time) / (1 if step == start_step else config["log_every"]))
-                last_time = now
-                log.record(entry)
-                progress.set_postfix(loss=f"{entry['loss']:.4f}")
-            if (step + 1) % config["val_every"] == 0 or step == steps - 1:
-                metrics = validate(model, val, d, dtype)
-                log.record({"step": step, **metrics})
-                log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                if d.is_main:
-                    evaluate.save_figures(model, figure_batch, d.device,
-                                          os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}"))
-                checkpoint(step + 1, metrics)
-        progress.close()
-        if start_step >= steps:
-            log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    # The loop: every schedule is a pure function of the step, so resume is exact.
+    steps = config["steps"]
+    progress = progress_bar(steps, start_step, f"train_ocl {config['method']}", d.is_main)
+    batches = iter(loader)
+    last_time = time.perf_counter()
+    for step in range(start_step, steps):
+        lr = set_scheduled_lr(optimizer, step, config)
+        sigma = models.query_sigma(step, steps, config)
+        batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
+        with autocast(d.device, dtype):
+            loss, stats, _ = ddp_model(batch, sigma)
+        if not all_finite(loss, d):
+            raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; "
+                            f"the last checkpoint in {config['out_dir']} is intact")
+        grad_norm = optimizer_step(loss, trainable, optimizer, scaler, config["grad_clip"])
+        progress.update(1)
+        if step % config["log_every"] == 0 or step == steps - 1:
+            now = time.perf_counter()
+            entry = reduce_mean(stats, d)
+            entry.update(step=step, lr=lr, sigma=sigma, grad_norm=grad_norm,
+                         seconds_per_step=(now - last_time) / (1 if step == start_step else config["log_every"]))
+            last_time = now
+            log.record(entry)
+            progress.set_postfix(loss=f"{entry['loss']:.4f}")
+        if (step + 1) % config["val_every"] == 0 or step == steps - 1:
+            metrics = validate(model, val, d, dtype)
+            log.record({"step": step, **metrics})
+            log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if d.is_main:
+                evaluate.save_figures(model, figure_batch, d.device,
+                                      os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}"))
+            checkpoint(step + 1, metrics)
+    progress.close()
+    if start_step >= steps:
+        log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    cleanup_distributed(d)
 
 
 if __name__ == "__main__":
