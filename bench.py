@@ -8,12 +8,21 @@ Ratios are measured in one process with the two sides interleaved, because share
 """
 
 import argparse
+import multiprocessing
 import os
-import sys
+import statistics
 import tempfile
 import time
+import warnings
 
 import torch
+import torch.nn.functional as F
+
+import data
+import model as models
+import msf
+import prepare_data
+from common import UserError, amp_dtype, autocast, pick_device, run_main
 
 FIGURES = {}
 
@@ -30,13 +39,11 @@ def figure(function):
 @figure
 def loader_images_per_s(args):
     """Decoded and normalised 128x128 images per second through OCLDataset + DataLoader with 2 workers."""
-    import prepare_data
-
     with tempfile.TemporaryDirectory() as tmp:
         prepare_data.write_synthetic("shapes", tmp, {"train": 512}, seed=0, min_objects=2, max_objects=6,
                                      frames=0, workers=2, progress=False)
-        dataset = prepare_data.OCLDataset(os.path.join(tmp, "train.lmdb"), train=True)
-        sampler = prepare_data.StepSampler(len(dataset), 64, seed=0)
+        dataset = data.OCLDataset(os.path.join(tmp, "train.lmdb"), train=True)
+        sampler = data.StepSampler(len(dataset), 64, seed=0)
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, sampler=sampler, num_workers=2,
                                              persistent_workers=True, prefetch_factor=4)
         iterator = iter(loader)
@@ -57,15 +64,11 @@ def loader_images_per_s(args):
 
 def vae_config(quantizer: str) -> dict:
     """The paper's VAE: 64 channels, c = 256, 4096 codes (VQ) or 64 x 64 combinations (MSF, N = 3)."""
-    import msf
-
     return dict({k: o.default for k, o in msf.VAE_OPTIONS.items()}, quantizer=quantizer, gumbel=False)
 
 
 def time_interleaved(functions: dict, repeats: int, warmup: int = 2, sync=None) -> dict:
     """Median seconds per call of each function, calls interleaved so machine noise hits all of them alike."""
-    import statistics
-
     for _ in range(warmup):
         for function in functions.values():
             function()
@@ -87,7 +90,7 @@ def training_step(loss_fn, parameters, device, dtype):
     optimizer = torch.optim.Adam(list(parameters), lr=1e-4)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,19 +103,13 @@ def _sync(device):
     return torch.cuda.synchronize if device.type == "cuda" else None
 
 
-def _dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
 def vae_step(name: str, device, full: bool):
     """One training step of the paper-width VAE with quantiser `name` on random 128x128 images (batch 64 with
     --full, 8 otherwise)."""
-    import msf
-
     torch.manual_seed(0)
     images = torch.rand(64 if full else 8, 3, 128, 128, device=device) * 2 - 1
     model = msf.build_vae(vae_config(name)).to(device)
-    return training_step(lambda: model(images)[0], model.parameters(), device, _dtype(device))
+    return training_step(lambda: model(images)[0], model.parameters(), device, amp_dtype("auto", device))
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -130,9 +127,7 @@ def _measure_peak_gib(builder, name: str, device: str, full: bool) -> float:
     CUDA: the caching allocator's peak. CPU (Linux): the peak resident set (VmHWM) above the resident set right
     after the imports, with the peak reset there. Not getrusage's ru_maxrss: a spawned child inherits its parent's
     resident set at fork time as its starting maximum."""
-    import model  # noqa: F401 -- imported before the baseline, like msf below
-    import msf  # noqa: F401
-
+    # bench.py imports the networks' modules at its top, so their import cost is in the baseline, not the peak.
     device = torch.device(device)
     baseline = _proc_status_bytes("VmRSS")
     try:
@@ -152,8 +147,6 @@ def _measure_peak_gib(builder, name: str, device: str, full: bool) -> float:
 def peak_memory(builder, names: tuple, device, full: bool, prefix: str) -> dict:
     """Peak memory of each variant's training step, each measured in its own fresh process (a shared process
     would keep the other model's memory and the allocator's high-water mark), and their ratio."""
-    import multiprocessing
-
     if device.type == "cpu" and not os.path.exists("/proc/self/status"):
         return {}
     if device.type == "cuda":
@@ -183,10 +176,6 @@ def msf_vae_step_ratio(args):
 def fuse_per_scale_loop(z_list, codes, mode="adjacent"):
     """The comparison point: the official code's structure. For every target scale, resize each candidate scale
     to it (pool finer, upsample coarser), match the stack against the codebook, keep the most confident."""
-    import torch.nn.functional as F
-
-    import msf
-
     fused = []
     for n in range(len(z_list)):
         candidates = []
@@ -208,8 +197,6 @@ def fuse_per_scale_loop(z_list, codes, mode="adjacent"):
 @figure
 def fusion_speedup_vs_loop(args):
     """Inter-scale fusion (Eq. 4) of N=3 scales: the batched version vs the per-scale loop, same inputs."""
-    import msf
-
     device = args.device
     batch = 64 if args.full else 16
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -238,8 +225,6 @@ def fusion_speedup_vs_loop(args):
 def ocl_config(guidance: str, full: bool) -> dict:
     """SLATE as in the paper (--full: DINO big-little, 256-d, 4-layer decoder, 128 px) or the CPU-sized shapes
     config (naive CNN, 64 px)."""
-    import model as models
-
     config = {k: o.default for k, o in models.OCL_OPTIONS.items()}
     config.update(method="slate", guidance=guidance, resolution=128, dino_pretrained=False)
     if not full:
@@ -251,11 +236,6 @@ def ocl_config(guidance: str, full: bool) -> dict:
 def ocl_step(guidance: str, device, full: bool):
     """One SLATE training step (forward incl. the frozen VAE's guidance, backward, Adam): paper size with --full
     (DINO ViT-S/8 big-little, 128 px, batch 32), else the shapes config (64 px, batch 16)."""
-    import warnings
-
-    import model as models
-    import msf
-
     config = ocl_config(guidance, full)
     vae_settings = vae_config(guidance) if full else dict(vae_config(guidance), code_dim=64, vae_width=32)
     torch.manual_seed(0)
@@ -265,7 +245,7 @@ def ocl_step(guidance: str, device, full: bool):
         ocl = models.OCLModel(config, vae).to(device)
     images = torch.rand(32 if full else 16, 3, config["resolution"], config["resolution"], device=device) * 2 - 1
     trainable = [p for p in ocl.parameters() if p.requires_grad]
-    return training_step(lambda: ocl({"image": images}, 0.5)[0], trainable, device, _dtype(device))
+    return training_step(lambda: ocl({"image": images}, 0.5)[0], trainable, device, amp_dtype("auto", device))
 
 
 @figure
@@ -291,12 +271,11 @@ def main(argv=None) -> None:
     parser.add_argument("--full", action="store_true", help="paper-size settings (use on a GPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
-    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                               else ("cpu" if args.device == "auto" else args.device))
+    args.device = pick_device(args.device)
     wanted = args.names or list(FIGURES)
     unknown = [name for name in wanted if name not in FIGURES]
     if unknown:
-        sys.exit(f"error: unknown figure(s) {unknown}; choose from {list(FIGURES)}")
+        raise UserError(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}")
     print(f"device: {torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
     for name in wanted:
@@ -305,4 +284,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

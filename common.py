@@ -1,7 +1,8 @@
 """Run plumbing shared by the stage scripts: config loading, user-facing errors, DDP, checkpoints, logs.
 
-This is the only module besides the networks (model.py, msf.py) that more than one stage imports; it plays the
-part of nanoGPT's configurator.py plus the few helpers every trainer needs. Nothing here knows about models.
+It plays the part of nanoGPT's configurator.py plus the small helpers a trainer calls; each trainer's main
+(pretrain_vae.py, train_ocl.py) does its own set-up with them. Nothing here knows about models or data, and this
+module imports no other module of the project, so every module can import it.
 """
 
 import argparse
@@ -15,11 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Errors a user can cause end in one sentence, not a traceback (STYLE rule 7).
+# Errors a user can cause end in one sentence, not a traceback.
 
 class UserError(Exception):
     """An error caused by input (config, data, checkpoint) whose message says what to do."""
@@ -31,6 +35,8 @@ def run_main(main: Callable[[], Any]) -> None:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        if dist.is_initialized():  # a torchrun rank leaves its process group cleanly before exiting
+            dist.destroy_process_group()
         sys.exit(2)
 
 
@@ -201,13 +207,14 @@ def strict_json(value, **kwargs) -> str:
     return json.dumps(clean(value), allow_nan=False, **kwargs)
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write(path: str, write: Callable, binary: bool = False) -> None:
+    """Call `write(file)` on a temporary file beside `path`, flush it to disk, then rename it to `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -217,24 +224,18 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    import torch
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a text file atomically."""
+    atomic_write(path, lambda f: f.write(text))
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to `path` atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Schedules: pure functions of the global step so resume is exact (STYLE rule 3).
+# Schedules: pure functions of the global step so resume is exact.
 
 def warmup_cosine(step: int, total: int, peak: float, warmup_fraction: float = 0.05, final_ratio: float = 1e-3) -> float:
     """Linear warm-up from 0 over `warmup_fraction` of `total`, then cosine from `peak` to `peak * final_ratio`."""
@@ -279,8 +280,6 @@ class Dist:
 
 
 def pick_device(name: str):
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -290,9 +289,6 @@ def pick_device(name: str):
 
 def setup_distributed(device_name: str) -> Dist:
     """Initialise the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
-    import torch
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist(False, 0, 0, 1, pick_device(device_name))
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -305,8 +301,7 @@ def setup_distributed(device_name: str) -> Dist:
 
 
 def cleanup_distributed(d: Dist) -> None:
-    import torch.distributed as dist
-
+    """Leave the process group, if this process joined one."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -324,8 +319,6 @@ class RunLog:
     def info(self, message: str) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
-
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
         tqdm.write(line)  # keeps an active progress bar intact
         with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
@@ -337,11 +330,14 @@ class RunLog:
         with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
             f.write(strict_json(entry) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Drop the log.jsonl entries from `step` on: a run resumed at `step` writes them again."""
+        if self.enabled:
+            truncate_log(os.path.join(self.out_dir, "log.jsonl"), step - 1)
+
 
 def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
     """tqdm that redraws often on a terminal and rarely in a log file (CI, nohup)."""
-    from tqdm import tqdm
-
     interactive = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
                 mininterval=0.2 if interactive else 30.0)
@@ -388,8 +384,6 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
 
 def load_checkpoint(path: str, kind: str = None) -> dict:
     """Load a checkpoint safely (weights_only: no code runs) and check it is of the expected kind."""
-    import torch
-
     path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -425,48 +419,20 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
     return state, state["step"]
 
 
-def run_training(options: dict, argv, description: str, train) -> None:
-    """A training script's main: resolve the config, join the torchrun group if launched by it, call
-    `train(config, d)`, and always leave the process group."""
-    config = load_config(options, argv, description=description)
-    d = setup_distributed(config["device"])
-    try:
-        train(config, d)
-    finally:
-        cleanup_distributed(d)
-
-
-def open_run(config: dict, d: "Dist") -> tuple:
-    """The run's rank-0 log and the train / val split paths, after checking the global batch splits evenly."""
-    log = RunLog(config["out_dir"], d.is_main)
-    if config["batch_size"] % d.world_size:
-        raise UserError(f"batch_size {config['batch_size']} must be divisible by the {d.world_size} processes")
-    paths = [os.path.join(config["data_dir"], f"{config[key]}.lmdb") for key in ("train_split", "val_split")]
-    return log, paths[0], paths[1]
-
-
-def restore_training_state(state: dict, model, optimizer, scaler, config: dict, d: "Dist", log) -> None:
-    """Continue a run where `state` (a checkpoint dict, or None for a fresh start) left it: weights, optimizer,
-    grad scaler and this rank's RNG state; the log is cut back to the checkpoint's step. A fresh start seeds each
-    rank differently (`seed * world_size + rank`) after the shared initial weights were drawn."""
-    import torch
-
-    if state is None:
-        torch.manual_seed(config["seed"] * d.world_size + d.rank)
-        return
+def restore_training_state(state: dict, model, optimizer, scaler, rank: int, log: RunLog) -> None:
+    """Load a checkpoint's weights, optimizer and grad-scaler state and this rank's RNG state, so the run continues
+    exactly where it stopped (with more ranks than the checkpoint has RNG states, the extra ones take the last),
+    and cut the run's log back to the checkpoint's step."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
-    if d.is_main:
-        truncate_log(os.path.join(config["out_dir"], "log.jsonl"), state["step"] - 1)
+    set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+    log.rewind(state["step"])
     log.info(f"resumed from {state['path']} at step {state['step']}")
 
 
 def gather_rng_states(d: "Dist") -> list:
     """Every rank's RNG state (rank order), for a checkpoint that resumes each rank exactly."""
-    import torch.distributed as dist
-
     states = [rng_state()]
     if d.enabled:
         states = [None] * d.world_size
@@ -475,8 +441,6 @@ def gather_rng_states(d: "Dist") -> list:
 
 
 def rng_state() -> dict:
-    import torch
-
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -484,8 +448,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import torch
-
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -501,8 +463,6 @@ def truncate_log(path: str, last_step: int) -> None:
 
 def amp_dtype(setting: str, device):
     """Autocast dtype for `amp: auto|bf16|fp16|off`; None means full precision (the CPU default)."""
-    import torch
-
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return None
     if setting == "auto":
@@ -510,51 +470,16 @@ def amp_dtype(setting: str, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
+def autocast(device, dtype):
+    """Mixed precision in `dtype` (from amp_dtype) on `device`; dtype None runs in full precision."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Data loaders and the optimisation step shared by the two trainers.
-
-def train_loader(path: str, global_batch: int, num_workers: int, seed: int, d: Dist, start_step: int = 0,
-                 resolution: int = 0, num_frames: int = 6):
-    """An endless loader whose order is a pure function of (seed, step): see prepare_data.StepSampler."""
-    import torch
-
-    from prepare_data import OCLDataset, StepSampler
-
-    dataset = OCLDataset(path, train=True, num_frames=num_frames, resolution=resolution, seed=seed)
-    sampler = StepSampler(len(dataset), global_batch, seed, d.rank, d.world_size, start_step)
-    # Its own generator keeps the loader from drawing on the global RNG, which resume restores exactly.
-    return torch.utils.data.DataLoader(dataset, batch_size=global_batch // d.world_size, sampler=sampler,
-                                       num_workers=num_workers, pin_memory=d.device.type == "cuda",
-                                       persistent_workers=num_workers > 0, generator=torch.Generator(),
-                                       multiprocessing_context=worker_context(num_workers))
-
-
-def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolution: int = 0, max_samples: int = 0):
-    """A finite loader over this rank's share (every world_size-th sample) of the first `max_samples` samples."""
-    import torch
-
-    from prepare_data import OCLDataset
-
-    dataset = OCLDataset(path, train=False, resolution=resolution)
-    count = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
-    subset = torch.utils.data.Subset(dataset, list(range(d.rank, count, d.world_size)))
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       pin_memory=d.device.type == "cuda", generator=torch.Generator(),
-                                       multiprocessing_context=worker_context(num_workers))
-
-
-def worker_context(num_workers: int):
-    """Loader workers start from a forkserver, not by forking the trainer: a fork of a process that already runs
-    gloo/OpenMP threads can copy a held lock into the worker, which then never starts (seen as a DDP run that
-    hangs at its first validation)."""
-    return "forkserver" if num_workers > 0 else None
-
+# The optimisation step shared by the two trainers.
 
 def all_finite(value, d: Dist) -> bool:
     """True when `value` is finite on every rank (all ranks stop together otherwise)."""
-    import torch
-    import torch.distributed as dist
-
     flag = torch.tensor([float(torch.isfinite(value.detach()).all())], device=value.device)
     if d.enabled:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -563,8 +488,6 @@ def all_finite(value, d: Dist) -> bool:
 
 def optimizer_step(loss, parameters, optimizer, scaler, clip: float) -> float:
     """Backward, unscale, clip the global L2 norm, step; returns the pre-clip gradient norm."""
-    import torch
-
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -576,9 +499,6 @@ def optimizer_step(loss, parameters, optimizer, scaler, clip: float) -> float:
 
 def reduce_mean(values: dict, d: Dist) -> dict:
     """Average a dict of scalars over ranks (for logging)."""
-    import torch
-    import torch.distributed as dist
-
     if not d.enabled or not values:
         return {k: float(v) for k, v in values.items()}
     keys = sorted(values)

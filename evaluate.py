@@ -1,4 +1,5 @@
-"""Stage 3: evaluate a trained OCL checkpoint — segmentation metrics, object separability, figures (SPEC §6).
+"""Stage 3: evaluate a trained OCL checkpoint — segmentation metrics, object separability, figures (protocol:
+README, "Evaluation protocol").
 
     python evaluate.py CKPT [--split val] [--out DIR]
 
@@ -13,7 +14,7 @@ flattened into N, so it gets one score, and a slot keeps one identity across all
 background and 255 for ignore; `pred` ids may be any integers (slot indices, usually). Every metric returns a
 float64 tensor (B,) of fractions in [0, 1] (ARI in [-1, 1]); `mean_percent` turns it into a table entry.
 
-Conventions (the paper's metrics cover objects *and* background, SPEC §6):
+Conventions (the paper's metrics cover objects *and* background; README, "Evaluation protocol"):
   - background (id 0) is a segment like any other in ARI, mIoU and mBO; ARIfg drops the pixels whose true id is
     background — the prediction is never filtered, so a slot that covers background and an object still counts;
   - pixels with true id 255 drop out of every metric, for both `pred` and `true`;
@@ -31,12 +32,15 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 import msf
-from common import (UserError, atomic_write_text, eval_loader, load_checkpoint, progress_bar, run_main,
-                    setup_distributed, strict_json)
-from model import masks_to_segments
+from common import (UserError, atomic_write_text, autocast, load_checkpoint, progress_bar, run_main, setup_distributed,
+                    strict_json)
+from data import eval_loader, split_path
+from model import build_model, masks_to_segments
 
 BACKGROUND = 0
 IGNORE = 255
@@ -96,7 +100,7 @@ def ari(pred: torch.Tensor, true: torch.Tensor, foreground_only: bool = False,
         adjusted_rand_index` replaces a zero denominator by 1, which happens only for identical partitions);
       - one true segment but several predicted ones (or the reverse) scores 0.0, as in sklearn;
       - a sample with no scored pixel (all ignore; for ARIfg also no foreground) gets `empty_foreground`: NaN by
-        default, so the mean skips it (SPEC §6). OCLF's 0/0 rule gives such a sample 1.0 and counts it in the
+        default, so the mean skips it. OCLF's 0/0 rule gives such a sample 1.0 and counts it in the
         mean (sklearn also returns 1.0 for empty input); pass `empty_foreground=1.0` to reproduce its numbers.
     Background (true id 0) is one segment; `foreground_only` drops the pixels whose *true* id is background, and
     predicted ids are never filtered. Ignore pixels (true id 255) never count.
@@ -187,64 +191,6 @@ def mean_percent(values) -> float:
 
 
 # ================================================================================================================
-# Linear sum assignment (Hungarian matching) for mIoU; scipy is only a test dependency.
-
-def linear_sum_assignment(cost, maximize: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Assign rows to distinct columns with minimal (or maximal) total cost, as `scipy.optimize.
-    linear_sum_assignment`: returns (row indices ascending, column indices), min(n_rows, n_cols) pairs.
-
-    Kuhn-Munkres with dual potentials in the shortest-augmenting-path form of Jonker & Volgenant: rows join one
-    at a time, each along a Dijkstra-like shortest path in reduced costs, O(n^2 m) for n <= m. Ties are fine;
-    which of several optimal assignments comes back may differ from scipy's, the total does not.
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim != 2:
-        raise ValueError(f"the cost matrix must be 2-D, got shape {cost.shape}")
-    if not np.isfinite(cost).all():
-        raise ValueError("the cost matrix must be finite")
-    transposed = cost.shape[0] > cost.shape[1]
-    if transposed:
-        cost = cost.T
-    if maximize:
-        cost = -cost
-    num_rows, num_cols = cost.shape  # num_rows <= num_cols
-    # Index 0 is a virtual column from which every augmenting path starts; rows and columns count from 1.
-    row_potential = np.zeros(num_rows + 1)
-    col_potential = np.zeros(num_cols + 1)
-    row_of_col = np.zeros(num_cols + 1, dtype=np.int64)  # 0: column free
-    for row in range(1, num_rows + 1):
-        row_of_col[0] = row
-        previous_col = np.zeros(num_cols + 1, dtype=np.int64)  # the path tree, to walk back along
-        min_slack = np.full(num_cols + 1, np.inf)
-        visited = np.zeros(num_cols + 1, dtype=bool)
-        col = 0
-        while row_of_col[col] != 0:
-            visited[col] = True
-            current_row = row_of_col[col]
-            slack = cost[current_row - 1] - row_potential[current_row] - col_potential[1:]  # (num_cols,)
-            improves = ~visited[1:] & (slack < min_slack[1:])
-            min_slack[1:][improves] = slack[improves]
-            previous_col[1:][improves] = col
-            candidates = np.where(visited[1:], np.inf, min_slack[1:])
-            next_col = int(np.argmin(candidates)) + 1
-            delta = candidates[next_col - 1]
-            row_potential[row_of_col[visited]] += delta  # distinct rows: one per visited column
-            col_potential[visited] -= delta
-            min_slack[1:][~visited[1:]] -= delta
-            col = next_col
-        while col != 0:  # flip the matching along the path back to the virtual column
-            parent = previous_col[col]
-            row_of_col[col] = row_of_col[parent]
-            col = parent
-    cols = np.nonzero(row_of_col[1:])[0]
-    rows = row_of_col[1:][cols] - 1
-    if transposed:
-        rows, cols = cols, rows
-    order = np.argsort(rows)
-    return rows[order], cols[order]
-
-
-# ================================================================================================================
 # Object separability of the guidance (paper Sect. 4.3, Table 4).
 
 def separability(vectors, k: int, seed: int = 0, return_labels: bool = False) -> dict:
@@ -314,6 +260,17 @@ def segmentation_scores(pred: torch.Tensor, true: torch.Tensor, extended: bool =
     return scores
 
 
+def score_batch(model, batch: dict, device, dtype=None, extended: bool = False) -> tuple:
+    """Run one batch through an OCL model and score its slot masks: (scores of segmentation_scores, the loss, the
+    batch on `device`). Videos get one score each, time flattened. train_ocl.py validates with this too."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with autocast(device, dtype):
+        loss, _, masks = model(batch)
+    truth = batch["segment"].long()
+    predicted = masks_to_segments(masks, tuple(truth.shape[-2:]))
+    return segmentation_scores(predicted.flatten(1).cpu(), truth.flatten(1).cpu(), extended), loss, batch
+
+
 # ================================================================================================================
 # Figures.
 
@@ -333,8 +290,6 @@ def colour_segments(segments: torch.Tensor) -> torch.Tensor:
 
 def _save_grid(rows: list, columns: int, path: str) -> None:
     """Tiles (n,3,H,W) images in [0,1] into one PNG, written atomically."""
-    import torchvision
-
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial = path + ".partial.png"
     torchvision.utils.save_image(torch.cat(rows).float().clamp(0, 1), partial, nrow=columns, padding=2, pad_value=1)
@@ -408,13 +363,11 @@ def load_for_evaluation(path: str, device):
         return vae.to(device).eval(), state
     if state["kind"] != "ocl":
         raise UserError(f"{state['path']} is a {state['kind']} checkpoint; evaluate.py takes OCL or VAE checkpoints")
-    import train_ocl  # imported here: train_ocl imports this module
-
     config = dict(state["config"], dino_pretrained=False, dino_weights="")  # DINO's weights are in the checkpoint
     with _older_config_error(state), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DINO is RANDOMLY")
         vae = msf.build_vae(state["vae_config"]) if state.get("vae_config") else None
-        model = train_ocl.build_model(config, state["video"], vae)
+        model = build_model(config, state["video"], vae)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -447,7 +400,8 @@ def run_name(path: str) -> str:
 
 
 def data_path(state: dict, split: str, data_dir: str = "") -> str:
-    return os.path.join(data_dir or state["data"]["data_dir"], f"{split}.lmdb")
+    """The split a checkpoint is evaluated on: in `data_dir` if given, else in the directory it was trained on."""
+    return split_path(data_dir or state["data"]["data_dir"], split)
 
 
 # ================================================================================================================
@@ -460,11 +414,8 @@ def evaluate_ocl(model, loader, device, separability_of_guidance: bool = False, 
     per_sample = {}
     bar = progress_bar(len(loader.dataset), 0, progress)
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        _, _, masks = model(batch)
+        scores, _, batch = score_batch(model, batch, device, extended=True)
         truth = batch["segment"].long()
-        pred = masks_to_segments(masks, tuple(truth.shape[-2:]))
-        scores = segmentation_scores(pred.flatten(1).cpu(), truth.flatten(1).cpu(), extended=True)
         if separability_of_guidance and model.vae is not None and not model.video:
             vectors = model.guidance(batch["image"])["vectors"][0]
             scores.update(_guidance_separability(vectors, truth))
@@ -659,8 +610,8 @@ def _report(results: list, compare: bool) -> dict:
         if len(ocl_runs) == 1:
             payload.update({k: ocl_runs[0][k] for k in keys})
         lines.append(_format_table(["run"] + keys, rows))
-        lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (SPEC §6); miou_fg, mbo_fg: "
-                     "background excluded (DINOSAUR's convention)" +
+        lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (README, 'Evaluation "
+                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention)" +
                      ("; sep_*: KMeans inter/intra-cluster distance of the scale-1 guidance" if "sep_inter" in keys
                       else ""))
     for run in vae_runs:

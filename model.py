@@ -1,4 +1,4 @@
-"""Object-centric models (SPEC §3): primary encoders, Slot Attention, decoders, and the OCL methods.
+"""Object-centric models (README, "Configs"): primary encoders, Slot Attention, decoders, and the OCL methods.
 
     SLATE          Slot Attention + autoregressive transformer decoder over the frozen VAE's tokens
     STEVE          SLATE per video frame, slots carried over by a transformer predictor
@@ -15,11 +15,14 @@ import copy
 import math
 import warnings
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed
 
-from common import UserError, option
+from common import UserError, cosine_anneal, option
 
 
 # ================================================================================================================
@@ -63,8 +66,6 @@ class NaiveCNN(nn.Module):
 
 def load_dino(config: dict) -> nn.Module:
     """The frozen DINO ViT from timm: pretrained from the hub, from `dino_weights`, or random (loudly)."""
-    import timm
-
     image_size = config["resolution"]
     kwargs = dict(img_size=image_size, num_classes=0, dynamic_img_size=True)
     if config["dino_depth"]:
@@ -91,16 +92,12 @@ def load_dino(config: dict) -> nn.Module:
 def dino_input_statistics(vit: nn.Module) -> tuple:
     """The per-channel (mean, std) of [0, 1] pixels the ViT's weights were trained with: timm's pretrained config of
     the model (ImageNet's for DINO and DINOv2), timm's ImageNet defaults if the model carries none."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     cfg = getattr(vit, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
 def load_vit_weights(vit: nn.Module, path: str) -> None:
     """Load a timm or official DINO state dict into `vit`, resampling the position embedding to its grid."""
-    from timm.layers import resample_abs_pos_embed
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -231,16 +228,18 @@ def boxes_for_slots(boxes: torch.Tensor, num_slots: int) -> torch.Tensor:
 class SlotAttention(nn.Module):
     """Standard Slot Attention: softmax over slots, weighted mean over inputs, GRU update, residual MLP."""
 
-    def __init__(self, dim: int, iterations: int = 3, mlp_dim: int = 0, eps: float = 1e-8):
+    def __init__(self, dim: int, iterations: int = 3, mlp_dim: int = 0, eps: float = 1e-8, slot_update: bool = True):
+        """`slot_update=False` leaves out the GRU and MLP, for a subclass that brings its own (BlockSlotAttention)."""
         super().__init__()
         self.dim, self.iterations, self.eps = dim, iterations, eps
         self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
-        self.gru = nn.GRUCell(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim or 2 * dim), nn.ReLU(inplace=True),
-                                 nn.Linear(mlp_dim or 2 * dim, dim))
+        if slot_update:
+            self.gru = nn.GRUCell(dim, dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim or 2 * dim), nn.ReLU(inplace=True),
+                                     nn.Linear(mlp_dim or 2 * dim, dim))
 
     def attend(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """One attention step: (b,s,d) slots -> updates (b,s,d) and attention (b,s,n), softmax over slots."""
@@ -297,15 +296,13 @@ class BlockSlotAttention(SlotAttention):
     learned library of prototypes for that block (soft attention over the block's prototypes)."""
 
     def __init__(self, dim: int, iterations: int, blocks: int, prototypes: int):
-        super().__init__(dim, iterations)
+        super().__init__(dim, iterations, slot_update=False)
         if dim % blocks:
             raise UserError(f"slot_dim {dim} must be divisible by sysbinder_blocks {blocks}")
         self.blocks, self.block_dim = blocks, dim // blocks
         self.gru = BlockGRU(dim, blocks)
-        self.mlp = None
         self.block_mlp_in = nn.Parameter(torch.randn(blocks, self.block_dim, 4 * self.block_dim) / math.sqrt(self.block_dim))
         self.block_mlp_out = nn.Parameter(torch.zeros(blocks, 4 * self.block_dim, self.block_dim))
-        self.norm_mlp = nn.LayerNorm(dim)
         self.prototypes = nn.Parameter(torch.randn(blocks, prototypes, self.block_dim))
         self.norm_binding = nn.LayerNorm(self.block_dim)
 
@@ -879,7 +876,7 @@ def vae_vocabularies(vae, scales: list) -> list:
 
 def masks_to_segments(masks: torch.Tensor, size: tuple) -> torch.Tensor:
     """Soft slot masks (b, [T,] s, h, w) -> predicted segment ids (b, [T,] H, W): bilinear upsampling to the image
-    size, then argmax over slots (SPEC §6)."""
+    size, then argmax over slots (README, "Evaluation protocol")."""
     lead = masks.shape[:-3]
     flat = masks.reshape(-1, *masks.shape[-3:]).float()
     upsampled = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
@@ -890,9 +887,26 @@ def query_sigma(step: int, total_steps: int, config: dict) -> float:
     """The shared sigma of the Gaussian slot queries: cosine 1 -> 0 over training; 0 for single-object data."""
     if config["single_object"]:
         return 0.0
-    from common import cosine_anneal
-
     return cosine_anneal(step, total_steps, config["query_sigma_start"], 0.0)
+
+
+# ================================================================================================================
+# Building a model from a config.
+
+def build_model(config: dict, video: bool, vae=None) -> OCLModel:
+    """The OCL model a config describes, after checking that its method fits the data and the guidance VAE
+    (train_ocl.py builds it for training, evaluate.py from a checkpoint's own config)."""
+    if config["method"] == "steve" and not video:
+        raise UserError("STEVE is a video method; point data_dir at a video dataset (e.g. data/shapes_video)")
+    if config["method"] in ("slate", "dinosaur") and video:
+        raise UserError(f"{config['method']} is an image method; its video counterpart is steve")
+    for scale in config["guidance_scales"]:
+        if vae is not None and not 1 <= scale <= vae.num_scales:
+            raise UserError(f"guidance_scales {config['guidance_scales']} asks for scale {scale} of a VAE with "
+                            f"{vae.num_scales} scale(s)")
+    if config["method"] == "slotdiffusion" and config["guidance_scales"] != [1]:
+        raise UserError("SlotDiffusion diffuses one latent: guidance_scales must be [1]")
+    return OCLModel(config, vae, video)
 
 
 # ================================================================================================================

@@ -1,4 +1,4 @@
-"""The multi-scale fusion (MSF) VQ-VAE and its baselines, Zhao et al. ICLR 2025 (SPEC §1-2).
+"""The multi-scale fusion (MSF) VQ-VAE and its baselines, Zhao et al. ICLR 2025.
 
 One VAE class covers the three guidance kinds an OCL model can be trained with:
   vq       one codebook of 4096 codes (the VQ-VAE baseline, SlotDiffusion's guidance);
@@ -559,7 +559,7 @@ def _winning_vectors(z_list: list, pooled: dict, n: int, winner: torch.Tensor, m
 
 
 def inter_scale_indices(z: list, codebook: torch.Tensor) -> list:
-    """Eq. 4 with argmax matching (SPEC §7): z is N tensors (b, h/2^(n-1), w/2^(n-1), c), codebook (m, c);
+    """Eq. 4 with argmax matching: z is N tensors (b, h/2^(n-1), w/2^(n-1), c), codebook (m, c);
     returns N LongTensors (b, h_n, w_n) of fused code indices (adjacent scales as candidates)."""
     with torch.no_grad():
         return fuse_inter_scale(z, codebook, "adjacent", "paper", 0.0, return_vectors=False)[0]

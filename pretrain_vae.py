@@ -3,7 +3,7 @@
     python pretrain_vae.py configs/vae_msf_shapes.yaml [--key value ...]
     torchrun --nproc_per_node K pretrain_vae.py configs/vae_msf_clevrtex.yaml
 
-Per scale n: reconstruction MSE of T_n plus the VQ codebook and commitment terms (SPEC §1.10). Adam with linear
+Per scale n: reconstruction MSE of T_n plus the VQ codebook and commitment terms (msf.VAE.forward). Adam with linear
 warm-up and cosine decay, AMP on GPU, global-norm clipping, code replacement, validation with per-scale MSE and
 codebook usage, PNG grids of reconstructions and code maps, atomic checkpoints (last K kept), exact `--resume`.
 """
@@ -14,15 +14,18 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, eval_loader, gather_rng_states, open_run,
-                    optimizer_step, option, progress_bar, reduce_mean, restore_training_state, resume_state, run_main,
-                    run_training, save_checkpoint, save_config, set_scheduled_lr, train_loader)
+from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, cleanup_distributed,
+                    gather_rng_states, load_config, optimizer_step, option, progress_bar, reduce_mean,
+                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
+                    setup_distributed)
+from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
+# Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
 
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
@@ -52,7 +55,7 @@ def frames_of(batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model: msf.VAE, loader, d, autocast_dtype) -> dict:
+def validate(model: msf.VAE, loader, d, dtype) -> dict:
     """Per-scale reconstruction MSE and codebook usage over the validation split (all ranks reduced)."""
     model.eval()
     sums = torch.zeros(model.num_scales + 1, device=d.device, dtype=torch.float64)  # per-scale SE, pixel count
@@ -61,7 +64,7 @@ def validate(model: msf.VAE, loader, d, autocast_dtype) -> dict:
     counts = [torch.zeros(b.num_codes, device=d.device) for b in books]
     for batch in loader:
         images = frames_of(batch).to(d.device, non_blocking=True)
-        with torch.autocast(d.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(d.device, dtype):
             _, _, quantized, recons = model(images, return_reconstructions=True)
         pyramid = msf.image_pyramid(images, model.num_scales, model.config["pyramid"])
         for n, (r, t) in enumerate(zip(recons, pyramid)):
@@ -91,8 +94,6 @@ def validate(model: msf.VAE, loader, d, autocast_dtype) -> dict:
 @torch.no_grad()
 def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
     """Rows: input, reconstruction of every scale (upsampled), PCA-coloured code map of every scale."""
-    import torchvision
-
     model.eval()
     _, _, quantized, recons = model(images, return_reconstructions=True)
     model.train()
@@ -120,27 +121,32 @@ def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> Non
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    run_training(OPTIONS, argv, __doc__, train)
-
-
-def train(config: dict, d) -> None:
-    log, train_path, val_path = open_run(config, d)
-
+    config = load_config(OPTIONS, argv, description=__doc__)
+    d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
+    # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
+    log = RunLog(config["out_dir"], d.is_main)
     state, start_step = resume_state(config, "vae", MODEL_KEYS)
 
-    torch.manual_seed(config["seed"] * d.world_size + d.rank)
-    loader = train_loader(train_path, config["batch_size"], config["num_workers"], config["seed"], d, start_step,
-                          config["resolution"], config["num_frames"])
+    # Data: this rank's slice of a step-indexed order, so a resumed run sees what the uninterrupted one would.
+    loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
+                          config["num_workers"], config["seed"], d, start_step, config["resolution"],
+                          config["num_frames"])
     resolution = loader.dataset.resolution
     msf.check_vae_config(config, resolution)
+    val_path = split_path(config["data_dir"], config["val_split"])
     val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, resolution, config["val_samples"])
 
-    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    # Model: the global seed gives every rank, whatever the world size, the same initial weights.
+    torch.manual_seed(config["seed"])
     model = msf.build_vae(config).to(d.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     dtype = amp_dtype(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-    restore_training_state(state, model, optimizer, scaler, config, d, log)
+    # Seed: from here on each rank draws its own noise (Gumbel, code replacement); resume restores that state.
+    if state is None:
+        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    else:
+        restore_training_state(state, model, optimizer, scaler, d.rank, log)
     with warnings.catch_warnings():  # torch >= 2.10 deprecates the flag; its replacement is missing in older torch
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         # Codebook usage statistics are per rank and reduced explicitly; rank 0's must not overwrite them.
@@ -162,6 +168,7 @@ def train(config: dict, d) -> None:
                                          "val": config["val_split"], "resolution": resolution}},
                                config["out_dir"], step, config["keep_checkpoints"])
 
+    # The loop: every schedule is a pure function of the step, so resume is exact.
     steps = config["steps"]
     progress = progress_bar(steps, start_step, "pretrain_vae", d.is_main)
     batches = iter(loader)
@@ -171,7 +178,7 @@ def train(config: dict, d) -> None:
         alpha = msf.residual_alpha(step, steps, config)
         temperature = msf.gumbel_temperature(step, steps, config)
         images = frames_of(next(batches)).to(d.device, non_blocking=True)
-        with torch.autocast(d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(d.device, dtype):
             loss, stats = ddp_model(images, alpha, temperature)
         if not all_finite(loss, d):
             raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; the "
@@ -207,6 +214,7 @@ def train(config: dict, d) -> None:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
     elif metrics is not None:
         warn_collapsed_codebooks(metrics, log)
+    cleanup_distributed(d)
 
 
 if __name__ == "__main__":

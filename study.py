@@ -25,6 +25,12 @@ import subprocess
 import sys
 import time
 
+import torch
+import yaml
+
+from common import atomic_write_text
+from data import load_split
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # (training, validation) samples of the synthetic data used by the demo and the study.
@@ -58,9 +64,10 @@ class Study:
         self.timings.append((what, time.perf_counter() - start))
 
     def steps(self, config: str, override: int = 0) -> list:
-        import yaml
-
-        steps = override or yaml.safe_load(open(os.path.join(ROOT, config)))["steps"]
+        steps = override
+        if not steps:
+            with open(os.path.join(ROOT, config)) as f:
+                steps = yaml.safe_load(f)["steps"]
         return ["--steps", max(1, int(round(steps * self.steps_scale)))]
 
     def common(self) -> list:
@@ -70,8 +77,6 @@ class Study:
     def data(self, name: str) -> str:
         """Generate data/NAME at the study's size, unless it is there at that size already (the demo and the study
         share one size, so either reuses the other's data); returns the report's line on it."""
-        from prepare_data import load_split
-
         target = os.path.join(ROOT, "data", name)
         sizes = DATA_SIZES[name]
         line = f"Data: `data/{name}`, {sizes[0]} training and {sizes[1]} validation samples."
@@ -173,7 +178,7 @@ def demo(args) -> list:
         lines.append(f"| {run['name']} | {number(run['ari'])} | {number(run['ari_fg'])} | {number(run['miou'])} | "
                      f"{number(run['mbo'])} | {number(run['sep_inter'], 3)} | {number(run['sep_intra'], 3)} | "
                      f"{number(ratio(run['sep_inter'], run['sep_intra']))} |")
-    lines += ["", "Metrics in percent, background counted as a segment (SPEC §6). Separability: KMeans on each "
+    lines += ["", "Metrics in percent, background counted as a segment (README, 'Evaluation protocol'). Separability: KMeans on each "
               "image's scale-1 guidance vectors, k = its number of ground-truth segments.",
               "", f"Figures: {os.path.relpath(os.path.join(study.out, 'eval', 'slate_vq_vs_msf'), ROOT)}/"]
     return finish(study, lines)
@@ -186,7 +191,7 @@ def full(args) -> list:
              f"Seeds: main {seeds}, ablations {args.ablation_seeds}, video {args.video_seeds}; "
              f"steps x{args.steps_scale} of the `*_shapes*.yaml` configs; "
              f"device: {device_name(args.device)}. "
-             f"Metrics in percent, mean ± std over seeds, background counted as a segment (SPEC §6).", ""]
+             f"Metrics in percent, mean ± std over seeds, background counted as a segment.", ""]
     if "main" in args.parts or "ablations" in args.parts:
         lines += [study.data("shapes"), ""]
     vaes = {}
@@ -232,16 +237,12 @@ def full(args) -> list:
 
 
 def device_name(setting: str) -> str:
-    import torch
-
     if setting != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({os.cpu_count()} cores)"
 
 
 def finish(study: Study, lines: list) -> list:
-    from common import atomic_write_text
-
     lines += ["", "## Wall-clock time per stage", "", "Of this invocation: a stage finished by an earlier one is "
               "skipped and shows only its start-up time.", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {what} | {seconds:.0f} |" for what, seconds in study.timings]

@@ -18,13 +18,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 import model as models
 import msf
-from common import (TRAINING_OPTIONS, UserError, all_finite, amp_dtype, atomic_torch_save, eval_loader,
-                    gather_rng_states, load_checkpoint, open_run, optimizer_step, option, progress_bar, reduce_mean,
-                    restore_training_state, resume_state, run_main, run_training, save_checkpoint, save_config,
-                    set_scheduled_lr, train_loader)
+from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save, autocast,
+                    cleanup_distributed, gather_rng_states, load_checkpoint, load_config, optimizer_step, option,
+                    progress_bar, reduce_mean, restore_training_state, resume_state, run_main, save_checkpoint,
+                    save_config, set_scheduled_lr, setup_distributed)
+from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (SPEC §5).
+# Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
 
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
@@ -46,7 +47,7 @@ MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Building the model from a config (also used by evaluate.py on a checkpoint's config).
+# The frozen guidance VAE named by the config (model.build_model then checks the method against the data).
 
 def load_guidance_vae(config: dict):
     """The frozen VAE named by `vae_ckpt`, checked against the OCL config; None for DINOSAUR."""
@@ -80,20 +81,6 @@ def load_guidance_vae(config: dict):
     return vae, state
 
 
-def build_model(config: dict, video: bool, vae=None) -> models.OCLModel:
-    if config["method"] == "steve" and not video:
-        raise UserError("STEVE is a video method; point data_dir at a video dataset (e.g. data/shapes_video)")
-    if config["method"] in ("slate", "dinosaur") and video:
-        raise UserError(f"{config['method']} is an image method; its video counterpart is steve")
-    for scale in config["guidance_scales"]:
-        if vae is not None and not 1 <= scale <= vae.num_scales:
-            raise UserError(f"guidance_scales {config['guidance_scales']} asks for scale {scale} of a VAE with "
-                            f"{vae.num_scales} scale(s)")
-    if config["method"] == "slotdiffusion" and config["guidance_scales"] != [1]:
-        raise UserError("SlotDiffusion diffuses one latent: guidance_scales must be [1]")
-    return models.OCLModel(config, vae, video)
-
-
 @torch.no_grad()
 def measure_latent_scale(model: models.OCLModel, dataset, device, samples: int = 32) -> float:
     """Std of the latent SlotDiffusion diffuses (`diffusion_target`) over the first training samples
@@ -112,23 +99,12 @@ def measure_latent_scale(model: models.OCLModel, dataset, device, samples: int =
 METRICS = ("ari", "ari_fg", "miou", "mbo")
 
 
-def batch_scores(model: models.OCLModel, batch: dict, device, dtype) -> tuple:
-    """Per-sample metric values (b,) for one batch, plus the loss and masks (videos: one score per video)."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss, _, masks = model(batch)
-    truth = batch["segment"].long()
-    predicted = models.masks_to_segments(masks, tuple(truth.shape[-2:]))
-    pred, true = predicted.flatten(1).cpu(), truth.flatten(1).cpu()  # videos: time flattened, one score each
-    return evaluate.segmentation_scores(pred, true), loss, masks
-
-
 @torch.no_grad()
 def validate(model: models.OCLModel, loader, d, dtype) -> dict:
     model.eval()
     sums = torch.zeros(2 * len(METRICS) + 2, dtype=torch.float64)  # metric sums, metric counts, loss sum, batches
     for batch in loader:
-        scores, loss, _ = batch_scores(model, batch, d.device, dtype)
+        scores, loss, _ = evaluate.score_batch(model, batch, d.device, dtype)
         for i, name in enumerate(METRICS):
             valid = ~torch.isnan(scores[name])
             sums[i] += scores[name][valid].sum()
@@ -155,24 +131,25 @@ def best_value(metrics: dict, name: str) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    run_training(OPTIONS, argv, __doc__, train)
-
-
-def train(config: dict, d) -> None:
-    log, train_path, val_path = open_run(config, d)
-
+    config = load_config(OPTIONS, argv, description=__doc__)
+    d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
+    # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
+    log = RunLog(config["out_dir"], d.is_main)
     state, start_step = resume_state(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
 
-    torch.manual_seed(config["seed"] * d.world_size + d.rank)
-    loader = train_loader(train_path, config["batch_size"], config["num_workers"], config["seed"], d, start_step,
-                          config["resolution"], config["num_frames"])
+    # Data: this rank's slice of a step-indexed order, so a resumed run sees what the uninterrupted one would.
+    loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
+                          config["num_workers"], config["seed"], d, start_step, config["resolution"],
+                          config["num_frames"])
     video = loader.dataset.is_video
+    val_path = split_path(config["data_dir"], config["val_split"])
     val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, config["resolution"],
                       config["val_samples"])
-    vae, vae_state = load_guidance_vae(config)
 
-    torch.manual_seed(config["seed"])  # identical initial weights on every rank
-    model = build_model(config, video, vae).to(d.device)
+    # Model: the global seed gives every rank, whatever the world size, the same initial weights.
+    vae, vae_state = load_guidance_vae(config)
+    torch.manual_seed(config["seed"])
+    model = models.build_model(config, video, vae).to(d.device)
     # SlotDiffusion's latent scale is measured on a fresh start; a resumed run takes it from the checkpoint.
     if config["method"] == "slotdiffusion" and not config["latent_scale"] and state is None:
         config["latent_scale"] = measure_latent_scale(model, loader.dataset, d.device)
@@ -182,8 +159,11 @@ def train(config: dict, d) -> None:
     dtype = amp_dtype(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
     best = float("-inf")
-    restore_training_state(state, model, optimizer, scaler, config, d, log)
-    if state is not None:
+    # Seed: from here on each rank draws its own noise (slot queries, dropout, diffusion); resume restores it.
+    if state is None:
+        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    else:
+        restore_training_state(state, model, optimizer, scaler, d.rank, log)
         best = state.get("best", best)
         config["latent_scale"] = state["config"]["latent_scale"]
     ddp_model = DDP(model) if d.enabled else model  # buffers (frozen VAE, latent scale) are equal on every rank
@@ -213,6 +193,7 @@ def train(config: dict, d) -> None:
             atomic_torch_save(payload, os.path.join(config["out_dir"], "best.pt"))
         log.info(f"saved {path}" + (f" and best.pt ({config['best_metric']} {value:.2f})" if improved else ""))
 
+    # The loop: every schedule is a pure function of the step, so resume is exact.
     steps = config["steps"]
     progress = progress_bar(steps, start_step, f"train_ocl {config['method']}", d.is_main)
     batches = iter(loader)
@@ -221,7 +202,7 @@ def train(config: dict, d) -> None:
         lr = set_scheduled_lr(optimizer, step, config)
         sigma = models.query_sigma(step, steps, config)
         batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
-        with torch.autocast(d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(d.device, dtype):
             loss, stats, _ = ddp_model(batch, sigma)
         if not all_finite(loss, d):
             raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; "
@@ -248,6 +229,7 @@ def train(config: dict, d) -> None:
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    cleanup_distributed(d)
 
 
 if __name__ == "__main__":

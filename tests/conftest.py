@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 import prepare_data
 
@@ -28,7 +29,5 @@ def video_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _few_threads():
     """Tests run on 2 cores; keep torch from oversubscribing them."""
-    import torch
-
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield

@@ -7,11 +7,14 @@ the converter. MOVi records are serialized by the protobuf library from a runtim
 framed with the `crc32c` package, independently of the converter's own wire decoder and CRC.
 """
 
+import io
 import json
 import struct
 import zlib
 
+import crc32c
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from PIL import Image
 
 CLEVRTEX_SIZE = (320, 240)  # (width, height) of every ClevrTex render
@@ -218,8 +221,6 @@ def example_class(packed: bool = True):
 
     packed=False declares the numeric lists `[packed = false]`, so the same message is written in the unpacked
     wire encoding that a decoder must also accept."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
     FieldProto = descriptor_pb2.FieldDescriptorProto
     file_proto = descriptor_pb2.FileDescriptorProto(name="fixture_example.proto", package="tensorflow",
                                                     syntax="proto3")
@@ -277,8 +278,6 @@ def make_example(features: dict, packed: bool = True) -> bytes:
 
 
 def masked_crc(data: bytes) -> int:
-    import crc32c
-
     crc = crc32c.crc32c(data)
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
@@ -294,8 +293,6 @@ def write_tfrecord(path, payloads) -> None:
 # ------------------------------------------------------------------------------------------------ MOVi
 
 def _png(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "PNG")
     return buffer.getvalue()

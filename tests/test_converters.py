@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import crc32c
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,9 +18,8 @@ from PIL import Image
 import fixtures_raw
 import prepare_data
 from common import UserError
+from helpers import ROOT, boxes_by_loop
 from prepare_data import load_split
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------ oracles
@@ -52,16 +52,6 @@ def renumber(labels, ignore=255):
     return out
 
 
-def boxes_by_loop(segment, max_objects):
-    height, width = segment.shape
-    boxes = np.zeros((max_objects, 4), np.float32)
-    for k in range(1, max_objects + 1):
-        ys, xs = np.nonzero(segment == k)
-        if len(ys):
-            boxes[k - 1] = [xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height]
-    return boxes
-
-
 def assert_image_close(converted, source_rgb):
     assert converted.shape == (128, 128, 3) and converted.dtype == np.uint8
     assert np.abs(converted.astype(int) - crop_bilinear(source_rgb)).max() <= 1
@@ -84,8 +74,6 @@ def check_meta(split, dataset, name, frames, max_objects):
 # ------------------------------------------------------------------------------------------------ TFRecord reading
 
 def test_crc32c_numpy_matches_the_crc32c_package():
-    import crc32c
-
     rng = np.random.default_rng(0)
     chunk = prepare_data._CRC32C_CHUNK
     for length in (0, 1, 7, 8, chunk - 1, chunk, chunk + 1, 3 * chunk, 5 * chunk + 1234, 300_001):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import prepare_data
 from common import UserError
-from prepare_data import OCLDataset, StepSampler, decode_record, encode_record, load_split
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from data import OCLDataset, StepSampler, decode_record, encode_record, load_split
+from helpers import ROOT, boxes_by_loop
 
 
 # ------------------------------------------------------------------------------------------------ generator
@@ -68,23 +68,12 @@ def test_video_objects_move_and_change_scale():
         assert (first == k).sum() >= prepare_data.MIN_VISIBLE_PIXELS
 
 
-def _boxes_by_loop(segment, max_objects):
-    """Oracle: per-object bounding boxes by explicit search."""
-    h, w = segment.shape
-    boxes = np.zeros((max_objects, 4), np.float32)
-    for k in range(1, max_objects + 1):
-        ys, xs = np.nonzero(segment == k)
-        if len(ys):
-            boxes[k - 1] = [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
-    return boxes
-
-
 def test_boxes_match_a_naive_search():
     sample = prepare_data.generate_video(2, "train", 5, 2, 5, 10)
     for t in range(10):
-        np.testing.assert_allclose(sample["bbox"][t], _boxes_by_loop(sample["segment"][t], 5))
+        np.testing.assert_allclose(sample["bbox"][t], boxes_by_loop(sample["segment"][t], 5))
     image = prepare_data.generate_image(2, "val", 3, 2, 6)
-    np.testing.assert_allclose(image["bbox"], _boxes_by_loop(image["segment"], 6))
+    np.testing.assert_allclose(image["bbox"], boxes_by_loop(image["segment"], 6))
 
 
 # ------------------------------------------------------------------------------------------------ storage
@@ -197,7 +186,7 @@ def test_missing_database_names_path_and_command(tmp_path):
 
 def test_half_written_database_is_refused(tmp_path):
     directory = tmp_path / "shapes"
-    writer = prepare_data.SplitWriter(str(directory / "train.lmdb"))
+    writer = data.SplitWriter(str(directory / "train.lmdb"))
     writer.add({"image": np.zeros((2, 2, 3), np.uint8)})
     writer.txn.commit()
     writer.env.close()  # a crash before close(): only the .partial file exists
@@ -216,8 +205,9 @@ def test_corrupt_and_foreign_databases_are_refused(tmp_path, shapes_dir):
         load_split(str(garbage))
 
     truncated = tmp_path / "cut.lmdb"
-    data = open(os.path.join(shapes_dir, "val.lmdb"), "rb").read()
-    truncated.write_bytes(data[: len(data) // 3])
+    with open(os.path.join(shapes_dir, "val.lmdb"), "rb") as f:
+        stored = f.read()
+    truncated.write_bytes(stored[: len(stored) // 3])
     with pytest.raises(UserError):
         split = load_split(str(truncated))
         for i in range(len(split)):

@@ -12,7 +12,7 @@ import torch
 import evaluate
 import train_ocl
 from common import UserError, read_jsonl
-from test_ocl import save_vae, write_config
+from helpers import save_vae, write_ocl_config
 
 pytest.importorskip("sklearn")
 
@@ -24,7 +24,7 @@ def trained(tmp_path_factory, shapes_dir):
     vae = save_vae(root / "vae.pt", "msf", 8)
     runs = []
     for seed in (0, 1):
-        config = write_config(root, shapes_dir, None, name=f"seed{seed}.yaml", vae_ckpt=vae, steps=3, val_every=3,
+        config = write_ocl_config(root, shapes_dir, None, name=f"seed{seed}.yaml", vae_ckpt=vae, steps=3, val_every=3,
                               val_samples=0, seed=seed, out_dir=str(root / f"seed{seed}"))
         train_ocl.main([config])
         runs.append(str(root / f"seed{seed}"))
@@ -55,7 +55,7 @@ def test_seeds_are_aggregated_as_mean_and_std(trained, tmp_path):
 
 def test_video_checkpoint_scores_whole_videos(tmp_path, video_dir):
     vae = save_vae(tmp_path / "vae.pt", "vq", 8)
-    config = write_config(tmp_path, video_dir, None, method="steve", guidance="vq", vae_ckpt=vae, steps=1,
+    config = write_ocl_config(tmp_path, video_dir, None, method="steve", guidance="vq", vae_ckpt=vae, steps=1,
                           batch_size=2, val_every=1, val_batch_size=1, val_samples=0)
     train_ocl.main([config])
     evaluate.main([str(tmp_path / "run"), "--out", str(tmp_path / "eval"), "--device", "cpu", "--num_workers", "0",

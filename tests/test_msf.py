@@ -166,7 +166,7 @@ def keep_codes(*models):
 
 
 def test_msf_with_one_scale_and_no_intra_fusion_is_a_plain_vq_vae():
-    """SPEC §2: num_scales 1 = plain VQ-VAE. With one scale inter-scale fusion has no other scale to vote."""
+    """num_scales 1 = plain VQ-VAE. With one scale inter-scale fusion has no other scale to vote."""
     vq = msf.build_vae(dict(TINY, quantizer="vq", codebook_size=16))
     one = msf.build_vae(dict(TINY, quantizer="msf", num_scales=1, intra_scale_fusion=False, si_codebook_size=16))
     one.encoder.load_state_dict(vq.encoder.state_dict())

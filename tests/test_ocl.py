@@ -4,8 +4,6 @@ cause."""
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,48 +11,18 @@ import yaml
 
 import model as models
 import msf
+import pretrain_vae
 import train_ocl
 from common import UserError, load_config, read_jsonl
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from helpers import ROOT, losses, save_vae, torchrun, write_ocl_config
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fixtures: tiny frozen VAEs saved as pretrain_vae.py would, and tiny OCL configs.
-
-def save_vae(path, quantizer: str, code_dim: int, resolution: int = 32, **overrides) -> str:
-    config = {k: o.default for k, o in msf.VAE_OPTIONS.items()}
-    config.update(quantizer=quantizer, code_dim=code_dim, vae_width=8, codebook_size=64, **overrides)
-    torch.manual_seed(0)
-    vae = msf.build_vae(config)
-    torch.save({"kind": "vae", "config": config, "model": vae.state_dict(), "step": 0,
-                "data": {"resolution": resolution}}, path)
-    return str(path)
-
+# Fixtures: tiny frozen VAEs saved as pretrain_vae.py would (tiny OCL configs: helpers.write_ocl_config).
 
 @pytest.fixture(scope="session")
 def vaes(tmp_path_factory):
     root = tmp_path_factory.mktemp("vaes")
     return {(q, c): save_vae(root / f"{q}_{c}.pt", q, c) for q in ("vq", "grouped", "msf") for c in (4, 8)}
-
-
-def write_config(tmp_path, data_dir, vaes=None, name="ocl.yaml", **overrides) -> str:
-    config = dict(method="slate", guidance="msf", encoder="cnn", cnn_channels=8, encoder_stride=2, num_slots=4,
-                  slot_dim=16, decoder_dim=16, decoder_layers=1, decoder_heads=2, decoder_dropout=0.0,
-                  unet_channels=16, dinosaur_hidden=16, dino_pretrained=False, dino_depth=1, sysbinder_blocks=2,
-                  sysbinder_prototypes=8, data_dir=data_dir, resolution=32, num_frames=3, steps=4, batch_size=4,
-                  num_workers=0, log_every=1, val_every=2, val_batch_size=4, val_samples=4,
-                  out_dir=str(tmp_path / "run"))
-    config.update(overrides)
-    if vaes is not None and config["guidance"] != "none" and "vae_ckpt" not in overrides:
-        config["vae_ckpt"] = vaes[(config["guidance"], 4 if config["method"] == "slotdiffusion" else 8)]
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def losses(run_dir) -> dict:
-    return {e["step"]: e["loss"] for e in read_jsonl(os.path.join(run_dir, "log.jsonl")) if "loss" in e}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,7 +37,7 @@ CASES = [("slate", g, False) for g in ("vq", "grouped", "msf")] + \
 
 @pytest.mark.parametrize("method,guidance,video", CASES, ids=[f"{m}-{g}{'-video' if v else ''}" for m, g, v in CASES])
 def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guidance, video):
-    config = write_config(tmp_path, video_dir if video else shapes_dir, vaes, method=method, guidance=guidance,
+    config = write_ocl_config(tmp_path, video_dir if video else shapes_dir, vaes, method=method, guidance=guidance,
                           encoder="dino_biglittle" if method == "dinosaur" else "cnn", steps=2, batch_size=2,
                           val_batch_size=2, val_samples=2)
     if method == "dinosaur":  # offline and without dino_weights, DINO is random: that must be said loudly
@@ -91,7 +59,7 @@ def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guid
 
 
 def test_trained_parameters_change_and_guidance_stays_frozen(tmp_path, shapes_dir, vaes):
-    train_ocl.main([write_config(tmp_path, shapes_dir, vaes, steps=3, val_every=100)])
+    train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, steps=3, val_every=100)])
     state = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=True)["model"]
     vae_before = torch.load(vaes[("msf", 8)], weights_only=True)["model"]
     for key, value in vae_before.items():
@@ -99,7 +67,7 @@ def test_trained_parameters_change_and_guidance_stays_frozen(tmp_path, shapes_di
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     torch.manual_seed(0)
     vae, _ = train_ocl.load_guidance_vae(config)
-    initial = train_ocl.build_model(config, False, vae).state_dict()
+    initial = models.build_model(config, False, vae).state_dict()
     changed = [k for k in initial if not k.startswith("vae.") and not torch.equal(initial[k], state[k])]
     assert any(k.startswith("slot_attention.") for k in changed) and any(k.startswith("decoder.") for k in changed)
 
@@ -266,7 +234,7 @@ def test_masks_to_segments_upsamples_then_argmaxes():
 # Training mechanics: exact resume, DDP, errors.
 
 def test_resume_is_bit_identical(tmp_path, shapes_dir, vaes):
-    config = write_config(tmp_path, shapes_dir, vaes, steps=4, val_every=2)
+    config = write_ocl_config(tmp_path, shapes_dir, vaes, steps=4, val_every=2)
     train_ocl.main([config])
     full = tmp_path / "run"
     train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
@@ -280,16 +248,13 @@ def test_resume_is_bit_identical(tmp_path, shapes_dir, vaes):
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path, video_dir, vaes):
     """STEVE + MSF, same global batch: 1 process x 2 clips and 2 gloo processes x 1 clip agree."""
-    config = write_config(tmp_path, video_dir, vaes, method="steve", steps=2, batch_size=2, val_every=2,
+    config = write_ocl_config(tmp_path, video_dir, vaes, method="steve", steps=2, batch_size=2, val_every=2,
                           val_batch_size=1, val_samples=2, num_workers=1)
     # One thread, as each of the two processes (OMP_NUM_THREADS=1): the thread count changes float sums, and on
     # this tiny data one flipped mask argmax moves the validation ARI by 2e-4.
     torch.set_num_threads(1)
     train_ocl.main([config, "--out_dir", str(tmp_path / "one")])
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train_ocl.py", config, "--out_dir", str(tmp_path / "two"), "--device", "cpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = torchrun("train_ocl.py", config, "--out_dir", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "ckpt_0000002.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "ckpt_0000002.pt", weights_only=True)
@@ -308,57 +273,55 @@ def test_ddp_two_processes_equal_one_process(tmp_path, video_dir, vaes):
 
 def test_guidance_must_match_the_vae(tmp_path, shapes_dir, vaes):
     with pytest.raises(UserError, match="is a 'vq' VAE but the config asks for guidance: msf"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, vae_ckpt=vaes[("vq", 8)])])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, vae_ckpt=vaes[("vq", 8)])])
     wide = save_vae(tmp_path / "wide.pt", "msf", 32)
     with pytest.raises(UserError, match="use a c=4 VAE"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", vae_ckpt=wide)])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", vae_ckpt=wide)])
     with pytest.raises(UserError, match="pretrained at 32px"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, resolution=64)])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, resolution=64)])
     with pytest.raises(UserError, match="OGDR is SLATE guided by grouped codes"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, method="ogdr", guidance="msf")])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, method="ogdr", guidance="msf")])
     with pytest.raises(UserError, match="needs vae_ckpt"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, None)])
-    train_ocl.main([write_config(tmp_path, shapes_dir, vaes, steps=2, val_every=2)])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None)])
+    train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, steps=2, val_every=2)])
     with pytest.raises(UserError, match="is a ocl checkpoint, but a vae checkpoint"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, vae_ckpt=str(tmp_path / "run"))])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, vae_ckpt=str(tmp_path / "run"))])
 
 
 def test_method_must_fit_the_data(tmp_path, shapes_dir, video_dir, vaes):
     with pytest.raises(UserError, match="STEVE is a video method"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, method="steve")])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, method="steve")])
     with pytest.raises(UserError, match="slate is an image method"):
-        train_ocl.main([write_config(tmp_path, video_dir, vaes)])
+        train_ocl.main([write_ocl_config(tmp_path, video_dir, vaes)])
     with pytest.raises(UserError, match="asks for scale 4"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, guidance_scales=[1, 4])])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, guidance_scales=[1, 4])])
 
 
 def test_resume_from_another_config_is_refused(tmp_path, shapes_dir, vaes):
-    train_ocl.main([write_config(tmp_path, shapes_dir, vaes, steps=2, val_every=2)])
+    train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, steps=2, val_every=2)])
     with pytest.raises(UserError, match="num_slots=4 but the config says num_slots=5"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, num_slots=5), "--resume", "auto"])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, num_slots=5), "--resume", "auto"])
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, shapes_dir, vaes):
     with pytest.raises(UserError, match="non-finite loss at step"):
-        train_ocl.main([write_config(tmp_path, shapes_dir, vaes, lr=1e30, grad_clip=0.0, steps=30, val_every=100)])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, lr=1e30, grad_clip=0.0, steps=30, val_every=100)])
 
 
 def test_guidance_scales_one_and_two(tmp_path, shapes_dir, vaes):
     """guidance_scales [1, 2]: the decoder predicts the 8x8 scale-1 tokens, then the 4x4 scale-2 tokens of the
     32-px input; [2] alone trains too."""
-    config = load_config(train_ocl.OPTIONS, [write_config(tmp_path, shapes_dir, vaes, guidance_scales=[1, 2])])
+    config = load_config(train_ocl.OPTIONS, [write_ocl_config(tmp_path, shapes_dir, vaes, guidance_scales=[1, 2])])
     vae, _ = train_ocl.load_guidance_vae(config)
-    ocl = train_ocl.build_model(config, False, vae)
+    ocl = models.build_model(config, False, vae)
     assert ocl.decoder.lengths == [64, 16] and len(ocl.decoder.heads) == 2
-    train_ocl.main([write_config(tmp_path, shapes_dir, vaes, guidance_scales=[2], steps=1, val_every=1)])
+    train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, guidance_scales=[2], steps=1, val_every=1)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The shipped configs: every file loads, and every OCL config names a VAE config that can guide it.
 
 def test_every_config_loads_and_names_a_matching_vae():
-    import pretrain_vae
-
     directory = os.path.join(ROOT, "configs")
     vae_configs, ocl_configs = {}, {}
     for name in sorted(os.listdir(directory)):

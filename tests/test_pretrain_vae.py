@@ -1,8 +1,6 @@
 """pretrain_vae.py end to end: outputs, exact resume, DDP equivalence, and the errors a user can cause."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,8 +8,7 @@ import yaml
 
 import pretrain_vae
 from common import UserError, read_jsonl
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import losses, torchrun
 
 
 def write_config(tmp_path, shapes_dir, name="vae.yaml", **overrides):
@@ -22,10 +19,6 @@ def write_config(tmp_path, shapes_dir, name="vae.yaml", **overrides):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return str(path)
-
-
-def losses(run_dir):
-    return {e["step"]: e["loss"] for e in read_jsonl(os.path.join(run_dir, "log.jsonl")) if "loss" in e}
 
 
 def test_run_directory_contents(tmp_path, shapes_dir):
@@ -77,10 +70,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, shapes_dir):
     config = write_config(tmp_path, shapes_dir, steps=3, val_every=3, gumbel=False, code_replacement=False,
                           num_workers=1)
     pretrain_vae.main([config, "--out_dir", str(tmp_path / "one")])
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "pretrain_vae.py", config, "--out_dir", str(tmp_path / "two"), "--device", "cpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = torchrun("pretrain_vae.py", config, "--out_dir", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "ckpt_0000003.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "ckpt_0000003.pt", weights_only=True)["model"]

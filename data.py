@@ -1,0 +1,356 @@
+"""The data every stage shares: the on-disk record format, LMDB splits, the torch Dataset, the step-indexed sampler
+and the DataLoaders built on them.
+
+prepare_data.py writes splits with `SplitWriter`; pretrain_vae.py, train_ocl.py, evaluate.py and study.py read
+them through `load_split`, `OCLDataset`, `train_loader` and `eval_loader`.
+
+Every split is one LMDB file (`train.lmdb`, `val.lmdb`). Each record is raw array bytes behind a small JSON header
+(no pickle: a crafted database cannot execute code); a `__meta__` record describes the split. A split is written
+to `<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
+"""
+
+import json
+import math
+import os
+import struct
+
+import lmdb
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import Dist, UserError
+
+FORMAT_NAME = "msf-lmdb"
+FORMAT_VERSION = 1
+META_KEY = b"__meta__"
+# The datasets prepare_data.py makes, named here so that a missing split's error can give the command to create it.
+SYNTHETIC_DATASETS = ("shapes", "shapes_video")
+REAL_DATASETS = ("clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e")
+
+
+# ================================================================================================================
+# Record encoding: 4-byte little-endian header length, JSON header {name: [dtype, shape]}, then the arrays' bytes.
+
+def encode_record(arrays: dict) -> bytes:
+    """Serialise a dict of numpy arrays without pickle."""
+    header, blobs = {}, []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"array '{name}' has unsupported dtype {array.dtype}")
+        header[name] = [array.dtype.str, list(array.shape)]
+        blobs.append(array.tobytes())
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<I", len(header_bytes)) + header_bytes + b"".join(blobs)
+
+
+def decode_record(value: bytes) -> dict:
+    """Inverse of encode_record; arrays are read-only views of `value`."""
+    (header_length,) = struct.unpack_from("<I", value, 0)
+    header = json.loads(bytes(value[4:4 + header_length]))
+    offset, arrays = 4 + header_length, {}
+    for name, (dtype, shape) in header.items():
+        dtype = np.dtype(dtype)
+        count = math.prod(shape)
+        arrays[name] = np.frombuffer(value, dtype=dtype, count=count, offset=offset).reshape(shape)
+        offset += count * dtype.itemsize
+    if offset != len(value):
+        raise ValueError(f"record has {len(value) - offset} trailing bytes")
+    return arrays
+
+
+# ================================================================================================================
+# LMDB splits: atomic writer and lazy, fork-safe reader.
+
+def _create_command(path: str) -> str:
+    """The command that (re)creates the database at `path`, for error messages."""
+    directory = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(directory.rstrip("/"))
+    if name in SYNTHETIC_DATASETS + REAL_DATASETS:
+        return f"python prepare_data.py {name} --out {os.path.dirname(path) or '.'}"
+    return "python prepare_data.py NAME --out DIR (see README, 'The pipeline')"
+
+
+class SplitWriter:
+    """Write records to `<path>.partial`, then rename to `path` when `close()` is called with the metadata."""
+
+    def __init__(self, path: str, commit_every: int = 64):
+        self.path = path
+        self.partial = path + ".partial"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        for stale in (self.partial, self.partial + "-lock"):
+            if os.path.exists(stale):
+                os.remove(stale)
+        self.env = lmdb.open(self.partial, subdir=False, map_size=1 << 40, readahead=False, meminit=False,
+                             map_async=True, writemap=False)
+        self.count = 0
+        self.commit_every = commit_every
+        self.txn = self.env.begin(write=True)
+
+    def add(self, arrays: dict) -> int:
+        """Append one sample; returns its index."""
+        self.txn.put(b"%08d" % self.count, encode_record(arrays))
+        self.count += 1
+        if self.count % self.commit_every == 0:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+        return self.count - 1
+
+    def close(self, meta: dict) -> None:
+        """Write the metadata record last, flush, and publish the file under its final name."""
+        meta = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION, count=self.count)
+        self.txn.put(META_KEY, json.dumps(meta).encode())
+        self.txn.commit()
+        self.env.sync(True)
+        self.env.close()
+        for old in (self.path, self.path + "-lock"):
+            if os.path.exists(old):
+                os.remove(old)
+        os.replace(self.partial, self.path)
+        if os.path.exists(self.partial + "-lock"):
+            os.remove(self.partial + "-lock")
+
+    def abort(self) -> None:
+        """Drop the partial file (used when generation fails)."""
+        try:
+            self.txn.abort()
+            self.env.close()
+        finally:
+            for stale in (self.partial, self.partial + "-lock"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+
+
+_OPEN_ENVS = {}  # real path -> (pid, file identity, environment): LMDB allows one open per file and process
+
+
+def _open_env(path: str):
+    """Open `path` read-only once per process. An environment inherited through fork, or a file replaced on disk
+    since it was opened, is closed and opened afresh."""
+    stat = os.stat(path)
+    identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = os.path.realpath(path)
+    cached = _OPEN_ENVS.get(key)
+    if cached is not None and cached[:2] == (os.getpid(), identity):
+        return cached[2]
+    if cached is not None:
+        cached[2].close()
+    env = lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=False, meminit=False, max_readers=1024)
+    # A truncated file would crash the process (SIGBUS) on the first read past its end; the meta page knows how
+    # long the file must be, so check that before any read goes through the memory map.
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if stat.st_size < needed:
+        env.close()
+        raise ValueError(f"file is truncated: {stat.st_size} bytes, the database needs {needed}")
+    _OPEN_ENVS[key] = (os.getpid(), identity, env)
+    return env
+
+
+class Split:
+    """A read-only LMDB split: `len(split)`, `split[i]` -> dict of numpy arrays, `split.meta`.
+
+    The LMDB environment is opened lazily in each process that reads (keyed by process id), so the object can be
+    handed to DataLoader workers (fork or spawn) and DDP ranks without sharing a handle across processes.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):
+            if os.path.exists(path + ".partial"):
+                raise UserError(f"{path} was never finished (only {path}.partial exists); rerun "
+                                f"`{_create_command(path)}`")
+            raise UserError(f"dataset split {path} does not exist; create it with `{_create_command(path)}`")
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a directory, not a single-file LMDB split of this project; "
+                            f"recreate it with `{_create_command(path)}`")
+        try:
+            with _open_env(path).begin() as txn:
+                raw_meta = txn.get(META_KEY)
+        except Exception as error:
+            raise UserError(f"{path} is not a readable LMDB database ({type(error).__name__}: {error}); "
+                            f"recreate it with `{_create_command(path)}`") from None
+        if raw_meta is None:
+            raise UserError(f"{path} has no metadata record, so it is half-written or not from this project; "
+                            f"recreate it with `{_create_command(path)}`")
+        try:
+            meta = json.loads(raw_meta)
+        except ValueError:
+            raise UserError(f"{path} has a corrupt metadata record; recreate it with `{_create_command(path)}`") from None
+        if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path} is format {meta.get('format')} version {meta.get('format_version')}, this code "
+                            f"reads {FORMAT_NAME} version {FORMAT_VERSION}; recreate it with `{_create_command(path)}`")
+        self.meta = meta
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.path} with {len(self)} samples")
+        with _open_env(self.path).begin(buffers=False) as txn:
+            value = txn.get(b"%08d" % index)
+        if value is None:
+            raise UserError(f"{self.path} is missing sample {index} of {len(self)}; the file is corrupt, recreate it "
+                            f"with `{_create_command(self.path)}`")
+        try:
+            return decode_record(value)
+        except Exception as error:
+            raise UserError(f"{self.path} sample {index} is corrupt ({error}); recreate it with "
+                            f"`{_create_command(self.path)}`") from None
+
+
+def split_path(data_dir: str, split: str) -> str:
+    """The file of split `split` (train, val, ...) in a dataset directory."""
+    return os.path.join(data_dir, f"{split}.lmdb")
+
+
+def load_split(path: str) -> Split:
+    """Open a split written by prepare_data.py: `len()`, `[i]` -> dict of arrays as stored (README, "Real
+    datasets", lists the keys), `.meta`."""
+    return Split(path)
+
+
+# ================================================================================================================
+# Torch dataset: normalised tensors, temporal windows for video, fixed-size boxes for batching.
+
+class OCLDataset:
+    """Serve one split to a DataLoader.
+
+    Images: {"image": float32 (3,H,W) in [-1,1], "segment": uint8 (H,W), "bbox": float32 (K,4)}.
+    Videos: {"video": float32 (T,3,H,W), "segment": uint8 (T,H,W), "bbox": float32 (T,K,4)}; training draws one of
+    the non-overlapping `num_frames` windows at random, evaluation returns every frame.
+    `resolution` other than the stored one resizes on the fly (images antialiased, masks nearest-exact), which is
+    how the CPU demo trains at 64x64 from the 128x128 data.
+    """
+
+    def __init__(self, path: str, train: bool, num_frames: int = 6, resolution: int = 0, seed: int = 0):
+        self.split = load_split(path)
+        self.train = train
+        self.num_frames = num_frames
+        self.stored_resolution = int(self.split.meta["size"][0])
+        self.resolution = resolution or self.stored_resolution
+        self.max_objects = int(self.split.meta["max_objects"])
+        self.is_video = bool(self.split.meta.get("frames"))
+        self.seed = seed
+        if self.is_video and train and self.split.meta["frames"] < num_frames:
+            raise UserError(f"{path} has {self.split.meta['frames']} frames per video, fewer than num_frames={num_frames}")
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _window(self, draw: int, total_frames: int) -> slice:
+        if not self.train:
+            return slice(0, total_frames)
+        rng = np.random.default_rng([self.seed, draw])
+        start = int(rng.integers(total_frames // self.num_frames)) * self.num_frames
+        return slice(start, start + self.num_frames)
+
+    def __getitem__(self, key) -> dict:
+        """`key` is an index, or (index, draw) from StepSampler: `draw` seeds the random window, so resumed and
+        DDP runs see the same windows as one uninterrupted run."""
+        index, draw = key if isinstance(key, tuple) else (key, key)
+        record = self.split[index]
+        pixels = record["video"] if self.is_video else record["image"]
+        segment = record["segment"]
+        bbox = record.get("bbox")
+        if self.is_video:
+            window = self._window(draw, pixels.shape[0])
+            pixels, segment = pixels[window], segment[window]
+            bbox = bbox[window] if bbox is not None else None
+        pixels = torch.from_numpy(np.array(pixels)).movedim(-1, -3).float().sub_(127.5).div_(127.5)
+        segment = torch.from_numpy(np.array(segment))
+        if self.resolution != self.stored_resolution:
+            pixels, segment = resize_sample(pixels, segment, self.resolution)
+        sample = {"video" if self.is_video else "image": pixels, "segment": segment}
+        sample["bbox"] = pad_boxes(bbox, self.max_objects, frames=pixels.shape[0] if self.is_video else None)
+        return sample
+
+
+class StepSampler:
+    """Training order as a pure function of (seed, step): epochs are seeded permutations laid end to end, step s
+    takes global positions [s*B, (s+1)*B) and rank r the r-th of `world_size` equal slices of them.
+
+    So one process with batch B and W processes with batch B/W see the same samples, and `start_step` resumes
+    mid-epoch exactly. Yields (index, position) pairs for OCLDataset.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0):
+        if num_samples <= 0:
+            raise UserError("the training split is empty")
+        assert global_batch % world_size == 0, "global batch must divide evenly across ranks"
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return int(self._order[offset])
+
+    def __iter__(self):
+        local = self.global_batch // self.world_size
+        step = self.start_step
+        while True:
+            first = step * self.global_batch + self.rank * local
+            for position in range(first, first + local):
+                yield self._index(position), position
+            step += 1
+
+
+def resize_sample(pixels, segment, size: int):
+    """Resize (…,3,H,W) pixels with antialiasing and (…,H,W) segments with nearest-exact to size x size."""
+    lead = pixels.shape[:-3]
+    pixels = F.interpolate(pixels.reshape(-1, *pixels.shape[-3:]), size=(size, size), mode="bilinear",
+                           antialias=True, align_corners=False).reshape(*lead, 3, size, size)
+    segment = F.interpolate(segment.reshape(-1, 1, *segment.shape[-2:]).float(), size=(size, size),
+                            mode="nearest-exact").to(segment.dtype).reshape(*lead, size, size)
+    return pixels, segment
+
+
+def pad_boxes(bbox, max_objects: int, frames=None):
+    """Zero-pad (K,4) or (T,K,4) boxes to max_objects so samples batch; missing boxes become all zeros."""
+    shape = (max_objects, 4) if frames is None else (frames, max_objects, 4)
+    padded = torch.zeros(shape, dtype=torch.float32)
+    if bbox is not None:
+        k = min(bbox.shape[-2], max_objects)
+        padded[..., :k, :] = torch.from_numpy(np.array(bbox[..., :k, :], dtype=np.float32))
+    return padded
+
+
+
+# ================================================================================================================
+# DataLoaders for the trainers (endless, step-indexed) and for validation / evaluation (finite, sharded).
+
+def train_loader(path: str, global_batch: int, num_workers: int, seed: int, d: Dist, start_step: int = 0,
+                 resolution: int = 0, num_frames: int = 6) -> torch.utils.data.DataLoader:
+    """An endless loader whose order is a pure function of (seed, step): see StepSampler."""
+    if global_batch % d.world_size:
+        raise UserError(f"batch_size {global_batch} must be divisible by the {d.world_size} processes")
+    dataset = OCLDataset(path, train=True, num_frames=num_frames, resolution=resolution, seed=seed)
+    sampler = StepSampler(len(dataset), global_batch, seed, d.rank, d.world_size, start_step)
+    # Its own generator keeps the loader from drawing on the global RNG, which resume restores exactly.
+    return torch.utils.data.DataLoader(dataset, batch_size=global_batch // d.world_size, sampler=sampler,
+                                       num_workers=num_workers, pin_memory=d.device.type == "cuda",
+                                       persistent_workers=num_workers > 0, generator=torch.Generator(),
+                                       multiprocessing_context=worker_context(num_workers))
+
+
+def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolution: int = 0,
+                max_samples: int = 0) -> torch.utils.data.DataLoader:
+    """A finite loader over this rank's share (every world_size-th sample) of the first `max_samples` samples."""
+    dataset = OCLDataset(path, train=False, resolution=resolution)
+    count = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
+    subset = torch.utils.data.Subset(dataset, list(range(d.rank, count, d.world_size)))
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       pin_memory=d.device.type == "cuda", generator=torch.Generator(),
+                                       multiprocessing_context=worker_context(num_workers))
+
+
+def worker_context(num_workers: int):
+    """Loader workers start from a forkserver, not by forking the trainer: a fork of a process that already runs
+    gloo/OpenMP threads can copy a held lock into the worker, which then never starts (seen as a DDP run that
+    hangs at its first validation)."""
+    return "forkserver" if num_workers > 0 else None

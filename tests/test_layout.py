@@ -1,0 +1,87 @@
+"""The repository layout (README, "Repository layout"): every top-level module imports on its own in a fresh
+interpreter, imports sit at the top of their module, and the project's import graph has no cycle."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+MODULES = sorted(name[:-len(".py")] for name in os.listdir(ROOT) if name.endswith(".py"))
+# The modules the stage scripts share; they import none of the scripts.
+LIBRARY = {"common", "data", "model", "msf"}
+
+
+def parse(module: str) -> ast.Module:
+    """The syntax tree of a top-level module."""
+    with open(os.path.join(ROOT, module + ".py")) as f:
+        return ast.parse(f.read(), module + ".py")
+
+
+def imported_names(node) -> list:
+    """The top-level module names an Import / ImportFrom statement loads."""
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[0] for alias in node.names]
+    return [node.module.split(".")[0]] if node.module and not node.level else []
+
+
+def project_imports(module: str) -> set:
+    """The project modules `module` imports, wherever the statement is."""
+    return {name for node in ast.walk(parse(module)) if isinstance(node, (ast.Import, ast.ImportFrom))
+            for name in imported_names(node) if name in MODULES}
+
+
+def optional_import(node, parents: dict) -> bool:
+    """An import inside `try: ... except ImportError`: an optional extra that may be missing."""
+    parent = parents.get(node)
+    return isinstance(parent, ast.Try) and node in parent.body and any(
+        isinstance(handler.type, ast.Name) and handler.type.id in ("ImportError", "ModuleNotFoundError")
+        for handler in parent.handlers)
+
+
+def test_the_layout_has_the_expected_modules():
+    assert LIBRARY <= set(MODULES) and {"prepare_data", "pretrain_vae", "train_ocl", "evaluate"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_imports_on_its_own(module):
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_imports_are_at_module_top(module):
+    tree = parse(module)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    nested = [f"{module}.py:{node.lineno}" for node in ast.walk(tree)
+              if isinstance(node, (ast.Import, ast.ImportFrom)) and node not in tree.body
+              and not optional_import(node, parents)]
+    assert not nested, f"imports inside functions or blocks: {nested}"
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {module: project_imports(module) - {module} for module in MODULES}
+    state = {}  # module -> "visiting" while on the current path, "done" after
+
+    def visit(module: str, path: list) -> None:
+        if state.get(module) == "done":
+            return
+        if state.get(module) == "visiting":
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        state[module] = "visiting"
+        for imported in sorted(graph[module]):
+            visit(imported, path + [module])
+        state[module] = "done"
+
+    for module in MODULES:
+        visit(module, [])
+
+
+def test_the_shared_modules_import_no_stage_script():
+    assert project_imports("common") == set()
+    for module in LIBRARY:
+        assert project_imports(module) <= LIBRARY, (module, project_imports(module) - LIBRARY)
