@@ -884,10 +884,12 @@ def masks_to_segments(masks: torch.Tensor, size: tuple) -> torch.Tensor:
 
 
 def query_sigma(step: int, total_steps: int, config: dict) -> float:
-    """The shared sigma of the Gaussian slot queries: cosine 1 -> 0 over training; 0 for single-object data."""
+    """The shared sigma of the Gaussian slot queries: cosine start -> 0 over `query_sigma_anneal_fraction` of
+    training (the paper: all of it), then 0 as in evaluation; 0 for single-object data."""
     if config["single_object"]:
         return 0.0
-    return cosine_anneal(step, total_steps, config["query_sigma_start"], 0.0)
+    anneal = int(round(total_steps * config["query_sigma_anneal_fraction"]))
+    return cosine_anneal(step, anneal, config["query_sigma_start"], 0.0)
 
 
 # ================================================================================================================
@@ -933,6 +935,8 @@ OCL_OPTIONS = {
     "sa_iterations": option(3, "Slot Attention iterations (videos: on the first frame; later frames use 1)"),
     "sa_mlp_dim": option(0, "hidden size of the slot MLP (0 = 2 x slot_dim)"),
     "query_sigma_start": option(1.0, "initial sigma of the Gaussian slot queries (annealed to 0)"),
+    "query_sigma_anneal_fraction": option(1.0, "fraction of training over which sigma reaches 0 (paper: 1); below 1 "
+                                               "the rest trains at sigma 0, as mid-run validations see"),
     "single_object": option(False, "single-object data: sigma 0 throughout"),
     "decoder_dim": option(256, "transformer decoder width"),
     "decoder_layers": option(4, "transformer decoder layers"),

@@ -197,12 +197,17 @@ def test_combined_index_is_a_bijection():
 # Slot initialisation.
 
 def test_query_sigma_schedule():
-    config = {"single_object": False, "query_sigma_start": 1.0}
+    config = {"single_object": False, "query_sigma_start": 1.0, "query_sigma_anneal_fraction": 1.0}
     values = [models.query_sigma(step, 100, config) for step in range(101)]
     assert values[0] == pytest.approx(1.0) and values[100] == pytest.approx(0.0, abs=1e-12)
     assert values[50] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(values, values[1:]))
-    assert models.query_sigma(10, 100, {"single_object": True, "query_sigma_start": 1.0}) == 0.0
+    assert models.query_sigma(10, 100, dict(config, single_object=True)) == 0.0
+    # annealed over the first 40 of 100 steps: cos schedule 0.5 (1 + cos(pi t / 40)), then 0 as at evaluation
+    short = dict(config, query_sigma_anneal_fraction=0.4)
+    for step in (0, 10, 20, 39):
+        assert models.query_sigma(step, 100, short) == pytest.approx(0.5 * (1 + math.cos(math.pi * step / 40)))
+    assert all(models.query_sigma(step, 100, short) == 0.0 for step in range(40, 101))
 
 
 def test_gaussian_queries_use_sigma():
