@@ -7,6 +7,7 @@ module imports no other module of the project, so every module can import it.
 
 import argparse
 import difflib
+import fcntl
 import json
 import math
 import os
@@ -85,6 +86,7 @@ TRAINING_OPTIONS = {
     "seed": option(0, "global seed (rank r uses seed * world_size + r)"),
     "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
+    "overwrite": option(False, "start afresh in an out_dir that holds another run: its files move to old-<time>/"),
 }
 
 
@@ -307,6 +309,98 @@ def cleanup_distributed(d: Dist) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Run directories: one run per directory, held under an exclusive lock for the run's lifetime.
+
+RUN_FILES = ("config.yaml", "log.txt", "log.jsonl", "best.pt", "figures")  # besides ckpt_*.pt
+_RUN_LOCKS = {}  # real out_dir -> open lock file of this process
+
+
+def _run_files(out_dir: str) -> list:
+    """The files of a run in `out_dir` (checkpoints, logs, config, figures)."""
+    return [p for p in list_checkpoints(out_dir) + [os.path.join(out_dir, n) for n in RUN_FILES] if os.path.exists(p)]
+
+
+def lock_run_dir(out_dir: str) -> None:
+    """Take the exclusive lock of `out_dir` (a `.lock` file, flock) for the rest of this process or until the same
+    process claims the directory again; another process holding it is refused."""
+    key = os.path.realpath(out_dir)
+    if key in _RUN_LOCKS:  # the same process starts another run here (tests, study scripts): the old one ended
+        _RUN_LOCKS.pop(key).close()
+    path = os.path.join(out_dir, ".lock")
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise UserError(f"another process is running in {out_dir} (it holds {path}); wait for it to end or "
+                            f"choose another --out_dir") from None
+        try:  # the holder before us may have removed the file on release: then lock the new one
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    _RUN_LOCKS[key] = handle
+
+
+def release_run_dir(out_dir: str) -> None:
+    """Give up this process's lock of `out_dir` (a run that ended); the lock file goes while still held."""
+    handle = _RUN_LOCKS.pop(os.path.realpath(out_dir), None)
+    if handle is not None:
+        try:
+            os.remove(os.path.join(out_dir, ".lock"))
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
+def claim_run_dir(config: dict, d: "Dist") -> None:
+    """Make `out_dir` this run's (rank 0): lock it, and refuse a fresh start into a directory that holds another
+    run's checkpoints or logs unless `overwrite` (the old files move to `old-<time>/`, nothing is deleted) or
+    `resume: auto` (which continues the run there, or starts afresh after moving a run without checkpoints aside)."""
+    error = None
+    if d.is_main:
+        try:
+            _claim(config)
+        except UserError as caught:
+            error = str(caught)
+    if d.enabled:  # every rank stops with rank 0's sentence, and none reads out_dir before it is settled
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise UserError(error)
+
+
+def _claim(config: dict) -> None:
+    out_dir = config["out_dir"]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir} is a file, not a directory; choose another --out_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    lock_run_dir(out_dir)
+    resume = config["resume"]
+    continuing = (resume == "auto" and list_checkpoints(out_dir)) or (
+        resume not in ("", "auto") and os.path.realpath(os.path.dirname(os.path.abspath(resume)) if os.path.isfile(
+            resume) else resume) == os.path.realpath(out_dir))
+    old = _run_files(out_dir)
+    if continuing or not old:
+        return
+    if not (config.get("overwrite") or resume == "auto"):
+        raise UserError(f"{out_dir} already holds a run ({', '.join(sorted(os.path.basename(p) for p in old)[:4])}"
+                        f"{', ...' if len(old) > 4 else ''}); continue it with --resume auto, start afresh with "
+                        f"--overwrite true (its files move to {out_dir}/old-<time>/), or choose another --out_dir")
+    aside = os.path.join(out_dir, "old-" + time.strftime("%Y%m%d-%H%M%S"))
+    suffix = 0
+    while os.path.exists(aside + (f"-{suffix}" if suffix else "")):
+        suffix += 1
+    aside += f"-{suffix}" if suffix else ""
+    os.makedirs(aside)
+    for path in old:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Logging: rank-0 text log (stdout + log.txt) and one JSON object per line in log.jsonl.
 
 class RunLog:
@@ -358,8 +452,11 @@ def list_checkpoints(out_dir: str) -> list:
     """Checkpoint paths in `out_dir`, oldest first."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n.endswith(".pt"))
-    return [os.path.join(out_dir, n) for n in names]
+    steps = {}
+    for name in os.listdir(out_dir):
+        if name.startswith("ckpt_") and name.endswith(".pt") and name[len("ckpt_"):-len(".pt")].isdigit():
+            steps[name] = int(name[len("ckpt_"):-len(".pt")])
+    return [os.path.join(out_dir, n) for n in sorted(steps, key=lambda n: (steps[n], n))]
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -374,11 +471,15 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
+def save_checkpoint(state: dict, out_dir: str, step: int, keep: int, protect_step: int = None) -> str:
+    """Write `ckpt_<step>.pt` and delete all but the last `keep` (by step), except the one of `protect_step` (the
+    best step, which best.pt copies)."""
     path = os.path.join(out_dir, CHECKPOINT_PATTERN.format(step=step))
     atomic_torch_save(state, path)
+    protected = os.path.join(out_dir, CHECKPOINT_PATTERN.format(step=protect_step)) if protect_step else None
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        os.remove(old)
+        if old != protected:
+            os.remove(old)
     return path
 
 

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import math
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -353,9 +354,13 @@ def load_for_evaluation(path: str, device):
     """(model, checkpoint dict) rebuilt from a checkpoint's own config: an OCL model (kind 'ocl') with its frozen
     VAE and DINO weights taken from the checkpoint, or a VAE (kind 'vae'). A run directory means its best.pt
     (OCL) or its latest checkpoint."""
+    chosen = path
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "best.pt")):
-        path = os.path.join(path, "best.pt")
+        path = chosen = os.path.join(path, "best.pt")
     state = load_checkpoint(path)
+    if os.path.isdir(chosen) and state["kind"] == "ocl":  # an OCL run without best.pt: say what is evaluated instead
+        print(f"note: {chosen} holds no best.pt; evaluating its latest checkpoint {state['path']} (give a "
+              f"checkpoint file to choose another)", file=sys.stderr)
     if state["kind"] == "vae":
         with _older_config_error(state):
             vae = msf.build_vae(state["config"])

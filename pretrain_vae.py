@@ -18,10 +18,10 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, cleanup_distributed,
-                    gather_rng_states, load_config, optimizer_step, option, progress_bar, reduce_mean,
-                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
-                    setup_distributed)
+from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, claim_run_dir,
+                    cleanup_distributed, gather_rng_states, load_config, optimizer_step, option, progress_bar,
+                    reduce_mean, release_run_dir, restore_training_state, resume_state, run_main, save_checkpoint,
+                    save_config, set_scheduled_lr, setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,6 +124,7 @@ def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
     d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
     # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
+    claim_run_dir(config, d)  # refuses another run's directory, and locks this one
     log = RunLog(config["out_dir"], d.is_main)
     state, start_step = resume_state(config, "vae", MODEL_KEYS)
 
@@ -214,6 +215,7 @@ def main(argv=None) -> None:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
     elif metrics is not None:
         warn_collapsed_codebooks(metrics, log)
+    release_run_dir(config["out_dir"])
     cleanup_distributed(d)
 
 

@@ -18,10 +18,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 import model as models
 import msf
-from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save, autocast,
-                    cleanup_distributed, gather_rng_states, load_checkpoint, load_config, optimizer_step, option,
-                    progress_bar, reduce_mean, restore_training_state, resume_state, run_main, save_checkpoint,
-                    save_config, set_scheduled_lr, setup_distributed)
+from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save,
+                    atomic_write, autocast, claim_run_dir, cleanup_distributed, gather_rng_states, load_checkpoint,
+                    load_config, optimizer_step, option, progress_bar, reduce_mean, release_run_dir,
+                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
+                    setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,6 +94,17 @@ def measure_latent_scale(model: models.OCLModel, dataset, device, samples: int =
     return float(latent.float().std().clamp_min(1e-6))
 
 
+def restore_best(out_dir: str, best_step, d, log) -> None:
+    """On resume, recreate a missing best.pt from the checkpoint of the stored best step (kept from pruning)."""
+    best_path = os.path.join(out_dir, "best.pt")
+    source = os.path.join(out_dir, CHECKPOINT_PATTERN.format(step=best_step)) if best_step else ""
+    if d.is_main and best_step and not os.path.isfile(best_path) and os.path.isfile(source):
+        with open(source, "rb") as f:
+            data = f.read()
+        atomic_write(best_path, lambda f: f.write(data), binary=True)
+        log.info(f"recreated best.pt from {source}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation: metrics on the slot masks, reduced over ranks.
 
@@ -134,6 +146,7 @@ def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
     d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
     # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
+    claim_run_dir(config, d)  # refuses another run's directory, and locks this one
     log = RunLog(config["out_dir"], d.is_main)
     state, start_step = resume_state(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
 
@@ -158,13 +171,14 @@ def main(argv=None) -> None:
     optimizer = torch.optim.Adam(trainable, lr=config["lr"])
     dtype = amp_dtype(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-    best = float("-inf")
+    best, best_step = float("-inf"), None
     # Seed: from here on each rank draws its own noise (slot queries, dropout, diffusion); resume restores it.
     if state is None:
         torch.manual_seed(config["seed"] * d.world_size + d.rank)
     else:
         restore_training_state(state, model, optimizer, scaler, d.rank, log)
-        best = state.get("best", best)
+        best, best_step = state.get("best", best), state.get("best_step")
+        restore_best(config["out_dir"], best_step, d, log)
         config["latent_scale"] = state["config"]["latent_scale"]
     ddp_model = DDP(model) if d.enabled else model  # buffers (frozen VAE, latent scale) are equal on every rank
     if d.is_main:
@@ -175,22 +189,25 @@ def main(argv=None) -> None:
     figure_batch = next(iter(eval_loader(val_path, 4, 0, d, config["resolution"], 4)))
 
     def checkpoint(step: int, metrics: dict) -> None:
-        nonlocal best
+        nonlocal best, best_step
         states = gather_rng_states(d)
         value = best_value(metrics, config["best_metric"])
         improved = value > best
-        best = max(best, value)
+        if improved:
+            best, best_step = value, step
         if not d.is_main:
             return
         payload = {"kind": "ocl", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states, "best": best,
+                   "best_step": best_step,
                    "metrics": metrics, "video": video, "vae_config": vae.config if vae is not None else None,
                    "vae_ckpt": vae_state["path"] if vae_state else None,
                    "data": {"data_dir": config["data_dir"], "train": config["train_split"],
                             "val": config["val_split"], "resolution": config["resolution"]}}
-        path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"])
+        # best.pt first: a kill between the two files leaves no checkpoint that counts a best best.pt lacks
         if improved:
             atomic_torch_save(payload, os.path.join(config["out_dir"], "best.pt"))
+        path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"], best_step)
         log.info(f"saved {path}" + (f" and best.pt ({config['best_metric']} {value:.2f})" if improved else ""))
 
     # The loop: every schedule is a pure function of the step, so resume is exact.
@@ -229,6 +246,7 @@ def main(argv=None) -> None:
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    release_run_dir(config["out_dir"])
     cleanup_distributed(d)
 
 

@@ -1,0 +1,100 @@
+"""Runs that never lose work (issue 15): one run per directory under a lock, checkpoints that are good, honest
+resume, and one sentence for every input fault."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pretrain_vae
+from common import UserError, list_checkpoints, read_jsonl
+from test_pretrain_vae import write_config
+
+
+def checkpoint_names(run):
+    return sorted(n for n in os.listdir(run) if n.startswith("ckpt_"))
+
+
+def test_fresh_start_into_another_run_is_refused_and_overwrite_moves_it_aside(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=4, val_every=2)])
+    before = {n: (run / n).read_bytes() for n in checkpoint_names(run)}
+    with pytest.raises(UserError, match=r"already holds a run .*--resume auto.*--overwrite true"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1)])
+    assert {n: (run / n).read_bytes() for n in checkpoint_names(run)} == before  # untouched
+    # overwrite: the old run's files move to old-<time>/, byte for byte; the new run keeps its own checkpoints
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1, keep_checkpoints=1),
+                       "--overwrite", "true"])
+    assert checkpoint_names(run) == ["ckpt_0000002.pt"]
+    (aside,) = [n for n in os.listdir(run) if n.startswith("old-")]
+    assert {n: (run / aside / n).read_bytes() for n in checkpoint_names(run / aside)} == before
+    assert sorted(os.listdir(run / aside)) == sorted(list(before) + ["config.yaml", "figures", "log.jsonl", "log.txt"])
+    assert [e["step"] for e in read_jsonl(run / "log.jsonl") if "loss" in e] == [0, 1]
+
+
+def test_pruning_orders_checkpoints_by_step_not_name(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1, keep_checkpoints=2)])
+    # a name with other zero padding (an older or hand-copied run) sorts after ckpt_0000002.pt by name
+    os.rename(run / "ckpt_0000001.pt", run / "ckpt_1.pt")
+    assert [os.path.basename(p) for p in list_checkpoints(str(run))] == ["ckpt_1.pt", "ckpt_0000002.pt"]
+
+
+def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(run / '.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="another process is running in .*; wait for it"):
+            pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1)])
+        assert checkpoint_names(run) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1)])  # free again
+    assert checkpoint_names(run) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
+
+
+def test_best_checkpoint_survives_a_kill_and_is_never_pruned(tmp_path, shapes_dir, monkeypatch):
+    """The metric peaks at step 2; the run is killed while writing that best.pt. After --resume auto best.pt is the
+    step-2 model, its checkpoint outlives keep_checkpoints=1, and a deleted best.pt comes back on resume."""
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=4, val_every=1, keep_checkpoints=1)
+    value_at = {1: 1.0, 2: 5.0, 3: 2.0, 4: 3.0}
+    current = {}
+    real_lr, real_validate, real_save = train_ocl.set_scheduled_lr, train_ocl.validate, train_ocl.atomic_torch_save
+
+    def lr(optimizer, step, cfg):
+        current["step"] = step
+        return real_lr(optimizer, step, cfg)
+
+    def validate(*args):
+        return dict(real_validate(*args), val_ari=value_at[current["step"] + 1], val_ari_fg=0.0)
+
+    def killed_at_step_2(payload, path):
+        if payload["step"] == 2 and path.endswith("best.pt"):
+            raise KeyboardInterrupt  # kill -9 between the checkpoint files
+        real_save(payload, path)
+
+    monkeypatch.setattr(train_ocl, "set_scheduled_lr", lr)
+    monkeypatch.setattr(train_ocl, "validate", validate)
+    monkeypatch.setattr(train_ocl, "atomic_torch_save", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_ocl.main([config])
+    monkeypatch.setattr(train_ocl, "atomic_torch_save", real_save)
+    train_ocl.main([config, "--resume", "auto"])
+    run = tmp_path / "run"
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["step"] == 2 and best["best"] == 5.0
+    assert checkpoint_names(run) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+    os.remove(run / "best.pt")
+    train_ocl.main([config, "--resume", "auto"])  # nothing left to train; best.pt is recreated
+    assert (run / "best.pt").read_bytes() == (run / "ckpt_0000002.pt").read_bytes()
