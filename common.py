@@ -302,6 +302,14 @@ def setup_distributed(device_name: str) -> Dist:
     return Dist(True, rank, local_rank, world_size, device)
 
 
+def deterministic_algorithms(device) -> None:
+    """On the CPU, ask torch for deterministic kernels: the backward of an index (codes[indices], gather) otherwise
+    accumulates in a thread-dependent order, and two runs on several threads drift apart after a few steps. (CUDA
+    runs are not promised bit-identical: some of their kernels have no deterministic version.)"""
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+
 def cleanup_distributed(d: Dist) -> None:
     """Leave the process group, if this process joined one."""
     if d.enabled and dist.is_initialized():

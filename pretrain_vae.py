@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
 from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, claim_run_dir,
-                    cleanup_distributed, gather_rng_states, load_config, optimizer_step, option, progress_bar,
+                    cleanup_distributed, deterministic_algorithms, gather_rng_states, load_config, optimizer_step, option, progress_bar,
                     reduce_mean, release_run_dir, restore_training_state, resume_state, run_main, save_checkpoint,
                     save_config, set_scheduled_lr, setup_distributed)
 from data import eval_loader, split_path, train_loader
@@ -123,6 +123,7 @@ def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> Non
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
     d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
+    deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
     # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
     claim_run_dir(config, d)  # refuses another run's directory, and locks this one
     log = RunLog(config["out_dir"], d.is_main)

@@ -98,3 +98,17 @@ def test_best_checkpoint_survives_a_kill_and_is_never_pruned(tmp_path, shapes_di
     os.remove(run / "best.pt")
     train_ocl.main([config, "--resume", "auto"])  # nothing left to train; best.pt is recreated
     assert (run / "best.pt").read_bytes() == (run / "ckpt_0000002.pt").read_bytes()
+
+
+def test_two_thread_msf_vae_runs_are_bit_identical(tmp_path, shapes_dir):
+    """Codebook gradients of codes[indices] accumulate in a thread-dependent order unless the trainers ask for
+    deterministic algorithms: two identical fresh runs on 2 threads must agree bit for bit."""
+    torch.set_num_threads(2)
+    finals = []
+    for name in ("a", "b"):
+        config = write_config(tmp_path, shapes_dir, name=f"{name}.yaml", resolution=64, steps=3, val_every=3,
+                              batch_size=16, val_samples=4, out_dir=str(tmp_path / name))
+        pretrain_vae.main([config])
+        finals.append(torch.load(tmp_path / name / "ckpt_0000003.pt", weights_only=True)["model"])
+    different = [k for k in finals[0] if not torch.equal(finals[0][k], finals[1][k])]
+    assert different == []
