@@ -87,7 +87,13 @@ TRAINING_OPTIONS = {
     "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
     "overwrite": option(False, "start afresh in an out_dir that holds another run: its files move to old-<time>/"),
+    "allow_changed": option([], "settings a resumed run may change although they alter its trajectory (e.g. "
+                            "steps,lr); others that differ from the checkpoint's are refused", type="str_list"),
 }
+# Keys a resumed run may change freely: where it writes, how often it reports, how it reads (not what it learns).
+RESUME_FREE_KEYS = {"resume", "out_dir", "overwrite", "allow_changed", "num_workers", "log_every", "val_every",
+                    "val_batch_size", "val_samples", "keep_checkpoints", "device", "ddp_timeout_minutes",
+                    "latent_scale"}
 
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
@@ -525,6 +531,14 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
         return None, 0
     state = load_checkpoint(resume, kind=kind)
     check_same_config(state["config"], config, model_keys, f"checkpoint {state['path']}")
+    saved = state["config"]
+    changed = [key for key in config if key not in RESUME_FREE_KEYS and key not in config["allow_changed"]
+               and key in saved and saved[key] != config[key]]
+    if changed:
+        listed = ", ".join(f"{key} {saved[key]!r} -> {config[key]!r}" for key in changed)
+        raise UserError(f"checkpoint {state['path']} was trained with other settings that change the run's "
+                        f"trajectory ({listed}); resume with the checkpoint's settings, accept them with "
+                        f"--allow_changed {','.join(changed)}, or start afresh in another --out_dir")
     return state, state["step"]
 
 

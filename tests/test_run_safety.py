@@ -112,3 +112,18 @@ def test_two_thread_msf_vae_runs_are_bit_identical(tmp_path, shapes_dir):
         finals.append(torch.load(tmp_path / name / "ckpt_0000003.pt", weights_only=True)["model"])
     different = [k for k in finals[0] if not torch.equal(finals[0][k], finals[1][k])]
     assert different == []
+
+
+def test_resume_with_changed_trajectory_settings_is_refused_unless_allowed(tmp_path, shapes_dir):
+    config = write_config(tmp_path, shapes_dir, steps=2, val_every=1)
+    pretrain_vae.main([config])
+    with pytest.raises(UserError, match=r"other settings that change the run's trajectory \(seed 0 -> 3, steps 2 -> 4, "
+                                        r"lr 0.002 -> 0.001\); .*--allow_changed seed,steps,lr"):
+        pretrain_vae.main([config, "--resume", "auto", "--steps", "4", "--lr", "0.001", "--seed", "3"])
+    for key, value in (("batch_size", "8"), ("data_dir", str(tmp_path)), ("warmup_fraction", "0.5")):
+        with pytest.raises(UserError, match=f"trajectory \\({key} "):
+            pretrain_vae.main([config, "--resume", "auto", f"--{key}", value])
+    # settings that do not change what is learnt are free; an accepted change is taken as given
+    pretrain_vae.main([config, "--resume", "auto", "--log_every", "5", "--num_workers", "1"])
+    pretrain_vae.main([config, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
+    assert checkpoint_names(tmp_path / "run") == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
