@@ -497,6 +497,20 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep: int, protect_ste
     return path
 
 
+def check_finite_state(model, values: dict, step: int, out_dir: str) -> None:
+    """Refuse to checkpoint (or draw) a model whose parameters, buffers or validation losses (`values`) are not
+    finite; the sentence names the last good checkpoint. Every rank agrees (equal weights, reduced metrics)."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad += [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        found = list_checkpoints(out_dir)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written before"
+        raise UserError(f"the run became non-finite by step {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"
+                        f" not finite), so no checkpoint was written for it and {last}; resume from it with a lower "
+                        f"lr (--allow_changed lr) or check the data")
+
+
 def load_checkpoint(path: str, kind: str = None) -> dict:
     """Load a checkpoint safely (weights_only: no code runs) and check it is of the expected kind."""
     path = resolve_checkpoint(path)

@@ -18,7 +18,8 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, claim_run_dir,
+from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, check_finite_state,
+                    claim_run_dir,
                     cleanup_distributed, deterministic_algorithms, gather_rng_states, load_config, optimizer_step, option, progress_bar,
                     reduce_mean, release_run_dir, restore_training_state, resume_state, run_main, save_checkpoint,
                     save_config, set_scheduled_lr, setup_distributed)
@@ -101,8 +102,9 @@ def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
     rows = [images.float().clamp(-1, 1) * 0.5 + 0.5]
     for r in recons:
         rows.append(F.interpolate(r.float().clamp(-1, 1) * 0.5 + 0.5, size=size, mode="nearest"))
-    for g in quantized.guidance:
-        rows.append(F.interpolate(msf.pca_colours(g), size=size, mode="nearest"))
+    for g in quantized.guidance:  # PCA of non-finite codes would fail (LinAlgError): grey instead
+        colours = msf.pca_colours(g) if bool(torch.isfinite(g).all()) else torch.full((g.shape[0], 3, *g.shape[1:3]), 0.5)
+        rows.append(F.interpolate(colours.to(images.device), size=size, mode="nearest"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torchvision.utils.save_image(torch.cat(rows), path, nrow=images.shape[0], padding=2)
 
@@ -206,6 +208,8 @@ def main(argv=None) -> None:
             metrics = validate(model, val, d, dtype)
             log.record({"step": step, **metrics})
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            check_finite_state(model, {k: v for k, v in metrics.items() if "recon_mse" in k}, step + 1,
+                               config["out_dir"])
             if d.is_main:
                 save_figure(model, figure_images, os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png"))
             path = checkpoint(step + 1)

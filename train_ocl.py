@@ -19,7 +19,7 @@ import evaluate
 import model as models
 import msf
 from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save,
-                    atomic_write, autocast, claim_run_dir, cleanup_distributed,
+                    atomic_write, autocast, check_finite_state, claim_run_dir, cleanup_distributed,
                     deterministic_algorithms, gather_rng_states, load_checkpoint,
                     load_config, optimizer_step, option, progress_bar, reduce_mean, release_run_dir,
                     restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
@@ -241,6 +241,7 @@ def main(argv=None) -> None:
             metrics = validate(model, val, d, dtype)
             log.record({"step": step, **metrics})
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            check_finite_state(model, {"val_loss": metrics["val_loss"]}, step + 1, config["out_dir"])
             if d.is_main:
                 evaluate.save_figures(model, figure_batch, d.device,
                                       os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}"))

@@ -127,3 +127,26 @@ def test_resume_with_changed_trajectory_settings_is_refused_unless_allowed(tmp_p
     pretrain_vae.main([config, "--resume", "auto", "--log_every", "5", "--num_workers", "1"])
     pretrain_vae.main([config, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
     assert checkpoint_names(tmp_path / "run") == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+
+
+def test_a_non_finite_run_writes_no_checkpoint_and_names_the_last_good_one(tmp_path, shapes_dir):
+    """lr 1e30: the warm-up's step 0 has lr 0 (ckpt 1 is good); the update of step 1 blows the weights up, and the
+    validation after it must not become a checkpoint (nor crash the figure's PCA)."""
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"non-finite by step 2 .*the last good checkpoint is .*ckpt_0000001.pt; "
+                                        r"resume from it with a lower lr"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, lr=1e30, grad_clip=0.0, steps=4, val_every=1)])
+    assert checkpoint_names(run) == ["ckpt_0000001.pt"]
+    state = torch.load(run / "ckpt_0000001.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_the_vae_figure_of_non_finite_codes_is_drawn_without_pca(tmp_path):
+    import msf
+    config = {k: o.default for k, o in msf.VAE_OPTIONS.items()}
+    config.update(quantizer="msf", code_dim=8, vae_width=8, codebook_size=64)
+    vae = msf.build_vae(config)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    images[0, :, :8] = float("nan")  # non-finite activations reach the guidance vectors
+    pretrain_vae.save_figure(vae, images, str(tmp_path / "figure.png"))
+    assert (tmp_path / "figure.png").stat().st_size > 0
