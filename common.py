@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -51,10 +52,14 @@ class Option:
     type: str  # "int" | "float" | "str" | "bool" | "int_list" | "float_list" | "str_list"
     choices: tuple = ()
     optional: bool = False  # None allowed
+    min: float = None  # smallest value allowed (numbers, and every item of a list)
+    above: float = None  # values must be greater than this
+    finite: bool = False  # NaN and infinities refused
 
 
-def option(default, help, type=None, choices=(), optional=None):
-    """Declare a config key; the type is taken from the default unless given."""
+def option(default, help, type=None, choices=(), optional=None, min=None, above=None, finite=None):
+    """Declare a config key; the type is taken from the default unless given. `min` / `above` / `finite` declare
+    its range (a float with a bound is also finite)."""
     if type is None:
         if isinstance(default, bool):
             type = "bool"
@@ -68,7 +73,9 @@ def option(default, help, type=None, choices=(), optional=None):
             raise ValueError(f"option type needed for default {default!r}")
     if optional is None:
         optional = default is None
-    return Option(default, help, type, tuple(choices), optional)
+    if finite is None:
+        finite = min is not None or above is not None
+    return Option(default, help, type, tuple(choices), optional, min, above, finite)
 
 
 # The keys both trainers (pretrain_vae.py, train_ocl.py) take alike; each adds its own schedule and sizes.
@@ -97,6 +104,7 @@ RESUME_FREE_KEYS = {"resume", "out_dir", "overwrite", "allow_changed", "num_work
 
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(opt: Option) -> str:
@@ -114,6 +122,8 @@ def _check_scalar(kind: str, value):
             return value
     elif kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):  # PyYAML reads 1e-3 as a string
             return float(value)
     elif kind == "str":
         if isinstance(value, str):
@@ -140,6 +150,13 @@ def check_value(name: str, opt: Option, value):
         for v in value if isinstance(value, list) else [value]:
             if v not in opt.choices:
                 raise UserError(f"config key '{name}' must be one of {list(opt.choices)}, got {v!r}")
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and opt.finite and not math.isfinite(v):
+            raise UserError(f"config key '{name}' must be a finite number, got {v!r}")
+        if opt.min is not None and v < opt.min:
+            raise UserError(f"config key '{name}' must be at least {opt.min}, got {v!r}")
+        if opt.above is not None and v <= opt.above:
+            raise UserError(f"config key '{name}' must be greater than {opt.above}, got {v!r}")
     return value
 
 
@@ -161,16 +178,28 @@ def unknown_key_message(name: str, known, where: str) -> str:
     return f"unknown config key '{name}' in {where}{hint}"
 
 
-def load_config(options: dict, argv=None, description: str = "", config_required: bool = True) -> dict:
-    """Parse `CONFIG.yaml [--key value ...]` against the declared options and return the resolved config dict."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("config", nargs=None if config_required else "?", help="YAML file with config values")
+def _config_parser(options: dict, description: str, shown: dict) -> argparse.ArgumentParser:
+    """The command line: the config file, then `--key value` for every option; `shown` are the defaults --help
+    prints (the config file's values where it sets them, timm style). No abbreviations: `--step` is not `--steps`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("config", nargs="?", help="YAML file with config values")
     for name, opt in options.items():
         parser.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=opt.type.upper(),
-                            help=f"{opt.help} (default: {opt.default!r})")
-    args = parser.parse_args(argv)
+                            help=f"{opt.help} (default: {shown[name]!r})")
+    return parser
 
+
+def load_config(options: dict, argv=None, description: str = "", config_required: bool = True) -> dict:
+    """Parse `CONFIG.yaml [--key value ...]` against the declared options and return the resolved config dict.
+    `--help` lists every key with the value the config file gives it (or the declared default)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
     config = {name: opt.default for name, opt in options.items()}
+    parser = _config_parser(options, description, config)
+    args = parser.parse_args([a for a in argv if a not in ("-h", "--help")])
+    if args.config is None and config_required and not wants_help:
+        parser.error("the following arguments are required: config")
     config_path = args.config
     if config_path is not None:
         if not os.path.isfile(config_path):
@@ -186,6 +215,9 @@ def load_config(options: dict, argv=None, description: str = "", config_required
             if name not in options:
                 raise UserError(unknown_key_message(name, options, config_path))
             config[name] = check_value(name, options[name], value)
+    if wants_help:
+        _config_parser(options, description, config).print_help()
+        sys.exit(0)
     for name, text in vars(args).items():
         if name == "config":
             continue
