@@ -83,14 +83,14 @@ TRAINING_OPTIONS = {
     "data_dir": option("data/shapes", "directory with train.lmdb / val.lmdb"),
     "train_split": option("train", "training split name"),
     "val_split": option("val", "validation split name"),
-    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps"),
-    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak"),
+    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps", min=0.0),
+    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak", min=0.0),
     "amp": option("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
                   choices=("auto", "bf16", "fp16", "off")),
-    "num_workers": option(4, "data loader workers per rank"),
-    "log_every": option(50, "steps between log lines"),
-    "val_samples": option(0, "validation samples (0 = the whole split)"),
-    "seed": option(0, "global seed (rank r uses seed * world_size + r)"),
+    "num_workers": option(4, "data loader workers per rank", min=0),
+    "log_every": option(50, "steps between log lines", min=1),
+    "val_samples": option(0, "validation samples (0 = the whole split)", min=0),
+    "seed": option(0, "global seed (rank r uses seed * world_size + r)", min=0),
     "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
     "overwrite": option(False, "start afresh in an out_dir that holds another run: its files move to old-<time>/"),
@@ -553,10 +553,23 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
                         f"it may be truncated or from another program") from None
     if not isinstance(state, dict) or "config" not in state or "kind" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no config/kind entry)")
+    missing = [key for key in ("model", "data", "step") if key not in state]
+    if missing or not isinstance(state["data"], dict) or "resolution" not in state["data"]:
+        raise UserError(f"{path} lacks {missing or ['data.resolution']}, so it is damaged or from an older version; "
+                        f"use another checkpoint or retrain")
     if kind is not None and state["kind"] != kind:
         raise UserError(f"{path} is a {state['kind']} checkpoint, but a {kind} checkpoint is needed here")
     state["path"] = path
     return state
+
+
+def load_weights(module, weights: dict, path: str) -> None:
+    """module.load_state_dict, with a mismatch (missing keys, another tensor shape) as one sentence."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as error:
+        raise UserError(f"{path} does not fit the model its config describes ({str(error).splitlines()[0][:200]}); "
+                        f"it is damaged or from another version, use another checkpoint or retrain") from None
 
 
 def check_same_config(saved: dict, current: dict, keys, what: str) -> None:
@@ -592,7 +605,7 @@ def restore_training_state(state: dict, model, optimizer, scaler, rank: int, log
     """Load a checkpoint's weights, optimizer and grad-scaler state and this rank's RNG state, so the run continues
     exactly where it stopped (with more ranks than the checkpoint has RNG states, the extra ones take the last),
     and cut the run's log back to the checkpoint's step."""
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], state["path"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
@@ -626,7 +639,17 @@ def truncate_log(path: str, last_step: int) -> None:
     """Drop log.jsonl entries after `last_step` (a resumed run rewrites them)."""
     if not os.path.exists(path):
         return
-    kept = [entry for entry in read_jsonl(path) if entry.get("step", -1) <= last_step]
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    entries = []
+    for number, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            if number == len(lines) - 1:  # a line torn by a kill mid-write: the resumed run writes it again
+                break
+            raise UserError(f"{path} line {number + 1} is not JSON; repair or remove that line, then resume") from None
+    kept = [entry for entry in entries if entry.get("step", -1) <= last_step]
     atomic_write_text(path, "".join(strict_json(entry) + "\n" for entry in kept))
 
 

@@ -258,6 +258,10 @@ class OCLDataset:
         DDP runs see the same windows as one uninterrupted run."""
         index, draw = key if isinstance(key, tuple) else (key, key)
         record = self.split[index]
+        for needed in ("video" if self.is_video else "image", "segment"):
+            if needed not in record:
+                raise UserError(f"{self.split.path} sample {index} has no '{needed}' array (it holds "
+                                f"{sorted(record)}); recreate the split with `{_create_command(self.split.path)}`")
         pixels = record["video"] if self.is_video else record["image"]
         segment = record["segment"]
         bbox = record.get("bbox")
@@ -349,6 +353,9 @@ def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolutio
                 max_samples: int = 0) -> torch.utils.data.DataLoader:
     """A finite loader over this rank's share (every world_size-th sample) of the first `max_samples` samples."""
     dataset = OCLDataset(path, train=False, resolution=resolution)
+    if len(dataset) == 0:
+        raise UserError(f"split {path} holds no samples, so there is nothing to validate or evaluate; recreate it "
+                        f"with `{_create_command(path)}` or name another split")
     count = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
     subset = torch.utils.data.Subset(dataset, list(range(d.rank, count, d.world_size)))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -30,16 +30,16 @@ from data import eval_loader, split_path, train_loader
 
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
-    "resolution": option(0, "input resolution (0 = as stored; the CPU demo trains at 64)"),
-    "num_frames": option(6, "video datasets: frames per training clip (flattened into the batch)"),
+    "resolution": option(0, "input resolution (0 = as stored; the CPU demo trains at 64)", min=0),
+    "num_frames": option(6, "video datasets: frames per training clip (flattened into the batch)", min=1),
     "out_dir": option("runs/vae", "run directory"),
-    "steps": option(30000, "training iterations"),
-    "batch_size": option(64, "global batch (images, or video clips) over all ranks"),
-    "lr": option(2e-3, "peak Adam learning rate"),
-    "grad_clip": option(1.0, "global L2 norm clip (0 = off)"),
-    "val_every": option(600, "steps between validations and checkpoints"),
-    "val_batch_size": option(64, "validation batch per rank"),
-    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted)"),
+    "steps": option(30000, "training iterations", min=1),
+    "batch_size": option(64, "global batch (images, or video clips) over all ranks", min=1),
+    "lr": option(2e-3, "peak Adam learning rate", above=0.0),
+    "grad_clip": option(1.0, "global L2 norm clip (0 = off)", min=0.0),
+    "val_every": option(600, "steps between validations and checkpoints", min=1),
+    "val_batch_size": option(64, "validation batch per rank", min=1),
+    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted)", min=0),
 }
 OPTIONS = {**msf.VAE_OPTIONS, **TRAIN_OPTIONS}
 MODEL_KEYS = list(msf.VAE_OPTIONS)

@@ -21,7 +21,7 @@ import msf
 from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save,
                     atomic_write, autocast, check_finite_state, claim_run_dir, cleanup_distributed,
                     deterministic_algorithms, gather_rng_states, load_checkpoint,
-                    load_config, optimizer_step, option, progress_bar, reduce_mean, release_run_dir,
+                    load_config, load_weights, optimizer_step, option, progress_bar, reduce_mean, release_run_dir,
                     restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
                     setup_distributed)
 from data import eval_loader, split_path, train_loader
@@ -31,18 +31,18 @@ from data import eval_loader, split_path, train_loader
 
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
-    "resolution": option(128, "input resolution (the data is resized on the fly if stored otherwise)"),
-    "num_frames": option(6, "video datasets: frames per training clip (evaluation uses every frame)"),
+    "resolution": option(128, "input resolution (the data is resized on the fly if stored otherwise)", min=1),
+    "num_frames": option(6, "video datasets: frames per training clip (evaluation uses every frame)", min=1),
     "out_dir": option("runs/ocl", "run directory"),
-    "steps": option(50000, "training iterations"),
-    "batch_size": option(32, "global batch (images, or video clips) over all ranks"),
-    "lr": option(2e-4, "peak Adam learning rate"),
-    "grad_clip": option(1.0, "global L2 norm clip: 1.0 for images, 0.02 for videos (paper)"),
-    "val_every": option(1000, "steps between validations and checkpoints"),
-    "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)"),
+    "steps": option(50000, "training iterations", min=1),
+    "batch_size": option(32, "global batch (images, or video clips) over all ranks", min=1),
+    "lr": option(2e-4, "peak Adam learning rate", above=0.0),
+    "grad_clip": option(1.0, "global L2 norm clip: 1.0 for images, 0.02 for videos (paper)", min=0.0),
+    "val_every": option(1000, "steps between validations and checkpoints", min=1),
+    "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)", min=1),
     "best_metric": option("ari+ari_fg", "validation metric that selects best.pt",
                           choices=("ari", "ari_fg", "miou", "mbo", "ari+ari_fg")),
-    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)"),
+    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)", min=0),
 }
 OPTIONS = {**models.OCL_OPTIONS, **TRAIN_OPTIONS}
 MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
@@ -66,6 +66,10 @@ def load_guidance_vae(config: dict):
                         f"pretrain_vae.py")
     state = load_checkpoint(config["vae_ckpt"], kind="vae")
     vae_config = state["config"]
+    missing = [key for key in ("quantizer", "code_dim") if key not in vae_config]
+    if missing:
+        raise UserError(f"{state['path']} was written by an older version: its config lacks {missing[0]!r}; retrain "
+                        f"the VAE or point vae_ckpt at another checkpoint")
     if vae_config["quantizer"] != config["guidance"]:
         raise UserError(f"{state['path']} is a '{vae_config['quantizer']}' VAE but the config asks for guidance: "
                         f"{config['guidance']}; point vae_ckpt at a {config['guidance']} VAE")
@@ -78,8 +82,12 @@ def load_guidance_vae(config: dict):
     if vae_resolution != config["resolution"]:
         raise UserError(f"{state['path']} was pretrained at {vae_resolution}px but the OCL config uses resolution "
                         f"{config['resolution']}; use the same resolution for both stages")
-    vae = msf.build_vae(vae_config)
-    vae.load_state_dict(state["model"])
+    try:
+        vae = msf.build_vae(vae_config)
+    except KeyError as error:
+        raise UserError(f"{state['path']} was written by an older version: its config lacks {error.args[0]!r}; "
+                        f"retrain the VAE or point vae_ckpt at another checkpoint") from None
+    load_weights(vae, state["model"], state["path"])
     return vae, state
 
 

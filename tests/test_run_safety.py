@@ -151,3 +151,99 @@ def test_the_vae_figure_of_non_finite_codes_is_drawn_without_pca(tmp_path):
             book.weight.fill_(float("inf"))
     pretrain_vae.save_figure(vae, torch.rand(2, 3, 32, 32) * 2 - 1, str(tmp_path / "figure.png"))
     assert (tmp_path / "figure.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 15 item 8: every input fault ends in one sentence that says what to do.
+
+def copy_with_split(tmp_path, shapes_dir, name, records):
+    """A copy of the shapes data with one more split `name` holding `records` (meta copied from val)."""
+    import shutil
+
+    import data
+    directory = tmp_path / "data"
+    shutil.copytree(shapes_dir, directory)
+    meta = {k: v for k, v in data.load_split(str(directory / "val.lmdb")).meta.items()
+            if k not in ("format", "format_version", "count")}
+    writer = data.SplitWriter(str(directory / f"{name}.lmdb"))
+    for record in records:
+        writer.add(record)
+    writer.close(meta)
+    return str(directory)
+
+
+@pytest.mark.parametrize("flag, value", [("val_every", "0"), ("log_every", "-1"), ("batch_size", "0"),
+                                         ("resolution", "-32"), ("lr", "0"), ("lr", ".nan"), ("val_every", ".nan")])
+def test_out_of_range_settings_are_refused(tmp_path, shapes_dir, flag, value):
+    with pytest.raises(UserError, match=f"config key '{flag}' must be"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir), f"--{flag}={value}"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_validation_split_and_out_file_are_refused(tmp_path, shapes_dir):
+    import evaluate
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    data_dir = copy_with_split(tmp_path, shapes_dir, "empty", [])
+    with pytest.raises(UserError, match=r"empty.lmdb holds no samples.*name another split"):
+        pretrain_vae.main([write_config(tmp_path, data_dir, val_split="empty")])
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    with pytest.raises(UserError, match=r"empty.lmdb holds no samples"):
+        train_ocl.main([write_ocl_config(tmp_path, data_dir, None, vae_ckpt=vae, val_split="empty",
+                                         out_dir=str(tmp_path / "ocl"))])
+    with pytest.raises(UserError, match=r"empty.lmdb holds no samples"):
+        evaluate.main([vae, "--separability", "--data_dir", data_dir, "--split", "empty", "--device", "cpu"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"--out .*file is a file, not a directory"):
+        evaluate.main([vae, "--separability", "--data_dir", data_dir, "--out", str(tmp_path / "file")])
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(UserError, match=r"out_dir .*taken is a file, not a directory"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir), "--out_dir", str(tmp_path / "taken")])
+
+
+def test_a_record_without_segment_is_refused(tmp_path, shapes_dir):
+    import numpy as np
+
+    import data
+    data_dir = copy_with_split(tmp_path, shapes_dir, "noseg", [{"image": np.zeros((64, 64, 3), np.uint8)}])
+    dataset = data.OCLDataset(os.path.join(data_dir, "noseg.lmdb"), train=False)
+    with pytest.raises(UserError, match=r"noseg.lmdb sample 0 has no 'segment' array .*recreate the split"):
+        dataset[0]
+
+
+def test_video_data_for_an_image_model_is_refused_at_evaluation(tmp_path, shapes_dir, video_dir):
+    import evaluate
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)])
+    with pytest.raises(UserError, match=r"holds videos but .* models images; give a matching dataset"):
+        evaluate.main([str(tmp_path / "run"), "--data_dir", video_dir, "--device", "cpu", "--figures", "0"])
+
+
+def test_a_torn_last_log_line_does_not_block_resume(tmp_path, shapes_dir):
+    config = write_config(tmp_path, shapes_dir, steps=2, val_every=1)
+    pretrain_vae.main([config])
+    run = tmp_path / "run"
+    os.remove(run / "ckpt_0000002.pt")  # killed while writing the log after step 1's checkpoint
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 1, "lo')
+    pretrain_vae.main([config, "--resume", "auto"])
+    assert [e["step"] for e in read_jsonl(run / "log.jsonl") if "loss" in e] == [0, 1]
+
+
+def test_damaged_vae_checkpoints_are_refused_in_one_sentence(tmp_path, shapes_dir):
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    path = save_vae(tmp_path / "vae.pt", "msf", 8)
+    good = torch.load(path, weights_only=True)
+    cases = {"no_data": ({k: v for k, v in good.items() if k != "data"}, r"lacks \['data'\]"),
+             "no_key": (dict(good, config={k: v for k, v in good["config"].items() if k != "quantizer"}),
+                        "config lacks 'quantizer'"),
+             "shape": (dict(good, model={k: (v[:1] if i == 0 else v) for i, (k, v) in enumerate(good["model"].items())}),
+                       "does not fit the model its config describes")}
+    for name, (state, pattern) in cases.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        with pytest.raises(UserError, match=pattern):
+            train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=str(tmp_path / f"{name}.pt"),
+                                             out_dir=str(tmp_path / name))])
