@@ -247,3 +247,16 @@ def test_damaged_vae_checkpoints_are_refused_in_one_sentence(tmp_path, shapes_di
         with pytest.raises(UserError, match=pattern):
             train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=str(tmp_path / f"{name}.pt"),
                                              out_dir=str(tmp_path / name))])
+
+
+def test_an_unsafe_checkpoint_is_refused_with_the_warning_kept(tmp_path):
+    import argparse
+
+    from common import load_checkpoint
+    path = tmp_path / "crafted.pt"
+    torch.save({"kind": "vae", "config": argparse.Namespace(steps=1)}, path)  # a class a safe load refuses
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(str(path))
+    message = str(caught.value)
+    assert "weights_only=False" in message and "can execute arbitrary code" in message and "trust" in message
+    assert message.count(".") <= 3 and "\n" not in message  # one sentence, not PyTorch's page of advice
