@@ -6,6 +6,7 @@ module imports no other module of the project, so every module can import it.
 """
 
 import argparse
+import datetime
 import difflib
 import fcntl
 import json
@@ -94,6 +95,7 @@ TRAINING_OPTIONS = {
     "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
     "overwrite": option(False, "start afresh in an out_dir that holds another run: its files move to old-<time>/"),
+    "ddp_timeout_minutes": option(20, "torchrun: minutes a rank waits for the others before the run stops", min=1),
     "allow_changed": option([], "settings a resumed run may change although they alter its trajectory (e.g. "
                             "steps,lr); others that differ from the checkpoint's are refused", type="str_list"),
 }
@@ -252,6 +254,9 @@ def atomic_write(path: str, write: Callable, binary: bool = False) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # the mode of a file open() would create (mkstemp's is 0600)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -327,8 +332,9 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def setup_distributed(device_name: str) -> Dist:
-    """Initialise the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+def setup_distributed(device_name: str, timeout_minutes: float = 20) -> Dist:
+    """Initialise the process group when launched by torchrun (gloo on CPU, nccl on GPU); a collective that waits
+    longer than `timeout_minutes` for a stalled rank fails instead of blocking the others for torch's default."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist(False, 0, 0, 1, pick_device(device_name))
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -336,7 +342,8 @@ def setup_distributed(device_name: str) -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(True, rank, local_rank, world_size, device)
 
 
@@ -429,6 +436,9 @@ def _claim(config: dict) -> None:
     continuing = (resume == "auto" and list_checkpoints(out_dir)) or (
         resume not in ("", "auto") and os.path.realpath(os.path.dirname(os.path.abspath(resume)) if os.path.isfile(
             resume) else resume) == os.path.realpath(out_dir))
+    for name in os.listdir(out_dir):  # left by a killed writer: under the lock, nothing else is writing here
+        if name.startswith(".tmp-") and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     old = _run_files(out_dir)
     if continuing or not old:
         return

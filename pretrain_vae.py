@@ -124,7 +124,8 @@ def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> Non
 
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
-    d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
+    # DDP under torchrun (one process per GPU), else one process
+    d = setup_distributed(config["device"], config["ddp_timeout_minutes"])
     deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
     # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
     claim_run_dir(config, d)  # refuses another run's directory, and locks this one

@@ -260,3 +260,30 @@ def test_an_unsafe_checkpoint_is_refused_with_the_warning_kept(tmp_path):
     message = str(caught.value)
     assert "weights_only=False" in message and "can execute arbitrary code" in message and "trust" in message
     assert message.count(".") <= 3 and "\n" not in message  # one sentence, not PyTorch's page of advice
+
+
+def test_orphaned_temporary_files_go_and_run_files_get_the_umask_mode(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".tmp-abc123ckpt_0000005.pt").write_bytes(b"half a checkpoint from a killed run")
+    old_umask = os.umask(0o022)
+    try:
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=1, val_every=1)])
+    finally:
+        os.umask(old_umask)
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    for name in ("ckpt_0000001.pt", "config.yaml"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_the_process_group_gets_the_configured_timeout(monkeypatch):
+    import datetime
+
+    import common
+    seen = {}
+    monkeypatch.setattr(common.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    d = common.setup_distributed("cpu", 7)
+    assert d.enabled and seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=7)}
+    assert common.TRAINING_OPTIONS["ddp_timeout_minutes"].default in range(10, 31)
