@@ -548,8 +548,8 @@ def check_finite_state(model, values: dict, step: int, out_dir: str) -> None:
     if bad:
         found = list_checkpoints(out_dir)
         last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written before"
-        raise UserError(f"the run became non-finite by step {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"
-                        f" not finite), so no checkpoint was written for it and {last}; resume from it with a lower "
+        named = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise UserError(f"the run became non-finite by step {step} ({named} not finite), so no checkpoint was written for it and {last}; resume from it with a lower "
                         f"lr (--allow_changed lr) or check the data")
 
 

@@ -38,8 +38,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 import msf
-from common import (UserError, atomic_write_text, autocast, load_checkpoint, load_weights, progress_bar, run_main, setup_distributed,
-                    strict_json)
+from common import (UserError, atomic_write_text, autocast, load_checkpoint, load_weights, progress_bar, run_main,
+                    setup_distributed, strict_json)
 from data import eval_loader, split_path
 from model import build_model, masks_to_segments
 

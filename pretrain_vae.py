@@ -19,10 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
 from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, check_finite_state,
-                    claim_run_dir,
-                    cleanup_distributed, deterministic_algorithms, gather_rng_states, load_config, optimizer_step, option, progress_bar,
-                    reduce_mean, release_run_dir, restore_training_state, resume_state, run_main, save_checkpoint,
-                    save_config, set_scheduled_lr, setup_distributed)
+                    claim_run_dir, cleanup_distributed, deterministic_algorithms, gather_rng_states, load_config,
+                    optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
+                    resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,7 +102,8 @@ def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
     for r in recons:
         rows.append(F.interpolate(r.float().clamp(-1, 1) * 0.5 + 0.5, size=size, mode="nearest"))
     for g in quantized.guidance:  # PCA of non-finite codes would fail (LinAlgError): grey instead
-        colours = msf.pca_colours(g) if bool(torch.isfinite(g).all()) else torch.full((g.shape[0], 3, *g.shape[1:3]), 0.5)
+        finite = bool(torch.isfinite(g).all())
+        colours = msf.pca_colours(g) if finite else torch.full((g.shape[0], 3, *g.shape[1:3]), 0.5)
         rows.append(F.interpolate(colours.to(images.device), size=size, mode="nearest"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torchvision.utils.save_image(torch.cat(rows), path, nrow=images.shape[0], padding=2)

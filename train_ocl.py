@@ -20,10 +20,9 @@ import model as models
 import msf
 from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save,
                     atomic_write, autocast, check_finite_state, claim_run_dir, cleanup_distributed,
-                    deterministic_algorithms, gather_rng_states, load_checkpoint,
-                    load_config, load_weights, optimizer_step, option, progress_bar, reduce_mean, release_run_dir,
-                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
-                    setup_distributed)
+                    deterministic_algorithms, gather_rng_states, load_checkpoint, load_config, load_weights,
+                    optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
+                    resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ resume, and one sentence for every input fault."""
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -240,8 +239,8 @@ def test_damaged_vae_checkpoints_are_refused_in_one_sentence(tmp_path, shapes_di
     cases = {"no_data": ({k: v for k, v in good.items() if k != "data"}, r"lacks \['data'\]"),
              "no_key": (dict(good, config={k: v for k, v in good["config"].items() if k != "quantizer"}),
                         "config lacks 'quantizer'"),
-             "shape": (dict(good, model={k: (v[:1] if i == 0 else v) for i, (k, v) in enumerate(good["model"].items())}),
-                       "does not fit the model its config describes")}
+             "shape": (dict(good, model={k: (v[:1] if i == 0 else v) for i, (k, v) in
+                                         enumerate(good["model"].items())}), "does not fit the model its config")}
     for name, (state, pattern) in cases.items():
         torch.save(state, tmp_path / f"{name}.pt")
         with pytest.raises(UserError, match=pattern):
