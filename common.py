@@ -6,10 +6,13 @@ module imports no other module of the project, so every module can import it.
 """
 
 import argparse
+import datetime
 import difflib
+import fcntl
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -50,10 +53,14 @@ class Option:
     type: str  # "int" | "float" | "str" | "bool" | "int_list" | "float_list" | "str_list"
     choices: tuple = ()
     optional: bool = False  # None allowed
+    min: float = None  # smallest value allowed (numbers, and every item of a list)
+    above: float = None  # values must be greater than this
+    finite: bool = False  # NaN and infinities refused
 
 
-def option(default, help, type=None, choices=(), optional=None):
-    """Declare a config key; the type is taken from the default unless given."""
+def option(default, help, type=None, choices=(), optional=None, min=None, above=None, finite=None):
+    """Declare a config key; the type is taken from the default unless given. `min` / `above` / `finite` declare
+    its range (a float with a bound is also finite)."""
     if type is None:
         if isinstance(default, bool):
             type = "bool"
@@ -67,7 +74,9 @@ def option(default, help, type=None, choices=(), optional=None):
             raise ValueError(f"option type needed for default {default!r}")
     if optional is None:
         optional = default is None
-    return Option(default, help, type, tuple(choices), optional)
+    if finite is None:
+        finite = min is not None or above is not None
+    return Option(default, help, type, tuple(choices), optional, min, above, finite)
 
 
 # The keys both trainers (pretrain_vae.py, train_ocl.py) take alike; each adds its own schedule and sizes.
@@ -75,20 +84,29 @@ TRAINING_OPTIONS = {
     "data_dir": option("data/shapes", "directory with train.lmdb / val.lmdb"),
     "train_split": option("train", "training split name"),
     "val_split": option("val", "validation split name"),
-    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps"),
-    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak"),
+    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps", min=0.0),
+    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak", min=0.0),
     "amp": option("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
                   choices=("auto", "bf16", "fp16", "off")),
-    "num_workers": option(4, "data loader workers per rank"),
-    "log_every": option(50, "steps between log lines"),
-    "val_samples": option(0, "validation samples (0 = the whole split)"),
-    "seed": option(0, "global seed (rank r uses seed * world_size + r)"),
+    "num_workers": option(4, "data loader workers per rank", min=0),
+    "log_every": option(50, "steps between log lines", min=1),
+    "val_samples": option(0, "validation samples (0 = the whole split)", min=0),
+    "seed": option(0, "global seed (rank r uses seed * world_size + r)", min=0),
     "device": option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda")),
     "resume": option("", "checkpoint path, or 'auto' for the latest in out_dir"),
+    "overwrite": option(False, "start afresh in an out_dir that holds another run: its files move to old-<time>/"),
+    "ddp_timeout_minutes": option(20, "torchrun: minutes a rank waits for the others before the run stops", min=1),
+    "allow_changed": option([], "settings a resumed run may change although they alter its trajectory (e.g. "
+                            "steps,lr); others that differ from the checkpoint's are refused", type="str_list"),
 }
+# Keys a resumed run may change freely: where it writes, how often it reports, how it reads (not what it learns).
+RESUME_FREE_KEYS = {"resume", "out_dir", "overwrite", "allow_changed", "num_workers", "log_every", "val_every",
+                    "val_batch_size", "val_samples", "keep_checkpoints", "device", "ddp_timeout_minutes",
+                    "latent_scale"}
 
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(opt: Option) -> str:
@@ -106,6 +124,8 @@ def _check_scalar(kind: str, value):
             return value
     elif kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):  # PyYAML reads 1e-3 as a string
             return float(value)
     elif kind == "str":
         if isinstance(value, str):
@@ -132,6 +152,13 @@ def check_value(name: str, opt: Option, value):
         for v in value if isinstance(value, list) else [value]:
             if v not in opt.choices:
                 raise UserError(f"config key '{name}' must be one of {list(opt.choices)}, got {v!r}")
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and opt.finite and not math.isfinite(v):
+            raise UserError(f"config key '{name}' must be a finite number, got {v!r}")
+        if opt.min is not None and v < opt.min:
+            raise UserError(f"config key '{name}' must be at least {opt.min}, got {v!r}")
+        if opt.above is not None and v <= opt.above:
+            raise UserError(f"config key '{name}' must be greater than {opt.above}, got {v!r}")
     return value
 
 
@@ -153,16 +180,28 @@ def unknown_key_message(name: str, known, where: str) -> str:
     return f"unknown config key '{name}' in {where}{hint}"
 
 
-def load_config(options: dict, argv=None, description: str = "", config_required: bool = True) -> dict:
-    """Parse `CONFIG.yaml [--key value ...]` against the declared options and return the resolved config dict."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("config", nargs=None if config_required else "?", help="YAML file with config values")
+def _config_parser(options: dict, description: str, shown: dict) -> argparse.ArgumentParser:
+    """The command line: the config file, then `--key value` for every option; `shown` are the defaults --help
+    prints (the config file's values where it sets them, timm style). No abbreviations: `--step` is not `--steps`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("config", nargs="?", help="YAML file with config values")
     for name, opt in options.items():
         parser.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=opt.type.upper(),
-                            help=f"{opt.help} (default: {opt.default!r})")
-    args = parser.parse_args(argv)
+                            help=f"{opt.help} (default: {shown[name]!r})")
+    return parser
 
+
+def load_config(options: dict, argv=None, description: str = "", config_required: bool = True) -> dict:
+    """Parse `CONFIG.yaml [--key value ...]` against the declared options and return the resolved config dict.
+    `--help` lists every key with the value the config file gives it (or the declared default)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
     config = {name: opt.default for name, opt in options.items()}
+    parser = _config_parser(options, description, config)
+    args = parser.parse_args([a for a in argv if a not in ("-h", "--help")])
+    if args.config is None and config_required and not wants_help:
+        parser.error("the following arguments are required: config")
     config_path = args.config
     if config_path is not None:
         if not os.path.isfile(config_path):
@@ -178,6 +217,9 @@ def load_config(options: dict, argv=None, description: str = "", config_required
             if name not in options:
                 raise UserError(unknown_key_message(name, options, config_path))
             config[name] = check_value(name, options[name], value)
+    if wants_help:
+        _config_parser(options, description, config).print_help()
+        sys.exit(0)
     for name, text in vars(args).items():
         if name == "config":
             continue
@@ -212,6 +254,9 @@ def atomic_write(path: str, write: Callable, binary: bool = False) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # the mode of a file open() would create (mkstemp's is 0600)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -287,8 +332,9 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def setup_distributed(device_name: str) -> Dist:
-    """Initialise the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+def setup_distributed(device_name: str, timeout_minutes: float = 20) -> Dist:
+    """Initialise the process group when launched by torchrun (gloo on CPU, nccl on GPU); a collective that waits
+    longer than `timeout_minutes` for a stalled rank fails instead of blocking the others for torch's default."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist(False, 0, 0, 1, pick_device(device_name))
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -296,14 +342,118 @@ def setup_distributed(device_name: str) -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(True, rank, local_rank, world_size, device)
+
+
+def deterministic_algorithms(device) -> None:
+    """On the CPU, ask torch for deterministic kernels: the backward of an index (codes[indices], gather) otherwise
+    accumulates in a thread-dependent order, and two runs on several threads drift apart after a few steps. (CUDA
+    runs are not promised bit-identical: some of their kernels have no deterministic version.)"""
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
 
 
 def cleanup_distributed(d: Dist) -> None:
     """Leave the process group, if this process joined one."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directories: one run per directory, held under an exclusive lock for the run's lifetime.
+
+RUN_FILES = ("config.yaml", "log.txt", "log.jsonl", "best.pt", "figures")  # besides ckpt_*.pt
+_RUN_LOCKS = {}  # real out_dir -> open lock file of this process
+
+
+def _run_files(out_dir: str) -> list:
+    """The files of a run in `out_dir` (checkpoints, logs, config, figures)."""
+    return [p for p in list_checkpoints(out_dir) + [os.path.join(out_dir, n) for n in RUN_FILES] if os.path.exists(p)]
+
+
+def lock_run_dir(out_dir: str) -> None:
+    """Take the exclusive lock of `out_dir` (a `.lock` file, flock) for the rest of this process or until the same
+    process claims the directory again; another process holding it is refused."""
+    key = os.path.realpath(out_dir)
+    if key in _RUN_LOCKS:  # the same process starts another run here (tests, study scripts): the old one ended
+        _RUN_LOCKS.pop(key).close()
+    path = os.path.join(out_dir, ".lock")
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise UserError(f"another process is running in {out_dir} (it holds {path}); wait for it to end or "
+                            f"choose another --out_dir") from None
+        try:  # the holder before us may have removed the file on release: then lock the new one
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    _RUN_LOCKS[key] = handle
+
+
+def release_run_dir(out_dir: str) -> None:
+    """Give up this process's lock of `out_dir` (a run that ended); the lock file goes while still held."""
+    handle = _RUN_LOCKS.pop(os.path.realpath(out_dir), None)
+    if handle is not None:
+        try:
+            os.remove(os.path.join(out_dir, ".lock"))
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
+def claim_run_dir(config: dict, d: "Dist") -> None:
+    """Make `out_dir` this run's (rank 0): lock it, and refuse a fresh start into a directory that holds another
+    run's checkpoints or logs unless `overwrite` (the old files move to `old-<time>/`, nothing is deleted) or
+    `resume: auto` (which continues the run there, or starts afresh after moving a run without checkpoints aside)."""
+    error = None
+    if d.is_main:
+        try:
+            _claim(config)
+        except UserError as caught:
+            error = str(caught)
+    if d.enabled:  # every rank stops with rank 0's sentence, and none reads out_dir before it is settled
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise UserError(error)
+
+
+def _claim(config: dict) -> None:
+    out_dir = config["out_dir"]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir} is a file, not a directory; choose another --out_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    lock_run_dir(out_dir)
+    resume = config["resume"]
+    continuing = (resume == "auto" and list_checkpoints(out_dir)) or (
+        resume not in ("", "auto") and os.path.realpath(os.path.dirname(os.path.abspath(resume)) if os.path.isfile(
+            resume) else resume) == os.path.realpath(out_dir))
+    for name in os.listdir(out_dir):  # left by a killed writer: under the lock, nothing else is writing here
+        if name.startswith(".tmp-") and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    old = _run_files(out_dir)
+    if continuing or not old:
+        return
+    if not (config.get("overwrite") or resume == "auto"):
+        raise UserError(f"{out_dir} already holds a run ({', '.join(sorted(os.path.basename(p) for p in old)[:4])}"
+                        f"{', ...' if len(old) > 4 else ''}); continue it with --resume auto, start afresh with "
+                        f"--overwrite true (its files move to {out_dir}/old-<time>/), or choose another --out_dir")
+    aside = os.path.join(out_dir, "old-" + time.strftime("%Y%m%d-%H%M%S"))
+    suffix = 0
+    while os.path.exists(aside + (f"-{suffix}" if suffix else "")):
+        suffix += 1
+    aside += f"-{suffix}" if suffix else ""
+    os.makedirs(aside)
+    for path in old:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,8 +508,11 @@ def list_checkpoints(out_dir: str) -> list:
     """Checkpoint paths in `out_dir`, oldest first."""
     if not os.path.isdir(out_dir):
         return []
-    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n.endswith(".pt"))
-    return [os.path.join(out_dir, n) for n in names]
+    steps = {}
+    for name in os.listdir(out_dir):
+        if name.startswith("ckpt_") and name.endswith(".pt") and name[len("ckpt_"):-len(".pt")].isdigit():
+            steps[name] = int(name[len("ckpt_"):-len(".pt")])
+    return [os.path.join(out_dir, n) for n in sorted(steps, key=lambda n: (steps[n], n))]
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -374,12 +527,30 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
+def save_checkpoint(state: dict, out_dir: str, step: int, keep: int, protect_step: int = None) -> str:
+    """Write `ckpt_<step>.pt` and delete all but the last `keep` (by step), except the one of `protect_step` (the
+    best step, which best.pt copies)."""
     path = os.path.join(out_dir, CHECKPOINT_PATTERN.format(step=step))
     atomic_torch_save(state, path)
+    protected = os.path.join(out_dir, CHECKPOINT_PATTERN.format(step=protect_step)) if protect_step else None
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        os.remove(old)
+        if old != protected:
+            os.remove(old)
     return path
+
+
+def check_finite_state(model, values: dict, step: int, out_dir: str) -> None:
+    """Refuse to checkpoint (or draw) a model whose parameters, buffers or validation losses (`values`) are not
+    finite; the sentence names the last good checkpoint. Every rank agrees (equal weights, reduced metrics)."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad += [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        found = list_checkpoints(out_dir)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written before"
+        named = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise UserError(f"the run became non-finite by step {step} ({named} not finite), so no checkpoint was written for it and {last}; resume from it with a lower "
+                        f"lr (--allow_changed lr) or check the data")
 
 
 def load_checkpoint(path: str, kind: str = None) -> dict:
@@ -388,14 +559,33 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error)[:200]}); "
-                        f"it may be truncated or from another program") from None
+        if "weights_only" in str(error) or "Weights only load failed" in str(error):
+            raise UserError(f"{path} holds objects beyond tensors and plain values, which the safe load "
+                            f"(weights_only=True) refuses, so it is from another program or crafted; loading it with "
+                            f"torch.load(weights_only=False) can execute arbitrary code, so do that only with a file "
+                            f"from a source you trust") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:200] if str(error) else ''}); it may be truncated or from "
+                        f"another program") from None
     if not isinstance(state, dict) or "config" not in state or "kind" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no config/kind entry)")
+    missing = [key for key in ("model", "data", "step") if key not in state]
+    if missing or not isinstance(state["data"], dict) or "resolution" not in state["data"]:
+        raise UserError(f"{path} lacks {missing or ['data.resolution']}, so it is damaged or from an older version; "
+                        f"use another checkpoint or retrain")
     if kind is not None and state["kind"] != kind:
         raise UserError(f"{path} is a {state['kind']} checkpoint, but a {kind} checkpoint is needed here")
     state["path"] = path
     return state
+
+
+def load_weights(module, weights: dict, path: str) -> None:
+    """module.load_state_dict, with a mismatch (missing keys, another tensor shape) as one sentence."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as error:
+        raise UserError(f"{path} does not fit the model its config describes ({str(error).splitlines()[0][:200]}); "
+                        f"it is damaged or from another version, use another checkpoint or retrain") from None
 
 
 def check_same_config(saved: dict, current: dict, keys, what: str) -> None:
@@ -416,6 +606,14 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
         return None, 0
     state = load_checkpoint(resume, kind=kind)
     check_same_config(state["config"], config, model_keys, f"checkpoint {state['path']}")
+    saved = state["config"]
+    changed = [key for key in config if key not in RESUME_FREE_KEYS and key not in config["allow_changed"]
+               and key in saved and saved[key] != config[key]]
+    if changed:
+        listed = ", ".join(f"{key} {saved[key]!r} -> {config[key]!r}" for key in changed)
+        raise UserError(f"checkpoint {state['path']} was trained with other settings that change the run's "
+                        f"trajectory ({listed}); resume with the checkpoint's settings, accept them with "
+                        f"--allow_changed {','.join(changed)}, or start afresh in another --out_dir")
     return state, state["step"]
 
 
@@ -423,7 +621,7 @@ def restore_training_state(state: dict, model, optimizer, scaler, rank: int, log
     """Load a checkpoint's weights, optimizer and grad-scaler state and this rank's RNG state, so the run continues
     exactly where it stopped (with more ranks than the checkpoint has RNG states, the extra ones take the last),
     and cut the run's log back to the checkpoint's step."""
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], state["path"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
@@ -457,7 +655,17 @@ def truncate_log(path: str, last_step: int) -> None:
     """Drop log.jsonl entries after `last_step` (a resumed run rewrites them)."""
     if not os.path.exists(path):
         return
-    kept = [entry for entry in read_jsonl(path) if entry.get("step", -1) <= last_step]
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    entries = []
+    for number, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            if number == len(lines) - 1:  # a line torn by a kill mid-write: the resumed run writes it again
+                break
+            raise UserError(f"{path} line {number + 1} is not JSON; repair or remove that line, then resume") from None
+    kept = [entry for entry in entries if entry.get("step", -1) <= last_step]
     atomic_write_text(path, "".join(strict_json(entry) + "\n" for entry in kept))
 
 

@@ -67,6 +67,9 @@ def _create_command(path: str) -> str:
     """The command that (re)creates the database at `path`, for error messages."""
     directory = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(directory.rstrip("/"))
+    split = os.path.basename(path)[:-len(".lmdb")] if path.endswith(".lmdb") else ""
+    if split not in ("train", "val", ""):  # e.g. test: prepare_data writes it together with train/val
+        return f"python prepare_data.py {name if name in REAL_DATASETS else 'NAME'} --split {split} --out NEW_DIR"
     if name in SYNTHETIC_DATASETS + REAL_DATASETS:
         return f"python prepare_data.py {name} --out {os.path.dirname(path) or '.'}"
     return "python prepare_data.py NAME --out DIR (see README, 'The pipeline')"
@@ -104,12 +107,10 @@ class SplitWriter:
         self.txn.commit()
         self.env.sync(True)
         self.env.close()
-        for old in (self.path, self.path + "-lock"):
-            if os.path.exists(old):
-                os.remove(old)
-        os.replace(self.partial, self.path)
-        if os.path.exists(self.partial + "-lock"):
-            os.remove(self.partial + "-lock")
+        os.replace(self.partial, self.path)  # atomic: the old split is there until the new one takes its name
+        for stale in (self.path + "-lock", self.partial + "-lock"):
+            if os.path.exists(stale):
+                os.remove(stale)
 
     def abort(self) -> None:
         """Drop the partial file (used when generation fails)."""
@@ -160,7 +161,13 @@ class Split:
             if os.path.exists(path + ".partial"):
                 raise UserError(f"{path} was never finished (only {path}.partial exists); rerun "
                                 f"`{_create_command(path)}`")
-            raise UserError(f"dataset split {path} does not exist; create it with `{_create_command(path)}`")
+            note = "" if os.path.basename(path) in ("train.lmdb", "val.lmdb") else (
+                f" in a new directory (it rewrites train/val too, so not in {os.path.dirname(path) or '.'}) and point "
+                f"--data_dir at it")
+            raise UserError(f"dataset split {path} does not exist; create it with `{_create_command(path)}`{note}")
+        if os.path.exists(path + ".partial"):
+            raise UserError(f"{path}.partial lies next to {path}: a regeneration of this dataset was interrupted, so "
+                            f"its splits may come from different runs; regenerate it with `{_create_command(path)}`")
         if os.path.isdir(path):
             raise UserError(f"{path} is a directory, not a single-file LMDB split of this project; "
                             f"recreate it with `{_create_command(path)}`")
@@ -251,6 +258,10 @@ class OCLDataset:
         DDP runs see the same windows as one uninterrupted run."""
         index, draw = key if isinstance(key, tuple) else (key, key)
         record = self.split[index]
+        for needed in ("video" if self.is_video else "image", "segment"):
+            if needed not in record:
+                raise UserError(f"{self.split.path} sample {index} has no '{needed}' array (it holds "
+                                f"{sorted(record)}); recreate the split with `{_create_command(self.split.path)}`")
         pixels = record["video"] if self.is_video else record["image"]
         segment = record["segment"]
         bbox = record.get("bbox")
@@ -342,6 +353,9 @@ def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolutio
                 max_samples: int = 0) -> torch.utils.data.DataLoader:
     """A finite loader over this rank's share (every world_size-th sample) of the first `max_samples` samples."""
     dataset = OCLDataset(path, train=False, resolution=resolution)
+    if len(dataset) == 0:
+        raise UserError(f"split {path} holds no samples, so there is nothing to validate or evaluate; recreate it "
+                        f"with `{_create_command(path)}` or name another split")
     count = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
     subset = torch.utils.data.Subset(dataset, list(range(d.rank, count, d.world_size)))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

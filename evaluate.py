@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import math
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -37,8 +38,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 import msf
-from common import (UserError, atomic_write_text, autocast, load_checkpoint, progress_bar, run_main, setup_distributed,
-                    strict_json)
+from common import (UserError, atomic_write_text, autocast, load_checkpoint, load_weights, progress_bar, run_main,
+                    setup_distributed, strict_json)
 from data import eval_loader, split_path
 from model import build_model, masks_to_segments
 
@@ -353,13 +354,17 @@ def load_for_evaluation(path: str, device):
     """(model, checkpoint dict) rebuilt from a checkpoint's own config: an OCL model (kind 'ocl') with its frozen
     VAE and DINO weights taken from the checkpoint, or a VAE (kind 'vae'). A run directory means its best.pt
     (OCL) or its latest checkpoint."""
+    chosen = path
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "best.pt")):
-        path = os.path.join(path, "best.pt")
+        path = chosen = os.path.join(path, "best.pt")
     state = load_checkpoint(path)
+    if os.path.isdir(chosen) and state["kind"] == "ocl":  # an OCL run without best.pt: say what is evaluated instead
+        print(f"note: {chosen} holds no best.pt; evaluating its latest checkpoint {state['path']} (give a "
+              f"checkpoint file to choose another)", file=sys.stderr)
     if state["kind"] == "vae":
         with _older_config_error(state):
             vae = msf.build_vae(state["config"])
-        vae.load_state_dict(state["model"])
+        load_weights(vae, state["model"], state["path"])
         return vae.to(device).eval(), state
     if state["kind"] != "ocl":
         raise UserError(f"{state['path']} is a {state['kind']} checkpoint; evaluate.py takes OCL or VAE checkpoints")
@@ -552,6 +557,8 @@ def main(argv=None) -> None:
     first = args.checkpoints[0]
     out = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".",
                                    f"eval_{args.split}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a directory; give a directory for the metrics and figures")
     results = []
     for path in args.checkpoints:
         model, state = load_for_evaluation(path, d.device)
@@ -562,6 +569,10 @@ def main(argv=None) -> None:
         split_path = data_path(state, args.split, args.data_dir)
         loader = eval_loader(split_path, args.batch_size, args.num_workers, d,
                              state["data"]["resolution"], args.samples)
+        if state["kind"] == "ocl" and loader.dataset.dataset.is_video != state["video"]:
+            raise UserError(f"{split_path} holds {'videos' if loader.dataset.dataset.is_video else 'images'} but "
+                            f"{state['path']} models {'videos' if state['video'] else 'images'}; give a matching "
+                            f"dataset with --data_dir")
         entry = {"checkpoint": state["path"], "name": name, "kind": state["kind"], "step": state["step"],
                  "split": split_path}
         if state["kind"] == "vae":

@@ -18,10 +18,10 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, cleanup_distributed,
-                    gather_rng_states, load_config, optimizer_step, option, progress_bar, reduce_mean,
-                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
-                    setup_distributed)
+from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, check_finite_state,
+                    claim_run_dir, cleanup_distributed, deterministic_algorithms, gather_rng_states, load_config,
+                    optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
+                    resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -29,16 +29,16 @@ from data import eval_loader, split_path, train_loader
 
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
-    "resolution": option(0, "input resolution (0 = as stored; the CPU demo trains at 64)"),
-    "num_frames": option(6, "video datasets: frames per training clip (flattened into the batch)"),
+    "resolution": option(0, "input resolution (0 = as stored; the CPU demo trains at 64)", min=0),
+    "num_frames": option(6, "video datasets: frames per training clip (flattened into the batch)", min=1),
     "out_dir": option("runs/vae", "run directory"),
-    "steps": option(30000, "training iterations"),
-    "batch_size": option(64, "global batch (images, or video clips) over all ranks"),
-    "lr": option(2e-3, "peak Adam learning rate"),
-    "grad_clip": option(1.0, "global L2 norm clip (0 = off)"),
-    "val_every": option(600, "steps between validations and checkpoints"),
-    "val_batch_size": option(64, "validation batch per rank"),
-    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted)"),
+    "steps": option(30000, "training iterations", min=1),
+    "batch_size": option(64, "global batch (images, or video clips) over all ranks", min=1),
+    "lr": option(2e-3, "peak Adam learning rate", above=0.0),
+    "grad_clip": option(1.0, "global L2 norm clip (0 = off)", min=0.0),
+    "val_every": option(600, "steps between validations and checkpoints", min=1),
+    "val_batch_size": option(64, "validation batch per rank", min=1),
+    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted)", min=0),
 }
 OPTIONS = {**msf.VAE_OPTIONS, **TRAIN_OPTIONS}
 MODEL_KEYS = list(msf.VAE_OPTIONS)
@@ -101,8 +101,10 @@ def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
     rows = [images.float().clamp(-1, 1) * 0.5 + 0.5]
     for r in recons:
         rows.append(F.interpolate(r.float().clamp(-1, 1) * 0.5 + 0.5, size=size, mode="nearest"))
-    for g in quantized.guidance:
-        rows.append(F.interpolate(msf.pca_colours(g), size=size, mode="nearest"))
+    for g in quantized.guidance:  # PCA of non-finite codes would fail (LinAlgError): grey instead
+        finite = bool(torch.isfinite(g).all())
+        colours = msf.pca_colours(g) if finite else torch.full((g.shape[0], 3, *g.shape[1:3]), 0.5)
+        rows.append(F.interpolate(colours.to(images.device), size=size, mode="nearest"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torchvision.utils.save_image(torch.cat(rows), path, nrow=images.shape[0], padding=2)
 
@@ -122,8 +124,11 @@ def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> Non
 
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
-    d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
+    # DDP under torchrun (one process per GPU), else one process
+    d = setup_distributed(config["device"], config["ddp_timeout_minutes"])
+    deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
     # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
+    claim_run_dir(config, d)  # refuses another run's directory, and locks this one
     log = RunLog(config["out_dir"], d.is_main)
     state, start_step = resume_state(config, "vae", MODEL_KEYS)
 
@@ -204,6 +209,8 @@ def main(argv=None) -> None:
             metrics = validate(model, val, d, dtype)
             log.record({"step": step, **metrics})
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            check_finite_state(model, {k: v for k, v in metrics.items() if "recon_mse" in k}, step + 1,
+                               config["out_dir"])
             if d.is_main:
                 save_figure(model, figure_images, os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png"))
             path = checkpoint(step + 1)
@@ -214,6 +221,7 @@ def main(argv=None) -> None:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
     elif metrics is not None:
         warn_collapsed_codebooks(metrics, log)
+    release_run_dir(config["out_dir"])
     cleanup_distributed(d)
 
 

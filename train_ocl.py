@@ -18,10 +18,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 import model as models
 import msf
-from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save, autocast,
-                    cleanup_distributed, gather_rng_states, load_checkpoint, load_config, optimizer_step, option,
-                    progress_bar, reduce_mean, restore_training_state, resume_state, run_main, save_checkpoint,
-                    save_config, set_scheduled_lr, setup_distributed)
+from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save,
+                    atomic_write, autocast, check_finite_state, claim_run_dir, cleanup_distributed,
+                    deterministic_algorithms, gather_rng_states, load_checkpoint, load_config, load_weights,
+                    optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
+                    resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -29,18 +30,18 @@ from data import eval_loader, split_path, train_loader
 
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
-    "resolution": option(128, "input resolution (the data is resized on the fly if stored otherwise)"),
-    "num_frames": option(6, "video datasets: frames per training clip (evaluation uses every frame)"),
+    "resolution": option(128, "input resolution (the data is resized on the fly if stored otherwise)", min=1),
+    "num_frames": option(6, "video datasets: frames per training clip (evaluation uses every frame)", min=1),
     "out_dir": option("runs/ocl", "run directory"),
-    "steps": option(50000, "training iterations"),
-    "batch_size": option(32, "global batch (images, or video clips) over all ranks"),
-    "lr": option(2e-4, "peak Adam learning rate"),
-    "grad_clip": option(1.0, "global L2 norm clip: 1.0 for images, 0.02 for videos (paper)"),
-    "val_every": option(1000, "steps between validations and checkpoints"),
-    "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)"),
+    "steps": option(50000, "training iterations", min=1),
+    "batch_size": option(32, "global batch (images, or video clips) over all ranks", min=1),
+    "lr": option(2e-4, "peak Adam learning rate", above=0.0),
+    "grad_clip": option(1.0, "global L2 norm clip: 1.0 for images, 0.02 for videos (paper)", min=0.0),
+    "val_every": option(1000, "steps between validations and checkpoints", min=1),
+    "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)", min=1),
     "best_metric": option("ari+ari_fg", "validation metric that selects best.pt",
                           choices=("ari", "ari_fg", "miou", "mbo", "ari+ari_fg")),
-    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)"),
+    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)", min=0),
 }
 OPTIONS = {**models.OCL_OPTIONS, **TRAIN_OPTIONS}
 MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
@@ -64,6 +65,10 @@ def load_guidance_vae(config: dict):
                         f"pretrain_vae.py")
     state = load_checkpoint(config["vae_ckpt"], kind="vae")
     vae_config = state["config"]
+    missing = [key for key in ("quantizer", "code_dim") if key not in vae_config]
+    if missing:
+        raise UserError(f"{state['path']} was written by an older version: its config lacks {missing[0]!r}; retrain "
+                        f"the VAE or point vae_ckpt at another checkpoint")
     if vae_config["quantizer"] != config["guidance"]:
         raise UserError(f"{state['path']} is a '{vae_config['quantizer']}' VAE but the config asks for guidance: "
                         f"{config['guidance']}; point vae_ckpt at a {config['guidance']} VAE")
@@ -76,8 +81,12 @@ def load_guidance_vae(config: dict):
     if vae_resolution != config["resolution"]:
         raise UserError(f"{state['path']} was pretrained at {vae_resolution}px but the OCL config uses resolution "
                         f"{config['resolution']}; use the same resolution for both stages")
-    vae = msf.build_vae(vae_config)
-    vae.load_state_dict(state["model"])
+    try:
+        vae = msf.build_vae(vae_config)
+    except KeyError as error:
+        raise UserError(f"{state['path']} was written by an older version: its config lacks {error.args[0]!r}; "
+                        f"retrain the VAE or point vae_ckpt at another checkpoint") from None
+    load_weights(vae, state["model"], state["path"])
     return vae, state
 
 
@@ -91,6 +100,17 @@ def measure_latent_scale(model: models.OCLModel, dataset, device, samples: int =
         frames.append(sample["video"] if "video" in sample else sample["image"][None])
     latent = model.diffusion_latent(torch.cat(frames).to(device))
     return float(latent.float().std().clamp_min(1e-6))
+
+
+def restore_best(out_dir: str, best_step, d, log) -> None:
+    """On resume, recreate a missing best.pt from the checkpoint of the stored best step (kept from pruning)."""
+    best_path = os.path.join(out_dir, "best.pt")
+    source = os.path.join(out_dir, CHECKPOINT_PATTERN.format(step=best_step)) if best_step else ""
+    if d.is_main and best_step and not os.path.isfile(best_path) and os.path.isfile(source):
+        with open(source, "rb") as f:
+            data = f.read()
+        atomic_write(best_path, lambda f: f.write(data), binary=True)
+        log.info(f"recreated best.pt from {source}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,8 +152,11 @@ def best_value(metrics: dict, name: str) -> float:
 
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
-    d = setup_distributed(config["device"])  # DDP under torchrun (one process per GPU), else one process
+    # DDP under torchrun (one process per GPU), else one process
+    d = setup_distributed(config["device"], config["ddp_timeout_minutes"])
+    deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
     # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
+    claim_run_dir(config, d)  # refuses another run's directory, and locks this one
     log = RunLog(config["out_dir"], d.is_main)
     state, start_step = resume_state(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
 
@@ -158,13 +181,14 @@ def main(argv=None) -> None:
     optimizer = torch.optim.Adam(trainable, lr=config["lr"])
     dtype = amp_dtype(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-    best = float("-inf")
+    best, best_step = float("-inf"), None
     # Seed: from here on each rank draws its own noise (slot queries, dropout, diffusion); resume restores it.
     if state is None:
         torch.manual_seed(config["seed"] * d.world_size + d.rank)
     else:
         restore_training_state(state, model, optimizer, scaler, d.rank, log)
-        best = state.get("best", best)
+        best, best_step = state.get("best", best), state.get("best_step")
+        restore_best(config["out_dir"], best_step, d, log)
         config["latent_scale"] = state["config"]["latent_scale"]
     ddp_model = DDP(model) if d.enabled else model  # buffers (frozen VAE, latent scale) are equal on every rank
     if d.is_main:
@@ -175,22 +199,25 @@ def main(argv=None) -> None:
     figure_batch = next(iter(eval_loader(val_path, 4, 0, d, config["resolution"], 4)))
 
     def checkpoint(step: int, metrics: dict) -> None:
-        nonlocal best
+        nonlocal best, best_step
         states = gather_rng_states(d)
         value = best_value(metrics, config["best_metric"])
         improved = value > best
-        best = max(best, value)
+        if improved:
+            best, best_step = value, step
         if not d.is_main:
             return
         payload = {"kind": "ocl", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states, "best": best,
+                   "best_step": best_step,
                    "metrics": metrics, "video": video, "vae_config": vae.config if vae is not None else None,
                    "vae_ckpt": vae_state["path"] if vae_state else None,
                    "data": {"data_dir": config["data_dir"], "train": config["train_split"],
                             "val": config["val_split"], "resolution": config["resolution"]}}
-        path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"])
+        # best.pt first: a kill between the two files leaves no checkpoint that counts a best best.pt lacks
         if improved:
             atomic_torch_save(payload, os.path.join(config["out_dir"], "best.pt"))
+        path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"], best_step)
         log.info(f"saved {path}" + (f" and best.pt ({config['best_metric']} {value:.2f})" if improved else ""))
 
     # The loop: every schedule is a pure function of the step, so resume is exact.
@@ -222,6 +249,7 @@ def main(argv=None) -> None:
             metrics = validate(model, val, d, dtype)
             log.record({"step": step, **metrics})
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            check_finite_state(model, {"val_loss": metrics["val_loss"]}, step + 1, config["out_dir"])
             if d.is_main:
                 evaluate.save_figures(model, figure_batch, d.device,
                                       os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}"))
@@ -229,6 +257,7 @@ def main(argv=None) -> None:
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    release_run_dir(config["out_dir"])
     cleanup_distributed(d)
 
 

@@ -90,3 +90,46 @@ def test_strict_json_writes_undefined_metrics_as_null():
     text = strict_json(value)
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"ari": None, "runs": [{"mbo": None, "miou": 12.5}], "ok": [1, None]}
+
+
+def test_scientific_notation_is_a_float_in_yaml_and_on_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 2e-4\n")  # PyYAML reads this as the string '2e-4'
+    assert load_config(OPTIONS, [str(path)])["lr"] == 0.0002
+    assert load_config(OPTIONS, [str(path), "--lr", "1e-3"])["lr"] == 0.001
+    assert load_config(OPTIONS, [str(path), "--lr=-1.5E+2"])["lr"] == -150.0
+    with pytest.raises(UserError, match="'lr' must be float"):
+        load_config(OPTIONS, [str(path), "--lr", "1e-3x"])
+
+
+def test_abbreviated_flags_are_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_config(OPTIONS, [write(tmp_path, {}), "--step", "3"])  # not --steps
+    assert "unrecognized arguments: --step" in capsys.readouterr().err
+
+
+def test_declared_ranges_are_checked(tmp_path):
+    options = {"every": option(10, "steps between logs", min=1), "lr": option(1e-3, "lr", above=0.0),
+               "clip": option(1.0, "clip", finite=True), "free": option(1.0, "anything")}
+    path = write(tmp_path, {})
+    for flag, value, pattern in (("every", "0", "'every' must be at least 1, got 0"),
+                                 ("every", "-3", "'every' must be at least 1"),
+                                 ("lr", "0", "'lr' must be greater than 0.0"), ("lr", "-1e-3", "greater than"),
+                                 ("lr", ".nan", "'lr' must be a finite number"), ("clip", ".inf", "finite")):
+        with pytest.raises(UserError, match=pattern):
+            load_config(options, [path, f"--{flag}={value}"])
+    assert math.isnan(load_config(options, [path, "--free", ".nan"])["free"])
+
+
+def test_help_shows_the_config_files_values_and_keeps_the_usage_lines(capsys):
+    import os
+    import re
+    import train_ocl
+    from helpers import ROOT
+    with pytest.raises(SystemExit) as exit_:
+        train_ocl.main([os.path.join(ROOT, "configs", "slate_msf_shapes.yaml"), "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    entry = re.search(r"--num_slots INT\s+(.*?)\n  --", text, re.S).group(1)
+    assert re.search(r"\(default:\s+7\)", entry), entry  # the config's 7, not the declared default
+    assert "    python train_ocl.py configs/slate_msf_shapes.yaml [--key value ...]\n    torchrun" in text

@@ -235,3 +235,43 @@ def test_record_damage_is_reported_with_the_index(tmp_path):
         split[0]
     with pytest.raises(UserError, match="missing sample 1"):
         split[1]
+
+
+def test_replacing_a_split_never_leaves_it_missing(tmp_path, monkeypatch):
+    path = str(tmp_path / "shapes" / "val.lmdb")
+    for value in (1, 2):
+        seen = []
+        real_replace = os.replace
+
+        def replace(source, target):
+            seen.append(os.path.exists(target))  # the old split is still there when the new one takes its name
+            real_replace(source, target)
+
+        monkeypatch.setattr(data.os, "replace", replace)
+        writer = data.SplitWriter(path)
+        writer.add({"image": np.full((2, 2, 3), value, np.uint8)})
+        writer.close({"kind": "image"})
+        monkeypatch.undo()
+        assert seen == [value == 2]
+    assert load_split(path)[0]["image"][0, 0, 0] == 2
+
+
+def test_a_partial_next_to_a_finished_split_is_refused(tmp_path):
+    directory = tmp_path / "shapes"
+    for split in ("train", "val"):
+        writer = data.SplitWriter(str(directory / f"{split}.lmdb"))
+        writer.add({"image": np.zeros((2, 2, 3), np.uint8)})
+        writer.close({"kind": "image"})
+    (directory / "val.lmdb.partial").write_bytes(b"an interrupted regeneration")
+    with pytest.raises(UserError, match=r"val.lmdb.partial lies next to .*interrupted.*regenerate it with "
+                                        r"`python prepare_data.py shapes --out"):
+        load_split(str(directory / "val.lmdb"))
+    assert len(load_split(str(directory / "train.lmdb"))) == 1
+
+
+def test_a_missing_test_split_hint_does_not_overwrite_train_and_val(tmp_path):
+    with pytest.raises(UserError) as caught:
+        load_split(str(tmp_path / "clevrtex" / "test.lmdb"))
+    message = str(caught.value)
+    assert "--split test --out NEW_DIR" in message and "rewrites train/val too" in message
+    assert f"--out {tmp_path / 'clevrtex'}" not in message

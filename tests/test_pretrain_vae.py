@@ -59,7 +59,7 @@ def test_resume_is_bit_identical(tmp_path, shapes_dir):
 def test_resume_auto_continues_in_place(tmp_path, shapes_dir):
     config = write_config(tmp_path, shapes_dir, steps=3)
     pretrain_vae.main([config])
-    pretrain_vae.main([config, "--steps", "6", "--resume", "auto"])
+    pretrain_vae.main([config, "--steps", "6", "--resume", "auto", "--allow_changed", "steps"])
     steps = [e["step"] for e in read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in e]
     assert steps == [0, 1, 2, 3, 4, 5]
 

@@ -1,0 +1,288 @@
+"""Runs that never lose work (issue 15): one run per directory under a lock, checkpoints that are good, honest
+resume, and one sentence for every input fault."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain_vae
+from common import UserError, list_checkpoints, read_jsonl
+from test_pretrain_vae import write_config
+
+
+def checkpoint_names(run):
+    return sorted(n for n in os.listdir(run) if n.startswith("ckpt_"))
+
+
+def test_fresh_start_into_another_run_is_refused_and_overwrite_moves_it_aside(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=4, val_every=2)])
+    before = {n: (run / n).read_bytes() for n in checkpoint_names(run)}
+    with pytest.raises(UserError, match=r"already holds a run .*--resume auto.*--overwrite true"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1)])
+    assert {n: (run / n).read_bytes() for n in checkpoint_names(run)} == before  # untouched
+    # overwrite: the old run's files move to old-<time>/, byte for byte; the new run keeps its own checkpoints
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1, keep_checkpoints=1),
+                       "--overwrite", "true"])
+    assert checkpoint_names(run) == ["ckpt_0000002.pt"]
+    (aside,) = [n for n in os.listdir(run) if n.startswith("old-")]
+    assert {n: (run / aside / n).read_bytes() for n in checkpoint_names(run / aside)} == before
+    assert sorted(os.listdir(run / aside)) == sorted(list(before) + ["config.yaml", "figures", "log.jsonl", "log.txt"])
+    assert [e["step"] for e in read_jsonl(run / "log.jsonl") if "loss" in e] == [0, 1]
+
+
+def test_pruning_orders_checkpoints_by_step_not_name(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1, keep_checkpoints=2)])
+    # a name with other zero padding (an older or hand-copied run) sorts after ckpt_0000002.pt by name
+    os.rename(run / "ckpt_0000001.pt", run / "ckpt_1.pt")
+    assert [os.path.basename(p) for p in list_checkpoints(str(run))] == ["ckpt_1.pt", "ckpt_0000002.pt"]
+
+
+def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(run / '.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="another process is running in .*; wait for it"):
+            pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1)])
+        assert checkpoint_names(run) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=2, val_every=1)])  # free again
+    assert checkpoint_names(run) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
+
+
+def test_best_checkpoint_survives_a_kill_and_is_never_pruned(tmp_path, shapes_dir, monkeypatch):
+    """The metric peaks at step 2; the run is killed while writing that best.pt. After --resume auto best.pt is the
+    step-2 model, its checkpoint outlives keep_checkpoints=1, and a deleted best.pt comes back on resume."""
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=4, val_every=1, keep_checkpoints=1)
+    value_at = {1: 1.0, 2: 5.0, 3: 2.0, 4: 3.0}
+    current = {}
+    real_lr, real_validate, real_save = train_ocl.set_scheduled_lr, train_ocl.validate, train_ocl.atomic_torch_save
+
+    def lr(optimizer, step, cfg):
+        current["step"] = step
+        return real_lr(optimizer, step, cfg)
+
+    def validate(*args):
+        return dict(real_validate(*args), val_ari=value_at[current["step"] + 1], val_ari_fg=0.0)
+
+    def killed_at_step_2(payload, path):
+        if payload["step"] == 2 and path.endswith("best.pt"):
+            raise KeyboardInterrupt  # kill -9 between the checkpoint files
+        real_save(payload, path)
+
+    monkeypatch.setattr(train_ocl, "set_scheduled_lr", lr)
+    monkeypatch.setattr(train_ocl, "validate", validate)
+    monkeypatch.setattr(train_ocl, "atomic_torch_save", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_ocl.main([config])
+    monkeypatch.setattr(train_ocl, "atomic_torch_save", real_save)
+    train_ocl.main([config, "--resume", "auto"])
+    run = tmp_path / "run"
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["step"] == 2 and best["best"] == 5.0
+    assert checkpoint_names(run) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+    os.remove(run / "best.pt")
+    train_ocl.main([config, "--resume", "auto"])  # nothing left to train; best.pt is recreated
+    assert (run / "best.pt").read_bytes() == (run / "ckpt_0000002.pt").read_bytes()
+
+
+def test_two_thread_msf_vae_runs_are_bit_identical(tmp_path, shapes_dir):
+    """Codebook gradients of codes[indices] accumulate in a thread-dependent order unless the trainers ask for
+    deterministic algorithms: two identical fresh runs on 2 threads must agree bit for bit."""
+    torch.set_num_threads(2)
+    finals = []
+    for name in ("a", "b"):
+        config = write_config(tmp_path, shapes_dir, name=f"{name}.yaml", resolution=64, steps=3, val_every=3,
+                              batch_size=16, val_samples=4, out_dir=str(tmp_path / name))
+        pretrain_vae.main([config])
+        finals.append(torch.load(tmp_path / name / "ckpt_0000003.pt", weights_only=True)["model"])
+    different = [k for k in finals[0] if not torch.equal(finals[0][k], finals[1][k])]
+    assert different == []
+
+
+def test_resume_with_changed_trajectory_settings_is_refused_unless_allowed(tmp_path, shapes_dir):
+    config = write_config(tmp_path, shapes_dir, steps=2, val_every=1)
+    pretrain_vae.main([config])
+    with pytest.raises(UserError, match=r"other settings that change the run's trajectory \(seed 0 -> 3, steps 2 -> 4, "
+                                        r"lr 0.002 -> 0.001\); .*--allow_changed seed,steps,lr"):
+        pretrain_vae.main([config, "--resume", "auto", "--steps", "4", "--lr", "0.001", "--seed", "3"])
+    for key, value in (("batch_size", "8"), ("data_dir", str(tmp_path)), ("warmup_fraction", "0.5")):
+        with pytest.raises(UserError, match=f"trajectory \\({key} "):
+            pretrain_vae.main([config, "--resume", "auto", f"--{key}", value])
+    # settings that do not change what is learnt are free; an accepted change is taken as given
+    pretrain_vae.main([config, "--resume", "auto", "--log_every", "5", "--num_workers", "1"])
+    pretrain_vae.main([config, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
+    assert checkpoint_names(tmp_path / "run") == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+
+
+def test_a_non_finite_run_writes_no_checkpoint_and_names_the_last_good_one(tmp_path, shapes_dir):
+    """lr 1e30: the warm-up's step 0 has lr 0 (ckpt 1 is good); the update of step 1 blows the weights up, and the
+    validation after it must not become a checkpoint (nor crash the figure's PCA)."""
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"non-finite by step 2 .*the last good checkpoint is .*ckpt_0000001.pt; "
+                                        r"resume from it with a lower lr"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, lr=1e30, grad_clip=0.0, steps=4, val_every=1)])
+    assert checkpoint_names(run) == ["ckpt_0000001.pt"]
+    state = torch.load(run / "ckpt_0000001.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_the_vae_figure_of_non_finite_codes_is_drawn_without_pca(tmp_path):
+    import msf
+    config = {k: o.default for k, o in msf.VAE_OPTIONS.items()}
+    config.update(quantizer="msf", code_dim=8, vae_width=8, codebook_size=64)
+    vae = msf.build_vae(config)
+    with torch.no_grad():
+        for book in vae.codebooks():  # the code vectors the guidance is made of
+            book.weight.fill_(float("inf"))
+    pretrain_vae.save_figure(vae, torch.rand(2, 3, 32, 32) * 2 - 1, str(tmp_path / "figure.png"))
+    assert (tmp_path / "figure.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 15 item 8: every input fault ends in one sentence that says what to do.
+
+def copy_with_split(tmp_path, shapes_dir, name, records):
+    """A copy of the shapes data with one more split `name` holding `records` (meta copied from val)."""
+    import shutil
+
+    import data
+    directory = tmp_path / "data"
+    shutil.copytree(shapes_dir, directory)
+    meta = {k: v for k, v in data.load_split(str(directory / "val.lmdb")).meta.items()
+            if k not in ("format", "format_version", "count")}
+    writer = data.SplitWriter(str(directory / f"{name}.lmdb"))
+    for record in records:
+        writer.add(record)
+    writer.close(meta)
+    return str(directory)
+
+
+@pytest.mark.parametrize("flag, value", [("val_every", "0"), ("log_every", "-1"), ("batch_size", "0"),
+                                         ("resolution", "-32"), ("lr", "0"), ("lr", ".nan"), ("val_every", ".nan")])
+def test_out_of_range_settings_are_refused(tmp_path, shapes_dir, flag, value):
+    with pytest.raises(UserError, match=f"config key '{flag}' must be"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir), f"--{flag}={value}"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_validation_split_and_out_file_are_refused(tmp_path, shapes_dir):
+    import evaluate
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    data_dir = copy_with_split(tmp_path, shapes_dir, "empty", [])
+    with pytest.raises(UserError, match=r"empty.lmdb holds no samples.*name another split"):
+        pretrain_vae.main([write_config(tmp_path, data_dir, val_split="empty")])
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    with pytest.raises(UserError, match=r"empty.lmdb holds no samples"):
+        train_ocl.main([write_ocl_config(tmp_path, data_dir, None, vae_ckpt=vae, val_split="empty",
+                                         out_dir=str(tmp_path / "ocl"))])
+    with pytest.raises(UserError, match=r"empty.lmdb holds no samples"):
+        evaluate.main([vae, "--separability", "--data_dir", data_dir, "--split", "empty", "--device", "cpu"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"--out .*file is a file, not a directory"):
+        evaluate.main([vae, "--separability", "--data_dir", data_dir, "--out", str(tmp_path / "file")])
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(UserError, match=r"out_dir .*taken is a file, not a directory"):
+        pretrain_vae.main([write_config(tmp_path, shapes_dir), "--out_dir", str(tmp_path / "taken")])
+
+
+def test_a_record_without_segment_is_refused(tmp_path, shapes_dir):
+    import numpy as np
+
+    import data
+    data_dir = copy_with_split(tmp_path, shapes_dir, "noseg", [{"image": np.zeros((64, 64, 3), np.uint8)}])
+    dataset = data.OCLDataset(os.path.join(data_dir, "noseg.lmdb"), train=False)
+    with pytest.raises(UserError, match=r"noseg.lmdb sample 0 has no 'segment' array .*recreate the split"):
+        dataset[0]
+
+
+def test_video_data_for_an_image_model_is_refused_at_evaluation(tmp_path, shapes_dir, video_dir):
+    import evaluate
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)])
+    with pytest.raises(UserError, match=r"holds videos but .* models images; give a matching dataset"):
+        evaluate.main([str(tmp_path / "run"), "--data_dir", video_dir, "--device", "cpu", "--figures", "0"])
+
+
+def test_a_torn_last_log_line_does_not_block_resume(tmp_path, shapes_dir):
+    config = write_config(tmp_path, shapes_dir, steps=2, val_every=1)
+    pretrain_vae.main([config])
+    run = tmp_path / "run"
+    os.remove(run / "ckpt_0000002.pt")  # killed while writing the log after step 1's checkpoint
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 1, "lo')
+    pretrain_vae.main([config, "--resume", "auto"])
+    assert [e["step"] for e in read_jsonl(run / "log.jsonl") if "loss" in e] == [0, 1]
+
+
+def test_damaged_vae_checkpoints_are_refused_in_one_sentence(tmp_path, shapes_dir):
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    path = save_vae(tmp_path / "vae.pt", "msf", 8)
+    good = torch.load(path, weights_only=True)
+    cases = {"no_data": ({k: v for k, v in good.items() if k != "data"}, r"lacks \['data'\]"),
+             "no_key": (dict(good, config={k: v for k, v in good["config"].items() if k != "quantizer"}),
+                        "config lacks 'quantizer'"),
+             "shape": (dict(good, model={k: (v[:1] if i == 0 else v) for i, (k, v) in
+                                         enumerate(good["model"].items())}), "does not fit the model its config")}
+    for name, (state, pattern) in cases.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        with pytest.raises(UserError, match=pattern):
+            train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=str(tmp_path / f"{name}.pt"),
+                                             out_dir=str(tmp_path / name))])
+
+
+def test_an_unsafe_checkpoint_is_refused_with_the_warning_kept(tmp_path):
+    import argparse
+
+    from common import load_checkpoint
+    path = tmp_path / "crafted.pt"
+    torch.save({"kind": "vae", "config": argparse.Namespace(steps=1)}, path)  # a class a safe load refuses
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(str(path))
+    message = str(caught.value)
+    assert "weights_only=False" in message and "can execute arbitrary code" in message and "trust" in message
+    assert message.count(".") <= 3 and "\n" not in message  # one sentence, not PyTorch's page of advice
+
+
+def test_orphaned_temporary_files_go_and_run_files_get_the_umask_mode(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".tmp-abc123ckpt_0000005.pt").write_bytes(b"half a checkpoint from a killed run")
+    old_umask = os.umask(0o022)
+    try:
+        pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=1, val_every=1)])
+    finally:
+        os.umask(old_umask)
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    for name in ("ckpt_0000001.pt", "config.yaml"):
+        assert (run / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_the_process_group_gets_the_configured_timeout(monkeypatch):
+    import datetime
+
+    import common
+    seen = {}
+    monkeypatch.setattr(common.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    d = common.setup_distributed("cpu", 7)
+    assert d.enabled and seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=7)}
+    assert common.TRAINING_OPTIONS["ddp_timeout_minutes"].default in range(10, 31)
