@@ -398,6 +398,35 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
     return state
 
 
+def resolve_stored_path(stored: str, checkpoint: str, out_dir: str) -> str:
+    """A path a checkpoint stores (data_dir, vae_ckpt: relative to the directory training ran in) resolved against
+    the checkpoint's own location. The run directory `out_dir`, as the config gave it, ends the checkpoint's
+    directory, so what precedes it is where training ran. Absolute paths are kept; a relative one is looked up
+    there, then from the current directory, then from each directory above the checkpoint (a moved run). When
+    none exists, the path from where training ran (or as stored) is returned, so the error names it."""
+    if not stored or os.path.isabs(stored):
+        return stored
+    run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    candidates = []
+    if out_dir and not os.path.isabs(out_dir):
+        out = os.path.normpath(out_dir)
+        if out == ".":
+            candidates.append(os.path.join(run_dir, stored))
+        elif run_dir.endswith(os.sep + out):
+            candidates.append(os.path.join(run_dir[:-len(out) - 1], stored))
+    candidates.append(stored)
+    parent = run_dir
+    while True:
+        candidates.append(os.path.join(parent, stored))
+        if os.path.dirname(parent) == parent:
+            break
+        parent = os.path.dirname(parent)
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return os.path.normpath(candidate)
+    return os.path.normpath(candidates[0])
+
+
 def check_same_config(saved: dict, current: dict, keys, what: str) -> None:
     """Refuse a checkpoint whose config differs from the current one in keys that shape the model."""
     for key in keys:

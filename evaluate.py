@@ -37,8 +37,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 import msf
-from common import (UserError, atomic_write_text, autocast, load_checkpoint, progress_bar, run_main, setup_distributed,
-                    strict_json)
+from common import (UserError, atomic_write_text, autocast, load_checkpoint, progress_bar, resolve_stored_path,
+                    run_main, setup_distributed, strict_json)
 from data import eval_loader, split_path
 from model import build_model, masks_to_segments
 
@@ -356,6 +356,13 @@ def load_for_evaluation(path: str, device):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "best.pt")):
         path = os.path.join(path, "best.pt")
     state = load_checkpoint(path)
+    # Stored paths are relative to where training ran: resolve them against the checkpoint's own location.
+    out_dir = state["config"].get("out_dir", "")
+    if state.get("data", {}).get("data_dir"):
+        state["data"] = dict(state["data"], data_dir=resolve_stored_path(state["data"]["data_dir"], state["path"],
+                                                                          out_dir))
+    if state.get("vae_ckpt"):
+        state["vae_ckpt"] = resolve_stored_path(state["vae_ckpt"], state["path"], out_dir)
     if state["kind"] == "vae":
         with _older_config_error(state):
             vae = msf.build_vae(state["config"])
