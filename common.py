@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from PIL import Image
 from tqdm import tqdm
 
 
@@ -309,18 +311,59 @@ def cleanup_distributed(d: Dist) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Logging: rank-0 text log (stdout + log.txt) and one JSON object per line in log.jsonl.
 
+def tensorboard_writer(log_dir: str, purge_step: int = None):
+    """A TensorBoard SummaryWriter on `log_dir` when the optional `tensorboard` package is installed, else None.
+    `purge_step`: a resumed run drops the events it is about to write again (step >= purge_step)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional (README, "The pipeline"): the runs work the same without it
+        return None
+    return SummaryWriter(log_dir, purge_step=purge_step, flush_secs=30)
+
+
+def tensorboard_tag(key: str) -> str:
+    """log.jsonl key -> TensorBoard tag: validation keys under val/, training ones under train/."""
+    return "val/" + key[len("val_"):] if key.startswith("val_") else "train/" + key
+
+
 class RunLog:
+    """Rank 0's logs of a run: log.txt (and stdout), log.jsonl, and TensorBoard events under out_dir/tensorboard
+    when tensorboard is installed. Every row's `step` counts the completed optimisation steps (the number the
+    checkpoint and the figure of that step carry)."""
+
     def __init__(self, out_dir: str, enabled: bool):
         self.enabled = enabled
         self.out_dir = out_dir
+        self._writer, self._purge_step = None, None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
 
-    def info(self, message: str) -> None:
+    def writer(self):
+        """The run's TensorBoard writer, opened on first use; None without tensorboard or on other ranks."""
+        if self.enabled and self._writer is None:
+            self._writer = tensorboard_writer(os.path.join(self.out_dir, "tensorboard"), self._purge_step) or False
+        return self._writer or None
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        """A PNG figure the run wrote, mirrored into TensorBoard (nothing without tensorboard)."""
+        writer = self.writer()
+        if writer is not None:
+            with Image.open(path) as picture:
+                writer.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+            writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+        self._writer = None
+
+    def info(self, message: str, echo: bool = True) -> None:
+        """A line in log.txt, and on stdout unless `echo` is False (the progress bar shows the training loss)."""
         if not self.enabled:
             return
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        tqdm.write(line)  # keeps an active progress bar intact
+        if echo:
+            tqdm.write(line)  # keeps an active progress bar intact
         with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
             f.write(line + "\n")
 
@@ -329,11 +372,20 @@ class RunLog:
             return
         with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
             f.write(strict_json(entry) + "\n")
+        writer = self.writer()
+        if writer is not None:
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(tensorboard_tag(key), value, entry["step"])
+            writer.flush()
 
     def rewind(self, step: int) -> None:
-        """Drop the log.jsonl entries from `step` on: a run resumed at `step` writes them again."""
+        """Drop the log.jsonl entries (and TensorBoard events) after `step` completed steps: a run resumed from the
+        checkpoint of step `step` writes them again."""
         if self.enabled:
-            truncate_log(os.path.join(self.out_dir, "log.jsonl"), step - 1)
+            truncate_log(os.path.join(self.out_dir, "log.jsonl"), step)
+            self.close()
+            self._purge_step = step + 1
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True):

@@ -194,18 +194,21 @@ def main(argv=None) -> None:
         if step % config["log_every"] == 0 or step == steps - 1:
             now = time.perf_counter()
             entry = reduce_mean(stats, d)
-            entry.update(step=step, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
+            entry.update(step=step + 1, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
                          replaced_codes=replaced, seconds_per_step=(now - last_time) / (1 if step == start_step
                                                                                         else config["log_every"]))
             last_time, replaced = now, 0
             log.record(entry)
+            log.info(f"step {step + 1}: loss {entry['loss']:.4g}, lr {lr:.3g}, grad_norm {grad_norm:.3g}", echo=False)
             progress.set_postfix(loss=f"{entry['loss']:.4f}", replaced=entry["replaced_codes"])
         if (step + 1) % config["val_every"] == 0 or step == steps - 1:
             metrics = validate(model, val, d, dtype)
-            log.record({"step": step, **metrics})
+            log.record({"step": step + 1, **metrics})
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if d.is_main:
-                save_figure(model, figure_images, os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png"))
+                figure = os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png")
+                save_figure(model, figure_images, figure)
+                log.image("figures/validation", figure, step + 1)
             path = checkpoint(step + 1)
             if path:
                 log.info(f"saved {path}")
@@ -214,6 +217,7 @@ def main(argv=None) -> None:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
     elif metrics is not None:
         warn_collapsed_codebooks(metrics, log)
+    log.close()
     cleanup_distributed(d)
 
 

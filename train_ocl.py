@@ -213,22 +213,25 @@ def main(argv=None) -> None:
         if step % config["log_every"] == 0 or step == steps - 1:
             now = time.perf_counter()
             entry = reduce_mean(stats, d)
-            entry.update(step=step, lr=lr, sigma=sigma, grad_norm=grad_norm,
+            entry.update(step=step + 1, lr=lr, sigma=sigma, grad_norm=grad_norm,
                          seconds_per_step=(now - last_time) / (1 if step == start_step else config["log_every"]))
             last_time = now
             log.record(entry)
+            log.info(f"step {step + 1}: loss {entry['loss']:.4g}, lr {lr:.3g}, grad_norm {grad_norm:.3g}", echo=False)
             progress.set_postfix(loss=f"{entry['loss']:.4f}")
         if (step + 1) % config["val_every"] == 0 or step == steps - 1:
             metrics = validate(model, val, d, dtype)
-            log.record({"step": step, **metrics})
+            log.record({"step": step + 1, **metrics})
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if d.is_main:
-                evaluate.save_figures(model, figure_batch, d.device,
-                                      os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}"))
+                for path in evaluate.save_figures(model, figure_batch, d.device,
+                                                  os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}")):
+                    log.image("figures/" + (path.rsplit("_", 1)[-1][:-4] if video else "validation"), path, step + 1)
             checkpoint(step + 1, metrics)
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    log.close()
     cleanup_distributed(d)
 
 
