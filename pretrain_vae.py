@@ -14,14 +14,13 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
 from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, cleanup_distributed,
                     gather_rng_states, load_config, optimizer_step, option, progress_bar, reduce_mean,
-                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr,
-                    setup_distributed)
+                    restore_training_state, resume_state, run_main, save_checkpoint, save_config, save_labelled_grid,
+                    set_scheduled_lr, setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,18 +92,20 @@ def validate(model: msf.VAE, loader, d, dtype) -> dict:
 
 @torch.no_grad()
 def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
-    """Rows: input, reconstruction of every scale (upsampled), PCA-coloured code map of every scale."""
+    """Rows, each labelled: input, reconstruction of every scale (upsampled), PCA-coloured code map of every
+    scale."""
     model.eval()
     _, _, quantized, recons = model(images, return_reconstructions=True)
     model.train()
     size = images.shape[-1]
-    rows = [images.float().clamp(-1, 1) * 0.5 + 0.5]
-    for r in recons:
+    rows, labels = [images.float().clamp(-1, 1) * 0.5 + 0.5], ["input"]
+    for n, r in enumerate(recons):
         rows.append(F.interpolate(r.float().clamp(-1, 1) * 0.5 + 0.5, size=size, mode="nearest"))
-    for g in quantized.guidance:
+        labels.append(f"reconstruction, scale {n + 1}")
+    for n, g in enumerate(quantized.guidance):
         rows.append(F.interpolate(msf.pca_colours(g), size=size, mode="nearest"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torchvision.utils.save_image(torch.cat(rows), path, nrow=images.shape[0], padding=2)
+        labels.append(f"code map, scale {n + 1} (PCA)")
+    save_labelled_grid(rows, labels, path)
 
 
 def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> None:
