@@ -7,6 +7,7 @@ module imports no other module of the project, so every module can import it.
 
 import argparse
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -486,6 +487,58 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
     return path
 
 
+TRAINING_ONLY_KEYS = ("optimizer", "scaler", "rng")
+
+
+def slim_checkpoint(state: dict) -> dict:
+    """An export of a checkpoint for evaluation and the Python API (best.pt): the whole model (frozen weights
+    included, so the file stands alone), its config and metadata, without what only resuming needs (optimizer and
+    grad-scaler state, RNG states)."""
+    return {key: value for key, value in state.items() if key not in TRAINING_ONLY_KEYS}
+
+
+def frozen_weights_file(tensors: dict) -> str:
+    """The file name of a set of frozen weights in a run directory: `frozen-<content hash>.pt`, so one run writes
+    them once and different weights never share a name."""
+    digest = hashlib.sha1()
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(key.encode() + str(value.dtype).encode() + str(tuple(value.shape)).encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"frozen-{digest.hexdigest()[:16]}.pt"
+
+
+def share_frozen_weights(state: dict, out_dir: str, prefixes: tuple) -> dict:
+    """`state` with the model entries under `prefixes` (frozen weights: DINO, the guidance VAE) moved into one file
+    per run directory, written the first time (atomically) and referenced by name: `state["frozen"]`.
+    `load_checkpoint` puts them back, from the checkpoint's own directory."""
+    frozen = {key: value for key, value in state["model"].items() if key.startswith(tuple(prefixes))}
+    if not frozen:
+        return state
+    name = frozen_weights_file(frozen)
+    if not os.path.isfile(os.path.join(out_dir, name)):
+        atomic_torch_save(frozen, os.path.join(out_dir, name))
+    model = {key: value for key, value in state["model"].items() if key not in frozen}
+    return dict(state, model=model, frozen=name)
+
+
+def attach_frozen_weights(state: dict, path: str) -> dict:
+    """Put a checkpoint's shared frozen weights (`share_frozen_weights`) back into its model entries."""
+    name = state.pop("frozen", None)
+    if not name:
+        return state
+    frozen_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    if not os.path.isfile(frozen_path):
+        raise UserError(f"{path} keeps its frozen weights (DINO, guidance VAE) in {name} beside it, which is missing; "
+                        f"copy the file along with the checkpoint, or use the run's best.pt, which holds everything")
+    try:
+        frozen = torch.load(frozen_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"{frozen_path} is not readable ({type(error).__name__}: {str(error)[:200]})") from None
+    state["model"] = {**state["model"], **frozen}
+    return state
+
+
 def load_checkpoint(path: str, kind: str = None) -> dict:
     """Load a checkpoint safely (weights_only: no code runs) and check it is of the expected kind."""
     path = resolve_checkpoint(path)
@@ -498,6 +551,7 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
         raise UserError(f"{path} is not a checkpoint of this project (no config/kind entry)")
     if kind is not None and state["kind"] != kind:
         raise UserError(f"{path} is a {state['kind']} checkpoint, but a {kind} checkpoint is needed here")
+    attach_frozen_weights(state, path)
     state["path"] = path
     return state
 

@@ -37,7 +37,7 @@ TRAIN_OPTIONS = {
     "grad_clip": option(1.0, "global L2 norm clip (0 = off)"),
     "val_every": option(600, "steps between validations and checkpoints"),
     "val_batch_size": option(64, "validation batch per rank"),
-    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted)"),
+    "keep_checkpoints": option(5, "checkpoints kept in out_dir (oldest deleted)"),
 }
 OPTIONS = {**msf.VAE_OPTIONS, **TRAIN_OPTIONS}
 MODEL_KEYS = list(msf.VAE_OPTIONS)

@@ -21,7 +21,7 @@ import msf
 from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save, autocast,
                     cleanup_distributed, gather_rng_states, load_checkpoint, load_config, optimizer_step, option,
                     progress_bar, reduce_mean, restore_training_state, resume_state, run_main, save_checkpoint,
-                    save_config, set_scheduled_lr, setup_distributed)
+                    save_config, set_scheduled_lr, setup_distributed, share_frozen_weights, slim_checkpoint)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,9 +40,11 @@ TRAIN_OPTIONS = {
     "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)"),
     "best_metric": option("ari+ari_fg", "validation metric that selects best.pt",
                           choices=("ari", "ari_fg", "miou", "mbo", "ari+ari_fg")),
-    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)"),
+    "keep_checkpoints": option(5, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)"),
 }
 OPTIONS = {**models.OCL_OPTIONS, **TRAIN_OPTIONS}
+# Model entries that never change in training, saved once per run directory instead of in every checkpoint.
+FROZEN_PREFIXES = ("vae.", "encoder.backbone.dino.")
 MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
 
 
@@ -188,9 +190,11 @@ def main(argv=None) -> None:
                    "vae_ckpt": vae_state["path"] if vae_state else None,
                    "data": {"data_dir": config["data_dir"], "train": config["train_split"],
                             "val": config["val_split"], "resolution": config["resolution"]}}
-        path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"])
+        # Frozen weights (DINO, the guidance VAE) go to one file per run; best.pt is a slim, self-contained export.
+        path = save_checkpoint(share_frozen_weights(payload, config["out_dir"], FROZEN_PREFIXES), config["out_dir"],
+                               step, config["keep_checkpoints"])
         if improved:
-            atomic_torch_save(payload, os.path.join(config["out_dir"], "best.pt"))
+            atomic_torch_save(slim_checkpoint(payload), os.path.join(config["out_dir"], "best.pt"))
         log.info(f"saved {path}" + (f" and best.pt ({config['best_metric']} {value:.2f})" if improved else ""))
 
     # The loop: every schedule is a pure function of the step, so resume is exact.

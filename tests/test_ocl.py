@@ -13,7 +13,7 @@ import model as models
 import msf
 import pretrain_vae
 import train_ocl
-from common import UserError, load_config, read_jsonl
+from common import UserError, load_checkpoint, load_config, read_jsonl
 from helpers import ROOT, losses, save_vae, torchrun, write_ocl_config
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guid
 
 def test_trained_parameters_change_and_guidance_stays_frozen(tmp_path, shapes_dir, vaes):
     train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, steps=3, val_every=100)])
-    state = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=True)["model"]
+    state = load_checkpoint(str(tmp_path / "run" / "ckpt_0000003.pt"))["model"]  # with the run's frozen weights
     vae_before = torch.load(vaes[("msf", 8)], weights_only=True)["model"]
     for key, value in vae_before.items():
         assert torch.equal(state[f"vae.{key}"], value), key
