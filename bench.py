@@ -23,7 +23,10 @@ import data
 import model as models
 import msf
 import prepare_data
-from common import UserError, amp_dtype, autocast, pick_device, run_main
+import pretrain_vae
+import train_ocl
+from common import (UserError, amp_dtype, autocast, load_config, pick_device, rng_state, run_main, share_frozen_weights,
+                    slim_checkpoint)
 
 FIGURES = {}
 
@@ -288,6 +291,59 @@ def ocl_steps_per_s(args):
     timings = time_interleaved(steps, repeats=5, sync=_sync(args.device))
     return {"ocl_steps_per_s": round(1 / timings[0.0], 3),
             "ocl_step_speedup_dropout_0_vs_0.1": round(timings[0.1] / timings[0.0], 3)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Disk use of a run (README, "Disk").
+
+def checkpoint_files(config_name: str, directory: str) -> dict:
+    """Sizes in MiB of what an OCL run writes per checkpoint for configs/CONFIG_NAME.yaml and its VAE config, built
+    without training (DINO random, offline) after one Adam step (so the optimizer holds its moments)."""
+    config = load_config(train_ocl.OPTIONS, [f"configs/{config_name}.yaml", "--dino_pretrained", "false"])
+    vae_config = load_config(pretrain_vae.OPTIONS, [f"configs/{os.path.basename(config['vae_ckpt'])}.yaml"])
+    torch.manual_seed(0)
+    vae = msf.build_vae(vae_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DINO without pretrained weights: the same size
+        ocl = models.build_model(config, False, vae)
+    trainable = [p for p in ocl.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    payload = {"kind": "ocl", "model": ocl.state_dict(), "optimizer": optimizer.state_dict(),
+               "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "step": 1000, "config": config,
+               "rng": [rng_state()], "best": 0.0, "metrics": {}, "video": False, "vae_config": vae.config,
+               "vae_ckpt": config["vae_ckpt"], "data": {"data_dir": config["data_dir"]}}
+    paths = {name: os.path.join(directory, f"{config_name}_{name}.pt") for name in ("full", "ckpt", "best")}
+    torch.save(payload, paths["full"])
+    torch.save(share_frozen_weights(payload, directory, train_ocl.FROZEN_PREFIXES), paths["ckpt"])
+    torch.save(slim_checkpoint(payload), paths["best"])
+    frozen = [n for n in os.listdir(directory) if n.startswith("frozen-")]
+    sizes = {name: os.path.getsize(path) / 2 ** 20 for name, path in paths.items()}
+    sizes["frozen"] = sum(os.path.getsize(os.path.join(directory, n)) for n in frozen) / 2 ** 20
+    for name in list(paths.values()) + [os.path.join(directory, n) for n in frozen]:
+        os.remove(name)
+    return sizes
+
+
+@figure
+def checkpoint_mib(args):
+    """Checkpoint sizes and disk per run (keep_checkpoints checkpoints + best.pt [+ the frozen file]) for the shapes
+    and the paper-size SLATE + MSF configs: before (every checkpoint and best.pt held the whole model, optimizer,
+    scaler and RNG state; 25 kept) and now (frozen weights once per run, best.pt slim; the config's keep)."""
+    result = {}
+    with tempfile.TemporaryDirectory() as directory:
+        for name in ("slate_msf_shapes", "slate_msf_clevrtex"):
+            sizes = checkpoint_files(name, directory)
+            keep = load_config(train_ocl.OPTIONS, [f"configs/{name}.yaml"])["keep_checkpoints"]
+            result.update({f"{name}_ckpt_mib_before": round(sizes["full"], 1),
+                           f"{name}_run_gib_before_keep25": round(26 * sizes["full"] / 1024, 2),
+                           f"{name}_ckpt_mib": round(sizes["ckpt"], 1), f"{name}_best_mib": round(sizes["best"], 1),
+                           f"{name}_frozen_mib": round(sizes["frozen"], 1),
+                           f"{name}_run_gib_keep{keep}": round((keep * sizes["ckpt"] + sizes["best"]
+                                                               + sizes["frozen"]) / 1024, 2)})
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import argparse
 import datetime
 import difflib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -19,9 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 
@@ -364,13 +367,16 @@ def cleanup_distributed(d: Dist) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Run directories: one run per directory, held under an exclusive lock for the run's lifetime.
 
-RUN_FILES = ("config.yaml", "log.txt", "log.jsonl", "best.pt", "figures")  # besides ckpt_*.pt
+RUN_FILES = ("config.yaml", "log.txt", "log.jsonl", "best.pt", "figures", "tensorboard")  # besides ckpt_*.pt
 _RUN_LOCKS = {}  # real out_dir -> open lock file of this process
 
 
 def _run_files(out_dir: str) -> list:
-    """The files of a run in `out_dir` (checkpoints, logs, config, figures)."""
-    return [p for p in list_checkpoints(out_dir) + [os.path.join(out_dir, n) for n in RUN_FILES] if os.path.exists(p)]
+    """The files of a run in `out_dir` (checkpoints and their shared frozen weights, logs, config, figures)."""
+    frozen = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if re.fullmatch(r"frozen-[0-9a-f]+\.pt", n)) \
+        if os.path.isdir(out_dir) else []
+    named = [os.path.join(out_dir, n) for n in RUN_FILES]
+    return [p for p in list_checkpoints(out_dir) + frozen + named if os.path.exists(p)]
 
 
 def lock_run_dir(out_dir: str) -> None:
@@ -459,18 +465,59 @@ def _claim(config: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Logging: rank-0 text log (stdout + log.txt) and one JSON object per line in log.jsonl.
 
+def tensorboard_writer(log_dir: str, purge_step: int = None):
+    """A TensorBoard SummaryWriter on `log_dir` when the optional `tensorboard` package is installed, else None.
+    `purge_step`: a resumed run drops the events it is about to write again (step >= purge_step)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional (README, "The pipeline"): the runs work the same without it
+        return None
+    return SummaryWriter(log_dir, purge_step=purge_step, flush_secs=30)
+
+
+def tensorboard_tag(key: str) -> str:
+    """log.jsonl key -> TensorBoard tag: validation keys under val/, training ones under train/."""
+    return "val/" + key[len("val_"):] if key.startswith("val_") else "train/" + key
+
+
 class RunLog:
+    """Rank 0's logs of a run: log.txt (and stdout), log.jsonl, and TensorBoard events under out_dir/tensorboard
+    when tensorboard is installed. Every row's `step` counts the completed optimisation steps (the number the
+    checkpoint and the figure of that step carry)."""
+
     def __init__(self, out_dir: str, enabled: bool):
         self.enabled = enabled
         self.out_dir = out_dir
+        self._writer, self._purge_step = None, None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
 
-    def info(self, message: str) -> None:
+    def writer(self):
+        """The run's TensorBoard writer, opened on first use; None without tensorboard or on other ranks."""
+        if self.enabled and self._writer is None:
+            self._writer = tensorboard_writer(os.path.join(self.out_dir, "tensorboard"), self._purge_step) or False
+        return self._writer or None
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        """A PNG figure the run wrote, mirrored into TensorBoard (nothing without tensorboard)."""
+        writer = self.writer()
+        if writer is not None:
+            with Image.open(path) as picture:
+                writer.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+            writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+        self._writer = None
+
+    def info(self, message: str, echo: bool = True) -> None:
+        """A line in log.txt, and on stdout unless `echo` is False (the progress bar shows the training loss)."""
         if not self.enabled:
             return
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        tqdm.write(line)  # keeps an active progress bar intact
+        if echo:
+            tqdm.write(line)  # keeps an active progress bar intact
         with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
             f.write(line + "\n")
 
@@ -479,11 +526,20 @@ class RunLog:
             return
         with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
             f.write(strict_json(entry) + "\n")
+        writer = self.writer()
+        if writer is not None:
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(tensorboard_tag(key), value, entry["step"])
+            writer.flush()
 
     def rewind(self, step: int) -> None:
-        """Drop the log.jsonl entries from `step` on: a run resumed at `step` writes them again."""
+        """Drop the log.jsonl entries (and TensorBoard events) after `step` completed steps: a run resumed from the
+        checkpoint of step `step` writes them again."""
         if self.enabled:
-            truncate_log(os.path.join(self.out_dir, "log.jsonl"), step - 1)
+            truncate_log(os.path.join(self.out_dir, "log.jsonl"), step)
+            self.close()
+            self._purge_step = step + 1
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
@@ -496,6 +552,58 @@ def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = T
 def read_jsonl(path: str) -> list:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures: image grids whose rows carry a text label in a left margin.
+
+GRID_PADDING = 2
+
+
+def _wrap(text: str, font, width: int) -> list:
+    """Greedy word wrap of `text` into lines at most `width` pixels wide (a longer word stays on its own line)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def labelled_grid(rows: list, labels: list, margin: int = 96) -> Image.Image:
+    """Rows of images, each (n,3,H,W) float in [0,1] (values outside are clipped), tiled one row per tensor with its
+    label drawn in a white left margin `margin` pixels wide (PIL's default font, word-wrapped). Cell (r, c) has its
+    top-left corner at (margin + p + c·(W+p), p + r·(H+p)) with p = GRID_PADDING; the padding is white."""
+    if len(rows) != len(labels):
+        raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
+    p = GRID_PADDING
+    columns = max(r.shape[0] for r in rows)
+    height, width = rows[0].shape[-2:]
+    canvas = np.full((p + len(rows) * (height + p), margin + p + columns * (width + p), 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        cells = (row.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        top = p + r * (height + p)
+        for c, cell in enumerate(cells):
+            left = margin + p + c * (width + p)
+            canvas[top:top + height, left:left + width] = cell
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    line_height = font.getbbox("Ag")[3] + 2
+    for r, label in enumerate(labels):
+        lines = _wrap(label, font, margin - 6)
+        top = p + r * (height + p) + max(0, (height - line_height * len(lines)) // 2)
+        for i, line in enumerate(lines):
+            draw.text((4, top + i * line_height), line, fill=(0, 0, 0), font=font)
+    return picture
+
+
+def save_labelled_grid(rows: list, labels: list, path: str, margin: int = 96) -> str:
+    """`labelled_grid` written atomically as a PNG at `path`; returns `path`."""
+    picture = labelled_grid(rows, labels, margin)
+    atomic_write(path, lambda f: picture.save(f, format="PNG"), binary=True)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,6 +659,56 @@ def check_finite_state(model, values: dict, step: int, out_dir: str) -> None:
         named = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         raise UserError(f"the run became non-finite by step {step} ({named} not finite), so no checkpoint was written for it and {last}; resume from it with a lower "
                         f"lr (--allow_changed lr) or check the data")
+TRAINING_ONLY_KEYS = ("optimizer", "scaler", "rng")
+
+
+def slim_checkpoint(state: dict) -> dict:
+    """An export of a checkpoint for evaluation and the Python API (best.pt): the whole model (frozen weights
+    included, so the file stands alone), its config and metadata, without what only resuming needs (optimizer and
+    grad-scaler state, RNG states)."""
+    return {key: value for key, value in state.items() if key not in TRAINING_ONLY_KEYS}
+
+
+def frozen_weights_file(tensors: dict) -> str:
+    """The file name of a set of frozen weights in a run directory: `frozen-<content hash>.pt`, so one run writes
+    them once and different weights never share a name."""
+    digest = hashlib.sha1()
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(key.encode() + str(value.dtype).encode() + str(tuple(value.shape)).encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"frozen-{digest.hexdigest()[:16]}.pt"
+
+
+def share_frozen_weights(state: dict, out_dir: str, prefixes: tuple) -> dict:
+    """`state` with the model entries under `prefixes` (frozen weights: DINO, the guidance VAE) moved into one file
+    per run directory, written the first time (atomically) and referenced by name: `state["frozen"]`.
+    `load_checkpoint` puts them back, from the checkpoint's own directory."""
+    frozen = {key: value for key, value in state["model"].items() if key.startswith(tuple(prefixes))}
+    if not frozen:
+        return state
+    name = frozen_weights_file(frozen)
+    if not os.path.isfile(os.path.join(out_dir, name)):
+        atomic_torch_save(frozen, os.path.join(out_dir, name))
+    model = {key: value for key, value in state["model"].items() if key not in frozen}
+    return dict(state, model=model, frozen=name)
+
+
+def attach_frozen_weights(state: dict, path: str) -> dict:
+    """Put a checkpoint's shared frozen weights (`share_frozen_weights`) back into its model entries."""
+    name = state.pop("frozen", None)
+    if not name:
+        return state
+    frozen_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    if not os.path.isfile(frozen_path):
+        raise UserError(f"{path} keeps its frozen weights (DINO, guidance VAE) in {name} beside it, which is missing; "
+                        f"copy the file along with the checkpoint, or use the run's best.pt, which holds everything")
+    try:
+        frozen = torch.load(frozen_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"{frozen_path} is not readable ({type(error).__name__}: {str(error)[:200]})") from None
+    state["model"] = {**state["model"], **frozen}
+    return state
 
 
 def load_checkpoint(path: str, kind: str = None) -> dict:
@@ -575,6 +733,7 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
                         f"use another checkpoint or retrain")
     if kind is not None and state["kind"] != kind:
         raise UserError(f"{path} is a {state['kind']} checkpoint, but a {kind} checkpoint is needed here")
+    attach_frozen_weights(state, path)
     state["path"] = path
     return state
 
@@ -586,6 +745,33 @@ def load_weights(module, weights: dict, path: str) -> None:
     except RuntimeError as error:
         raise UserError(f"{path} does not fit the model its config describes ({str(error).splitlines()[0][:200]}); "
                         f"it is damaged or from another version, use another checkpoint or retrain") from None
+def resolve_stored_path(stored: str, checkpoint: str, out_dir: str) -> str:
+    """A path a checkpoint stores (data_dir, vae_ckpt: relative to the directory training ran in) resolved against
+    the checkpoint's own location. The run directory `out_dir`, as the config gave it, ends the checkpoint's
+    directory, so what precedes it is where training ran. Absolute paths are kept; a relative one is looked up
+    there, then from the current directory, then from each directory above the checkpoint (a moved run). When
+    none exists, the path from where training ran (or as stored) is returned, so the error names it."""
+    if not stored or os.path.isabs(stored):
+        return stored
+    run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    candidates = []
+    if out_dir and not os.path.isabs(out_dir):
+        out = os.path.normpath(out_dir)
+        if out == ".":
+            candidates.append(os.path.join(run_dir, stored))
+        elif run_dir.endswith(os.sep + out):
+            candidates.append(os.path.join(run_dir[:-len(out) - 1], stored))
+    candidates.append(stored)
+    parent = run_dir
+    while True:
+        candidates.append(os.path.join(parent, stored))
+        if os.path.dirname(parent) == parent:
+            break
+        parent = os.path.dirname(parent)
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return os.path.normpath(candidate)
+    return os.path.normpath(candidates[0])
 
 
 def check_same_config(saved: dict, current: dict, keys, what: str) -> None:

@@ -33,13 +33,12 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 import msf
-from common import (UserError, atomic_write_text, autocast, load_checkpoint, load_weights, progress_bar, run_main,
-                    setup_distributed, strict_json)
+from common import (UserError, atomic_write_text, autocast, load_checkpoint, load_weights, progress_bar,
+                    resolve_stored_path, run_main, save_labelled_grid, setup_distributed, strict_json)
 from data import eval_loader, split_path
 from model import build_model, masks_to_segments
 
@@ -289,21 +288,16 @@ def colour_segments(segments: torch.Tensor) -> torch.Tensor:
     return colours.movedim(-1, -3)
 
 
-def _save_grid(rows: list, columns: int, path: str) -> None:
-    """Tiles (n,3,H,W) images in [0,1] into one PNG, written atomically."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = path + ".partial.png"
-    torchvision.utils.save_image(torch.cat(rows).float().clamp(0, 1), partial, nrow=columns, padding=2, pad_value=1)
-    os.replace(partial, path)
-
-
 @torch.no_grad()
 def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> list:
-    """PNG grids of a few validation samples for an OCL model; returns the paths written.
+    """PNG grids of a few validation samples for an OCL model, every row labelled in a left margin; returns the
+    paths written.
 
     Images, one column per sample: input, ground truth, prediction, prediction over the input, the guidance code
-    map (PCA colours of the frozen VAE's scale-1 vectors), [SlotDiffusion: the reconstruction sampled from the
-    slots], then every slot's mask (scaled to peak 1) applied to the input. Videos: one grid per video, one
+    map of every guidance scale (PCA colours of the frozen VAE's vectors), [SlotDiffusion: the reconstruction
+    sampled from the slots], then every slot's mask applied to the input: pixel = mask·input + (1-mask)·grey,
+    the mask on one common scale (0 to 1, attention summing to 1 over slots), so a slot that owns a region shows it
+    and near-uniform attention shows as a uniformly faded image in every slot row. Videos: one grid per video, one
     column per frame."""
     was_training = model.training
     model.eval()
@@ -315,34 +309,36 @@ def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> li
     truth = batch["segment"].long()
     predicted = masks_to_segments(masks, size)
     soft = F.interpolate(masks.flatten(0, -4).float(), size=size, mode="bilinear", align_corners=False)
-    soft = soft.view(*masks.shape[:-2], *size)  # (b, [T,] s, H, W)
-    # Each slot's mask scaled to peak 1, so a slot's region shows even where attention is soft over many slots.
-    soft = soft / soft.flatten(-2).amax(-1).clamp_min(1e-6)[..., None, None]
+    soft = soft.view(*masks.shape[:-2], *size).clamp(0, 1)  # (b, [T,] s, H, W), not rescaled per slot
     paths = []
     if not model.video:
         rows = [images.cpu(), colour_segments(truth).cpu(), colour_segments(predicted).cpu(),
                 (0.5 * images + 0.5 * colour_segments(predicted).to(images.device)).cpu()]
+        labels = ["input", "ground truth", "prediction (argmax of masks)", "prediction over input"]
         if model.vae is not None:
-            vectors = model.guidance(batch[key])["vectors"][0]
-            rows.append(F.interpolate(msf.pca_colours(vectors), size=size, mode="nearest").cpu())
+            for scale, vectors in zip(model.scales, model.guidance(batch[key])["vectors"]):
+                rows.append(F.interpolate(msf.pca_colours(vectors), size=size, mode="nearest").cpu())
+                labels.append(f"guidance code map, scale {scale} (PCA)")
         if model.method == "slotdiffusion":
             slots, _ = model.slots(batch[key], 0.0)
             rows.append((model.reconstruct(batch[key], slots, steps=25) * 0.5 + 0.5).cpu())
+            labels.append("reconstruction (DDIM from slots)")
         for s in range(soft.shape[1]):
             rows.append((images * soft[:, s, None] + 0.5 * (1 - soft[:, s, None])).cpu())
-        paths.append(prefix + ".png")
-        _save_grid(rows, images.shape[0], paths[-1])
+            labels.append(f"slot {s} mask (0-1)")
+        paths.append(save_labelled_grid(rows, labels, prefix + ".png"))
     else:
         for v in range(images.shape[0]):
             t = slice(0, min(frames, images.shape[1]))
             frame_images, frame_pred = images[v, t], predicted[v, t]
             rows = [frame_images.cpu(), colour_segments(truth[v, t]).cpu(), colour_segments(frame_pred).cpu(),
                     (0.5 * frame_images + 0.5 * colour_segments(frame_pred).to(images.device)).cpu()]
+            labels = ["frames", "ground truth", "prediction (argmax of masks)", "prediction over input"]
             for s in range(soft.shape[2]):
                 m = soft[v, t, s, None]
                 rows.append((frame_images * m + 0.5 * (1 - m)).cpu())
-            paths.append(f"{prefix}_video{v}.png")
-            _save_grid(rows, frame_images.shape[0], paths[-1])
+                labels.append(f"slot {s} mask (0-1)")
+            paths.append(save_labelled_grid(rows, labels, f"{prefix}_video{v}.png"))
     model.train(was_training)
     return paths
 
@@ -361,6 +357,13 @@ def load_for_evaluation(path: str, device):
     if os.path.isdir(chosen) and state["kind"] == "ocl":  # an OCL run without best.pt: say what is evaluated instead
         print(f"note: {chosen} holds no best.pt; evaluating its latest checkpoint {state['path']} (give a "
               f"checkpoint file to choose another)", file=sys.stderr)
+    # Stored paths are relative to where training ran: resolve them against the checkpoint's own location.
+    out_dir = state["config"].get("out_dir", "")
+    if state.get("data", {}).get("data_dir"):
+        state["data"] = dict(state["data"], data_dir=resolve_stored_path(state["data"]["data_dir"], state["path"],
+                                                                          out_dir))
+    if state.get("vae_ckpt"):
+        state["vae_ckpt"] = resolve_stored_path(state["vae_ckpt"], state["path"], out_dir)
     if state["kind"] == "vae":
         with _older_config_error(state):
             vae = msf.build_vae(state["config"])
@@ -449,6 +452,9 @@ def _guidance_separability(vectors: torch.Tensor, truth: torch.Tensor, prefix: s
 # Object separability of a VAE (paper Table 4, Fig. 3).
 
 REPRESENTATIONS = ("si_before", "si_after", "sv", "final")
+REPRESENTATION_LABELS = {"si_before": "shared code before inter-scale fusion",
+                         "si_after": "shared code after inter-scale fusion", "sv": "scale-specific code",
+                         "final": "final X_n (guidance)"}
 
 
 def segments_at(truth: torch.Tensor, size: tuple) -> torch.Tensor:
@@ -513,11 +519,12 @@ def vae_separability(vae, loader, device, max_images: int, figure_path: str = ""
     if figure is not None:
         images, representations = figure
         size = tuple(images.shape[-2:])
-        rows = [images.float().cpu() * 0.5 + 0.5]
+        rows, labels = [images.float().cpu() * 0.5 + 0.5], ["input"]
         for name in [r for r in REPRESENTATIONS if r in representations]:
-            for vectors in representations[name]:
+            for n, vectors in enumerate(representations[name]):
                 rows.append(F.interpolate(msf.pca_colours(vectors), size=size, mode="nearest").cpu())
-        _save_grid(rows, images.shape[0], figure_path)
+                labels.append(f"{REPRESENTATION_LABELS[name]}, scale {n + 1} (PCA)")
+        save_labelled_grid(rows, labels, figure_path, margin=128)
     return {"table": table, "codes_used": usage}
 
 

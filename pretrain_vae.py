@@ -14,14 +14,14 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
 from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, check_finite_state,
                     claim_run_dir, cleanup_distributed, deterministic_algorithms, gather_rng_states, load_config,
                     optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
-                    resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed)
+                    resume_state, run_main, save_checkpoint, save_config, save_labelled_grid, set_scheduled_lr,
+                    setup_distributed)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ TRAIN_OPTIONS = {
     "grad_clip": option(1.0, "global L2 norm clip (0 = off)", min=0.0),
     "val_every": option(600, "steps between validations and checkpoints", min=1),
     "val_batch_size": option(64, "validation batch per rank", min=1),
-    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted)", min=0),
+    "keep_checkpoints": option(5, "checkpoints kept in out_dir (oldest deleted)", min=0),
 }
 OPTIONS = {**msf.VAE_OPTIONS, **TRAIN_OPTIONS}
 MODEL_KEYS = list(msf.VAE_OPTIONS)
@@ -93,20 +93,22 @@ def validate(model: msf.VAE, loader, d, dtype) -> dict:
 
 @torch.no_grad()
 def save_figure(model: msf.VAE, images: torch.Tensor, path: str) -> None:
-    """Rows: input, reconstruction of every scale (upsampled), PCA-coloured code map of every scale."""
+    """Rows, each labelled: input, reconstruction of every scale (upsampled), PCA-coloured code map of every
+    scale."""
     model.eval()
     _, _, quantized, recons = model(images, return_reconstructions=True)
     model.train()
     size = images.shape[-1]
-    rows = [images.float().clamp(-1, 1) * 0.5 + 0.5]
-    for r in recons:
+    rows, labels = [images.float().clamp(-1, 1) * 0.5 + 0.5], ["input"]
+    for n, r in enumerate(recons):
         rows.append(F.interpolate(r.float().clamp(-1, 1) * 0.5 + 0.5, size=size, mode="nearest"))
-    for g in quantized.guidance:  # PCA of non-finite codes would fail (LinAlgError): grey instead
+        labels.append(f"reconstruction, scale {n + 1}")
+    for n, g in enumerate(quantized.guidance):  # PCA of non-finite codes would fail (LinAlgError): grey instead
         finite = bool(torch.isfinite(g).all())
         colours = msf.pca_colours(g) if finite else torch.full((g.shape[0], 3, *g.shape[1:3]), 0.5)
         rows.append(F.interpolate(colours.to(images.device), size=size, mode="nearest"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torchvision.utils.save_image(torch.cat(rows), path, nrow=images.shape[0], padding=2)
+        labels.append(f"code map, scale {n + 1} (PCA)")
+    save_labelled_grid(rows, labels, path)
 
 
 def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> None:
@@ -199,20 +201,23 @@ def main(argv=None) -> None:
         if step % config["log_every"] == 0 or step == steps - 1:
             now = time.perf_counter()
             entry = reduce_mean(stats, d)
-            entry.update(step=step, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
+            entry.update(step=step + 1, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
                          replaced_codes=replaced, seconds_per_step=(now - last_time) / (1 if step == start_step
                                                                                         else config["log_every"]))
             last_time, replaced = now, 0
             log.record(entry)
+            log.info(f"step {step + 1}: loss {entry['loss']:.4g}, lr {lr:.3g}, grad_norm {grad_norm:.3g}", echo=False)
             progress.set_postfix(loss=f"{entry['loss']:.4f}", replaced=entry["replaced_codes"])
         if (step + 1) % config["val_every"] == 0 or step == steps - 1:
             metrics = validate(model, val, d, dtype)
-            log.record({"step": step, **metrics})
+            log.record({"step": step + 1, **metrics})
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             check_finite_state(model, {k: v for k, v in metrics.items() if "recon_mse" in k}, step + 1,
                                config["out_dir"])
             if d.is_main:
-                save_figure(model, figure_images, os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png"))
+                figure = os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png")
+                save_figure(model, figure_images, figure)
+                log.image("figures/validation", figure, step + 1)
             path = checkpoint(step + 1)
             if path:
                 log.info(f"saved {path}")
@@ -221,6 +226,7 @@ def main(argv=None) -> None:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
     elif metrics is not None:
         warn_collapsed_codebooks(metrics, log)
+    log.close()
     release_run_dir(config["out_dir"])
     cleanup_distributed(d)
 

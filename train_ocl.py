@@ -19,10 +19,11 @@ import evaluate
 import model as models
 import msf
 from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save,
-                    atomic_write, autocast, check_finite_state, claim_run_dir, cleanup_distributed,
+                    autocast, check_finite_state, claim_run_dir, cleanup_distributed,
                     deterministic_algorithms, gather_rng_states, load_checkpoint, load_config, load_weights,
                     optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
-                    resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed)
+                    resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed,
+                    share_frozen_weights, slim_checkpoint)
 from data import eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,9 +42,11 @@ TRAIN_OPTIONS = {
     "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)", min=1),
     "best_metric": option("ari+ari_fg", "validation metric that selects best.pt",
                           choices=("ari", "ari_fg", "miou", "mbo", "ari+ari_fg")),
-    "keep_checkpoints": option(25, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)", min=0),
+    "keep_checkpoints": option(5, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)", min=0),
 }
 OPTIONS = {**models.OCL_OPTIONS, **TRAIN_OPTIONS}
+# Model entries that never change in training, saved once per run directory instead of in every checkpoint.
+FROZEN_PREFIXES = ("vae.", "encoder.backbone.dino.")
 MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
 
 
@@ -107,9 +110,9 @@ def restore_best(out_dir: str, best_step, d, log) -> None:
     best_path = os.path.join(out_dir, "best.pt")
     source = os.path.join(out_dir, CHECKPOINT_PATTERN.format(step=best_step)) if best_step else ""
     if d.is_main and best_step and not os.path.isfile(best_path) and os.path.isfile(source):
-        with open(source, "rb") as f:
-            data = f.read()
-        atomic_write(best_path, lambda f: f.write(data), binary=True)
+        state = load_checkpoint(source, kind="ocl")  # with its frozen weights put back
+        state.pop("path")
+        atomic_torch_save(slim_checkpoint(state), best_path)
         log.info(f"recreated best.pt from {source}")
 
 
@@ -214,10 +217,12 @@ def main(argv=None) -> None:
                    "vae_ckpt": vae_state["path"] if vae_state else None,
                    "data": {"data_dir": config["data_dir"], "train": config["train_split"],
                             "val": config["val_split"], "resolution": config["resolution"]}}
-        # best.pt first: a kill between the two files leaves no checkpoint that counts a best best.pt lacks
+        # best.pt first, a slim self-contained export: a kill between the two files leaves no checkpoint that counts
+        # a best that best.pt lacks. Frozen weights (DINO, the guidance VAE) go to one file per run.
         if improved:
-            atomic_torch_save(payload, os.path.join(config["out_dir"], "best.pt"))
-        path = save_checkpoint(payload, config["out_dir"], step, config["keep_checkpoints"], best_step)
+            atomic_torch_save(slim_checkpoint(payload), os.path.join(config["out_dir"], "best.pt"))
+        path = save_checkpoint(share_frozen_weights(payload, config["out_dir"], FROZEN_PREFIXES), config["out_dir"],
+                               step, config["keep_checkpoints"], best_step)
         log.info(f"saved {path}" + (f" and best.pt ({config['best_metric']} {value:.2f})" if improved else ""))
 
     # The loop: every schedule is a pure function of the step, so resume is exact.
@@ -240,23 +245,26 @@ def main(argv=None) -> None:
         if step % config["log_every"] == 0 or step == steps - 1:
             now = time.perf_counter()
             entry = reduce_mean(stats, d)
-            entry.update(step=step, lr=lr, sigma=sigma, grad_norm=grad_norm,
+            entry.update(step=step + 1, lr=lr, sigma=sigma, grad_norm=grad_norm,
                          seconds_per_step=(now - last_time) / (1 if step == start_step else config["log_every"]))
             last_time = now
             log.record(entry)
+            log.info(f"step {step + 1}: loss {entry['loss']:.4g}, lr {lr:.3g}, grad_norm {grad_norm:.3g}", echo=False)
             progress.set_postfix(loss=f"{entry['loss']:.4f}")
         if (step + 1) % config["val_every"] == 0 or step == steps - 1:
             metrics = validate(model, val, d, dtype)
-            log.record({"step": step, **metrics})
+            log.record({"step": step + 1, **metrics})
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             check_finite_state(model, {"val_loss": metrics["val_loss"]}, step + 1, config["out_dir"])
             if d.is_main:
-                evaluate.save_figures(model, figure_batch, d.device,
-                                      os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}"))
+                for path in evaluate.save_figures(model, figure_batch, d.device,
+                                                  os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}")):
+                    log.image("figures/" + (path.rsplit("_", 1)[-1][:-4] if video else "validation"), path, step + 1)
             checkpoint(step + 1, metrics)
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
+    log.close()
     release_run_dir(config["out_dir"])
     cleanup_distributed(d)
 

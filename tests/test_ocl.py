@@ -13,7 +13,7 @@ import model as models
 import msf
 import pretrain_vae
 import train_ocl
-from common import UserError, load_config, read_jsonl
+from common import UserError, load_checkpoint, load_config, read_jsonl
 from helpers import ROOT, losses, save_vae, torchrun, write_ocl_config
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guid
 
 def test_trained_parameters_change_and_guidance_stays_frozen(tmp_path, shapes_dir, vaes):
     train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, steps=3, val_every=100)])
-    state = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=True)["model"]
+    state = load_checkpoint(str(tmp_path / "run" / "ckpt_0000003.pt"))["model"]  # with the run's frozen weights
     vae_before = torch.load(vaes[("msf", 8)], weights_only=True)["model"]
     for key, value in vae_before.items():
         assert torch.equal(state[f"vae.{key}"], value), key
@@ -244,7 +244,7 @@ def test_resume_is_bit_identical(tmp_path, shapes_dir, vaes):
     full = tmp_path / "run"
     train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
     a, b = losses(full), losses(tmp_path / "resumed")
-    assert sorted(b) == [2, 3] and all(a[s] == b[s] for s in b), (a, b)
+    assert sorted(b) == [3, 4] and all(a[s] == b[s] for s in b), (a, b)
     final_a = torch.load(full / "ckpt_0000004.pt", weights_only=True)["model"]
     final_b = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
@@ -513,13 +513,13 @@ def test_denoiser_ema_is_checked():
 
 
 def test_slotdiffusion_with_ema_and_quantized_target_resumes_bit_identically(tmp_path, shapes_dir, vaes):
-    config = write_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", diffusion_target="quantized",
+    config = write_ocl_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", diffusion_target="quantized",
                           denoiser_ema=0.9, steps=4, val_every=2, batch_size=2, val_batch_size=2, val_samples=2)
     train_ocl.main([config])
     full = tmp_path / "run"
     train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
     a, b = losses(full), losses(tmp_path / "resumed")
-    assert sorted(b) == [2, 3] and all(a[s] == b[s] for s in b), (a, b)
+    assert sorted(b) == [3, 4] and all(a[s] == b[s] for s in b), (a, b)
     final_a = torch.load(full / "ckpt_0000004.pt", weights_only=True)["model"]
     final_b = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)["model"]
     assert set(final_a) == set(final_b) and all(torch.equal(final_a[k], final_b[k]) for k in final_a)

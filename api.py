@@ -1,0 +1,120 @@
+"""A small Python API for trained models: load a VAE or an OCL model from a checkpoint or a run directory, use a
+VAE as a tokenizer (image -> code indices -> image), and get an OCL model's slots and masks.
+
+    import api
+    vae = api.load("runs/vae_msf_shapes")      # VAETokenizer
+    ids = vae.tokenize(images)                  # images: (b, 3, H, W) float in [-1, 1]
+    recon = vae.detokenize(ids)
+    ocl = api.load("runs/slate_msf_shapes")    # OCLModel wrapper
+    slots, masks = ocl.slots_and_masks(images)
+
+Paths stored inside a checkpoint (the dataset, the guidance VAE) are resolved against the checkpoint's own
+location, so a run works from any directory (README, "Python API").
+"""
+
+import torch
+import torch.nn.functional as F
+
+import msf
+from evaluate import load_for_evaluation
+
+
+def load(path: str, device: str = "cpu"):
+    """A trained model from a checkpoint file or a run directory (an OCL run: its best.pt, else the latest
+    checkpoint; a VAE run: the latest checkpoint): a `VAETokenizer` for pretrain_vae.py checkpoints, an
+    `ObjectCentric` for train_ocl.py checkpoints. Both are in eval mode on `device`."""
+    model, state = load_for_evaluation(path, torch.device(device))
+    if state["kind"] == "vae":
+        return VAETokenizer(model, state)
+    return ObjectCentric(model, state)
+
+
+class VAETokenizer:
+    """A pretrained VAE (vq, grouped or msf) as an image tokenizer.
+
+    Images are (b, 3, H, W) float RGB in [-1, 1] (the data's range: pixel / 127.5 - 1), H and W the VAE's
+    `resolution` (or any multiple of 4·2^(num_scales-1)). Scale n (1-based) has a (H / 4 / 2^(n-1)) x
+    (W / 4 / 2^(n-1)) token grid."""
+
+    def __init__(self, vae: msf.VAE, state: dict):
+        self.vae, self.state, self.config = vae, state, vae.config
+        self.resolution = state["data"]["resolution"]
+        self.num_scales = vae.num_scales
+        self.device = next(vae.parameters()).device
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> list:
+        """(b, 3, H, W) in [-1, 1] -> one LongTensor (b, h_n, w_n, G) per scale: the code index of each group.
+        vq: G = 1 (codebook index); grouped: G = num_groups (one index per group codebook); msf: G = 2, the
+        shared scale-invariant index i (into the one shared codebook) and the scale-specific index j (into scale
+        n's scale-variant codebook), or G = 1 (i only) with intra_scale_fusion off. Argmax matching, no noise."""
+        return [ids.clone() for ids in self.vae.quantize(images.to(self.device).float()).indices]
+
+    def vocabulary(self) -> list:
+        """Per scale, the codebook size of each group: ids[n][..., g] lies in [0, vocabulary()[n][g])."""
+        side = 4 * 2 ** (self.num_scales - 1)
+        probe = torch.zeros(1, 3, side, side, device=self.device)
+        return self.vae.quantize(probe).group_sizes
+
+    @torch.no_grad()
+    def vectors(self, ids: torch.Tensor, scale: int = 1) -> torch.Tensor:
+        """(b, h, w, G) code indices of `scale` -> the discrete representation X_n (b, h, w, c) the decoder and the
+        OCL models see. msf: X_n = concat(C_si[i], C_sv_n[j])·W (fusion concat_pinv), (C_si[i] + C_sv_n[j]) / 2
+        (fusion mean) or C_si[i] (no intra-scale fusion); grouped: concat(C_1[i_1], ..., C_G[i_G])·W; vq: C[i]."""
+        ids = ids.to(self.device).long()
+        q = self.vae.quantizer
+        if self.vae.kind == "vq":
+            return q.codebook.codes()[ids[..., 0]]
+        if self.vae.kind == "grouped":
+            return q.project.down(torch.cat([book.codes()[ids[..., g]] for g, book in enumerate(q.groups)], -1))
+        shared = q.si.codes()[ids[..., 0]]
+        if not q.intra:
+            return shared
+        specific = q._sv_codebook(scale - 1).codes()[ids[..., 1]]
+        if q.split:
+            return q.project.down(torch.cat([shared, specific], -1))
+        return (shared + specific) / 2
+
+    @torch.no_grad()
+    def detokenize(self, ids) -> list:
+        """tokenize's output (a list, one (b, h_n, w_n, G) tensor per scale from scale 1; a single tensor means
+        scale 1) -> one decoded image (b, 3, 4·h_n, 4·w_n) per scale, in about [-1, 1] (not clamped)."""
+        if torch.is_tensor(ids):
+            ids = [ids]
+        return [self.vae.decode(self.vectors(scale_ids, n + 1)) for n, scale_ids in enumerate(ids)]
+
+
+class ObjectCentric:
+    """A trained OCL model (SLATE, SlotDiffusion, DINOSAUR, SysBinder, OGDR; STEVE on videos)."""
+
+    def __init__(self, model, state: dict):
+        self.model, self.state, self.config = model, state, model.config
+        self.resolution = state["data"]["resolution"]
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def slots_and_masks(self, images: torch.Tensor, boxes: torch.Tensor = None) -> tuple:
+        """Images (b, 3, H, W) float RGB in [-1, 1], at the model's `resolution` -> slots (b, s, d) and soft masks
+        (b, s, H, W): Slot Attention's last-iteration attention (DINOSAUR: the decoder's alphas), bilinearly
+        upsampled to the image size, summing to 1 over the s slots at every pixel. The slot queries are their
+        means (no sampling noise). Videos (STEVE, video checkpoints): (b, T, 3, H, W) with first-frame boxes
+        (b, K, 4) -> slots (b, T, s, d), masks (b, T, s, H, W). argmax over s gives the segmentation the metrics
+        score."""
+        images = images.to(self.device).float()
+        size = tuple(images.shape[-2:])
+        if self.model.video:
+            if boxes is None:
+                raise ValueError("a video model needs the first frame's object boxes (b, K, 4), as its data has")
+            slots, masks = self.model.slots(images, 0.0, boxes=boxes.to(self.device))
+        elif self.model.method == "dinosaur":
+            features = self.model.encoder.backbone.dino_features(images)
+            slots, _ = self.model.slots(images, 0.0, dino_features=features)
+            _, alpha = self.model.decoder(slots)
+            side = features.shape[-1]
+            masks = alpha.view(*alpha.shape[:2], side, side)
+        else:
+            slots, masks = self.model.slots(images, 0.0)
+        lead = masks.shape[:-2]
+        upsampled = F.interpolate(masks.reshape(-1, *masks.shape[-3:]).float(), size=size, mode="bilinear",
+                                  align_corners=False)
+        return slots, upsampled.view(*lead, *size)

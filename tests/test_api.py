@@ -1,0 +1,129 @@
+"""api.py: the README's example runs on tiny trained runs, tokenize/detokenize agree with the VAE's own
+quantise + decode path, slot masks are a partition of unity, and stored paths resolve against the checkpoint."""
+
+import os
+import re
+
+import pytest
+import torch
+import yaml
+
+import api
+import evaluate
+import msf
+import pretrain_vae
+import train_ocl
+from common import resolve_stored_path
+from helpers import ROOT, save_vae, write_ocl_config
+
+
+def readme_api_example() -> str:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shapes_dir):
+    """Tiny VAE and SLATE runs trained as the README's commands would, with paths relative to `root`."""
+    root = tmp_path_factory.mktemp("api")
+    os.makedirs(root / "data")
+    os.symlink(shapes_dir, root / "data" / "shapes")
+    vae_config = dict(quantizer="msf", code_dim=8, vae_width=8, codebook_size=64, data_dir="data/shapes",
+                      resolution=32, steps=2, batch_size=4, num_workers=0, log_every=1, val_every=2,
+                      val_batch_size=8, val_samples=8, out_dir="runs/vae_msf_shapes")
+    (root / "vae.yaml").write_text(yaml.safe_dump(vae_config))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        pretrain_vae.main(["vae.yaml"])
+        config = write_ocl_config(root, "data/shapes", None, name="ocl.yaml", vae_ckpt="runs/vae_msf_shapes",
+                                  steps=2, val_every=2, out_dir="runs/slate_msf_shapes")
+        train_ocl.main([config])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_readme_example_runs(runs, monkeypatch):
+    monkeypatch.chdir(runs)
+    namespace = {}
+    exec(compile(readme_api_example(), "README.md", "exec"), namespace)
+    ids, recon, slots, masks = (namespace[k] for k in ("ids", "recon", "slots", "masks"))
+    assert [tuple(i.shape) for i in ids] == [(2, 8, 8, 2), (2, 4, 4, 2), (2, 2, 2, 2)]
+    assert [tuple(r.shape) for r in recon] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]
+    assert slots.shape == (2, 4, 16) and masks.shape == (2, 4, 32, 32)
+
+
+def test_api_works_from_another_directory(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    vae = api.load(str(runs / "runs" / "vae_msf_shapes"))
+    assert isinstance(vae, api.VAETokenizer) and vae.resolution == 32
+    ocl = api.load(str(runs / "runs" / "slate_msf_shapes" / "best.pt"))
+    assert isinstance(ocl, api.ObjectCentric)
+    assert os.path.samefile(ocl.state["data"]["data_dir"], runs / "data" / "shapes")
+
+
+def test_evaluate_runs_from_another_directory(runs, tmp_path, monkeypatch):
+    """Training stored data_dir 'data/shapes' relative to its own directory; evaluating from elsewhere finds it."""
+    monkeypatch.chdir(tmp_path)
+    evaluate.main([str(runs / "runs" / "slate_msf_shapes"), "--out", "eval", "--device", "cpu", "--num_workers", "0",
+                   "--figures", "0", "--samples", "4"])
+    assert (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_slot_masks_partition_the_image(runs):
+    ocl = api.load(str(runs / "runs" / "slate_msf_shapes"))
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    slots, masks = ocl.slots_and_masks(images)
+    assert slots.shape == (3, 4, 16) and masks.shape == (3, 4, 32, 32)
+    assert torch.allclose(masks.sum(1), torch.ones(3, 32, 32), atol=1e-5) and masks.min() >= 0
+    # The same attention the model's own forward pass returns, upsampled independently.
+    _, _, raw = ocl.model({"image": images})
+    expected = torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(masks, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantizer,overrides,groups", [
+    ("vq", {}, [1]), ("grouped", {}, [2]), ("msf", {}, [2, 2, 2]), ("msf", {"fusion": "mean"}, [2, 2, 2]),
+    ("msf", {"intra_scale_fusion": False}, [1, 1, 1]), ("msf", {"sv_codebook": "shared", "num_scales": 2}, [2, 2])])
+def test_detokenize_of_tokenize_is_quantise_then_decode(tmp_path, quantizer, overrides, groups):
+    path = save_vae(tmp_path / "vae.pt", quantizer, 8, **overrides)
+    vae = api.load(path)
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids = vae.tokenize(images)
+    assert [i.shape[-1] for i in ids] == groups and all(i.dtype == torch.long for i in ids)
+    # ids lie in the codebook sizes the config asks for (64 combinations: 64 VQ codes, 8 per group / per MSF book)
+    limit = 64 if quantizer == "vq" else 8
+    assert all(0 <= int(i.min()) and int(i.max()) < limit for i in ids)
+    # Oracle: the VAE's own path, built independently from the checkpoint (quantise -> guidance X_n -> decode).
+    state = torch.load(path, weights_only=True)
+    reference = msf.build_vae(state["config"])
+    reference.load_state_dict(state["model"])
+    reference.eval()
+    quantized = reference.quantize(images)
+    expected = [reference.decode(x) for x in quantized.guidance]
+    recon = vae.detokenize(ids)
+    assert len(recon) == len(expected)
+    for got, want in zip(recon, expected):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(ids, quantized.indices))
+
+
+def test_stored_paths_resolve_against_the_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "project" / "data" / "shapes").mkdir(parents=True)
+    (tmp_path / "project" / "runs" / "a").mkdir(parents=True)
+    checkpoint = str(tmp_path / "project" / "runs" / "a" / "best.pt")
+    monkeypatch.chdir(tmp_path)
+    expected = str(tmp_path / "project" / "data" / "shapes")
+    assert resolve_stored_path("data/shapes", checkpoint, "runs/a") == expected
+    assert resolve_stored_path("data/shapes", checkpoint, "./runs/a/") == expected
+    assert resolve_stored_path("/abs/data", checkpoint, "runs/a") == "/abs/data"
+    # a run copied elsewhere (out_dir no longer matches): found from a directory above the checkpoint
+    (tmp_path / "moved" / "x").mkdir(parents=True)
+    (tmp_path / "moved" / "data" / "shapes").mkdir(parents=True)
+    assert resolve_stored_path("data/shapes", str(tmp_path / "moved" / "x" / "c.pt"), "runs/a") == \
+        str(tmp_path / "moved" / "data" / "shapes")
+    # nothing exists: the path from where training ran, so the error names it
+    assert resolve_stored_path("data/none", checkpoint, "runs/a") == str(tmp_path / "project" / "data" / "none")
