@@ -56,7 +56,7 @@ def test_one_step_convention_and_the_loss_in_log_txt(tmp_path, shapes_dir):
 def test_resume_keeps_the_log_up_to_the_checkpoint(tmp_path, shapes_dir):
     config = vae_config(tmp_path, shapes_dir, log_every=1)
     pretrain_vae.main([config, "--steps", "2"])
-    pretrain_vae.main([config, "--resume", "auto"])
+    pretrain_vae.main([config, "--resume", "auto", "--allow_changed", "steps"])  # extends the 2-step run to 4
     steps = [e["step"] for e in read_jsonl(tmp_path / "run" / "log.jsonl")]
     assert steps == [1, 2, 2, 3, 4, 4]  # training 1, 2 + validation 2, then 3, 4 + validation 4: no duplicates
 
