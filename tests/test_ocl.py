@@ -238,8 +238,9 @@ def test_masks_to_segments_upsamples_then_argmaxes():
 # ----------------------------------------------------------------------------------------------------------------
 # Training mechanics: exact resume, DDP, errors.
 
-def test_resume_is_bit_identical(tmp_path, shapes_dir, vaes):
-    config = write_ocl_config(tmp_path, shapes_dir, vaes, steps=4, val_every=2)
+def assert_resume_is_bit_identical(tmp_path, config) -> dict:
+    """Train 4 steps, resume another run from the step-2 checkpoint: its losses and final parameters must equal the
+    uninterrupted run's exactly. Returns the final model state."""
     train_ocl.main([config])
     full = tmp_path / "run"
     train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
@@ -247,7 +248,12 @@ def test_resume_is_bit_identical(tmp_path, shapes_dir, vaes):
     assert sorted(b) == [3, 4] and all(a[s] == b[s] for s in b), (a, b)
     final_a = torch.load(full / "ckpt_0000004.pt", weights_only=True)["model"]
     final_b = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)["model"]
-    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert set(final_a) == set(final_b) and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    return final_a
+
+
+def test_resume_is_bit_identical(tmp_path, shapes_dir, vaes):
+    assert_resume_is_bit_identical(tmp_path, write_ocl_config(tmp_path, shapes_dir, vaes, steps=4, val_every=2))
 
 
 @pytest.mark.slow
@@ -514,15 +520,8 @@ def test_denoiser_ema_is_checked():
 
 def test_slotdiffusion_with_ema_and_quantized_target_resumes_bit_identically(tmp_path, shapes_dir, vaes):
     config = write_ocl_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", diffusion_target="quantized",
-                          denoiser_ema=0.9, steps=4, val_every=2, batch_size=2, val_batch_size=2, val_samples=2)
-    train_ocl.main([config])
-    full = tmp_path / "run"
-    train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
-    a, b = losses(full), losses(tmp_path / "resumed")
-    assert sorted(b) == [3, 4] and all(a[s] == b[s] for s in b), (a, b)
-    final_a = torch.load(full / "ckpt_0000004.pt", weights_only=True)["model"]
-    final_b = torch.load(tmp_path / "resumed" / "ckpt_0000004.pt", weights_only=True)["model"]
-    assert set(final_a) == set(final_b) and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+                              denoiser_ema=0.9, steps=4, val_every=2, batch_size=2, val_batch_size=2, val_samples=2)
+    final_a = assert_resume_is_bit_identical(tmp_path, config)
     assert int(final_a["decoder_ema.updates"]) == 4  # one update per optimiser step
     name = "conv_out.weight"  # zero at init, so it moves from step 1; the average lags behind the live weights
     assert final_a[f"decoder_ema.module.{name}"].abs().sum() > 0
