@@ -285,7 +285,8 @@ def test_guidance_must_match_the_vae(tmp_path, shapes_dir, vaes):
         train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None)])
     train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, steps=2, val_every=2)])
     with pytest.raises(UserError, match="is a ocl checkpoint, but a vae checkpoint"):
-        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, vae_ckpt=str(tmp_path / "run"))])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, vae_ckpt=str(tmp_path / "run"),
+                                         out_dir=str(tmp_path / "other"))])  # not into the run it names
 
 
 def test_method_must_fit_the_data(tmp_path, shapes_dir, video_dir, vaes):
@@ -508,8 +509,8 @@ def test_denoiser_ema_is_checked():
 
 
 def test_slotdiffusion_with_ema_and_quantized_target_resumes_bit_identically(tmp_path, shapes_dir, vaes):
-    config = write_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", diffusion_target="quantized",
-                          denoiser_ema=0.9, steps=4, val_every=2, batch_size=2, val_batch_size=2, val_samples=2)
+    config = write_ocl_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", diffusion_target="quantized",
+                              denoiser_ema=0.9, steps=4, val_every=2, batch_size=2, val_batch_size=2, val_samples=2)
     train_ocl.main([config])
     full = tmp_path / "run"
     train_ocl.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000002.pt")])
