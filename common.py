@@ -717,14 +717,17 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        if "weights_only" in str(error) or "Weights only load failed" in str(error):
-            raise UserError(f"{path} holds objects beyond tensors and plain values, which the safe load "
+        lines = str(error).splitlines() or [""]
+        unsafe = [line.strip() for line in lines if "Unsupported global" in line]
+        if unsafe:  # a pickle that names code to run: never suggest loading it without the warning
+            name = unsafe[0].split("GLOBAL ")[-1].split(" ")[0]
+            raise UserError(f"{path} holds objects beyond tensors and plain values ({name}), which the safe load "
                             f"(weights_only=True) refuses, so it is from another program or crafted; loading it with "
                             f"torch.load(weights_only=False) can execute arbitrary code, so do that only with a file "
                             f"from a source you trust") from None
-        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:200] if str(error) else ''}); it may be truncated or from "
-                        f"another program") from None
+        reason = next((line.strip() for line in lines if "Unsupported" in line), lines[0])
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason[:200]}); it may be "
+                        f"truncated or from another program") from None
     if not isinstance(state, dict) or "config" not in state or "kind" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no config/kind entry)")
     missing = [key for key in ("model", "data", "step") if key not in state]

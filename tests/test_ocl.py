@@ -296,7 +296,8 @@ def test_guidance_must_match_the_vae(tmp_path, shapes_dir, vaes):
         train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None)])
     train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, steps=2, val_every=2)])
     with pytest.raises(UserError, match="is a ocl checkpoint, but a vae checkpoint"):
-        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, vae_ckpt=str(tmp_path / "run"))])
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, vae_ckpt=str(tmp_path / "run"),
+                                         out_dir=str(tmp_path / "other"))])  # not into the run it names
 
 
 def test_method_must_fit_the_data(tmp_path, shapes_dir, video_dir, vaes):

@@ -286,3 +286,16 @@ def test_the_process_group_gets_the_configured_timeout(monkeypatch):
     d = common.setup_distributed("cpu", 7)
     assert d.enabled and seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=7)}
     assert common.TRAINING_OPTIONS["ddp_timeout_minutes"].default in range(10, 31)
+
+
+def test_evaluate_names_the_checkpoint_it_uses_when_best_is_missing(tmp_path, shapes_dir, capsys):
+    import evaluate
+    import train_ocl
+    from helpers import save_vae, write_ocl_config
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    train_ocl.main([write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)])
+    os.remove(tmp_path / "run" / "best.pt")
+    capsys.readouterr()
+    evaluate.main([str(tmp_path / "run"), "--device", "cpu", "--figures", "0", "--samples", "4"])
+    err = capsys.readouterr().err
+    assert "holds no best.pt; evaluating its latest checkpoint" in err and "ckpt_0000001.pt" in err
