@@ -63,3 +63,14 @@ def write_ocl_config(tmp_path, data_dir, vaes=None, name="ocl.yaml", **overrides
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+def write_vae_config(tmp_path, shapes_dir, name="vae.yaml", **overrides):
+    """A tiny MSF VAE run config (8-d codes, 32 px, a few steps) written to tmp_path/name; returns its path."""
+    config = dict(quantizer="msf", code_dim=8, vae_width=8, codebook_size=64, data_dir=shapes_dir, resolution=32,
+                  steps=6, batch_size=4, num_workers=0, log_every=1, val_every=3, val_batch_size=8, val_samples=8,
+                  replace_every=2, out_dir=str(tmp_path / "run"), gumbel_anneal_fraction=1.0)
+    config.update(overrides)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)

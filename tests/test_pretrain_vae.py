@@ -8,21 +8,11 @@ import yaml
 
 import pretrain_vae
 from common import UserError, read_jsonl
-from helpers import losses, torchrun
-
-
-def write_config(tmp_path, shapes_dir, name="vae.yaml", **overrides):
-    config = dict(quantizer="msf", code_dim=8, vae_width=8, codebook_size=64, data_dir=shapes_dir, resolution=32,
-                  steps=6, batch_size=4, num_workers=0, log_every=1, val_every=3, val_batch_size=8, val_samples=8,
-                  replace_every=2, out_dir=str(tmp_path / "run"), gumbel_anneal_fraction=1.0)
-    config.update(overrides)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+from helpers import losses, torchrun, write_vae_config
 
 
 def test_run_directory_contents(tmp_path, shapes_dir):
-    pretrain_vae.main([write_config(tmp_path, shapes_dir)])
+    pretrain_vae.main([write_vae_config(tmp_path, shapes_dir)])
     run = tmp_path / "run"
     assert sorted(set(os.listdir(run)) - {"tensorboard"}) == ["ckpt_0000003.pt", "ckpt_0000006.pt", "config.yaml",
                                                              "figures", "log.jsonl", "log.txt"]
@@ -36,14 +26,14 @@ def test_run_directory_contents(tmp_path, shapes_dir):
 
 
 def test_keeps_only_the_last_checkpoints(tmp_path, shapes_dir):
-    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=4, val_every=1, keep_checkpoints=2)])
+    pretrain_vae.main([write_vae_config(tmp_path, shapes_dir, steps=4, val_every=1, keep_checkpoints=2)])
     assert sorted(n for n in os.listdir(tmp_path / "run") if n.endswith(".pt")) == ["ckpt_0000003.pt",
                                                                                       "ckpt_0000004.pt"]
 
 
 def test_resume_is_bit_identical(tmp_path, shapes_dir):
     """Gumbel matching and code replacement on: RNG state, data order and schedules must all resume exactly."""
-    config = write_config(tmp_path, shapes_dir, gumbel=True, code_replacement=True)
+    config = write_vae_config(tmp_path, shapes_dir, gumbel=True, code_replacement=True)
     pretrain_vae.main([config])
     full = tmp_path / "run"
     pretrain_vae.main([config, "--out_dir", str(tmp_path / "resumed"), "--resume", str(full / "ckpt_0000003.pt")])
@@ -57,7 +47,7 @@ def test_resume_is_bit_identical(tmp_path, shapes_dir):
 
 
 def test_resume_auto_continues_in_place(tmp_path, shapes_dir):
-    config = write_config(tmp_path, shapes_dir, steps=3)
+    config = write_vae_config(tmp_path, shapes_dir, steps=3)
     pretrain_vae.main([config])
     pretrain_vae.main([config, "--steps", "6", "--resume", "auto", "--allow_changed", "steps"])
     steps = [e["step"] for e in read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in e]
@@ -67,7 +57,7 @@ def test_resume_auto_continues_in_place(tmp_path, shapes_dir):
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path, shapes_dir):
     """Same global batch: 1 process x 4 images and 2 gloo processes x 2 images give the same parameters."""
-    config = write_config(tmp_path, shapes_dir, steps=3, val_every=3, gumbel=False, code_replacement=False,
+    config = write_vae_config(tmp_path, shapes_dir, steps=3, val_every=3, gumbel=False, code_replacement=False,
                           num_workers=1)
     pretrain_vae.main([config, "--out_dir", str(tmp_path / "one")])
     result = torchrun("pretrain_vae.py", config, "--out_dir", str(tmp_path / "two"))
@@ -82,23 +72,23 @@ def test_ddp_two_processes_equal_one_process(tmp_path, shapes_dir):
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, shapes_dir):
     with pytest.raises(UserError, match="non-finite loss at step"):
-        pretrain_vae.main([write_config(tmp_path, shapes_dir, lr=1e30, grad_clip=0.0, steps=20, val_every=100)])
+        pretrain_vae.main([write_vae_config(tmp_path, shapes_dir, lr=1e30, grad_clip=0.0, steps=20, val_every=100)])
 
 
 def test_resume_from_another_config_is_refused(tmp_path, shapes_dir):
-    pretrain_vae.main([write_config(tmp_path, shapes_dir, steps=3)])
+    pretrain_vae.main([write_vae_config(tmp_path, shapes_dir, steps=3)])
     with pytest.raises(UserError, match="quantizer='msf' but the config says quantizer='vq'"):
-        pretrain_vae.main([write_config(tmp_path, shapes_dir, quantizer="vq"), "--resume", "auto"])
+        pretrain_vae.main([write_vae_config(tmp_path, shapes_dir, quantizer="vq"), "--resume", "auto"])
 
 
 def test_bad_inputs_fail_with_one_sentence(tmp_path, shapes_dir):
     with pytest.raises(UserError, match="does not exist; create it with"):
-        pretrain_vae.main([write_config(tmp_path, str(tmp_path / "missing"))])
+        pretrain_vae.main([write_vae_config(tmp_path, str(tmp_path / "missing"))])
     with pytest.raises(UserError, match="unknown config key 'stepz'"):
-        pretrain_vae.main([write_config(tmp_path, shapes_dir, stepz=3)])
+        pretrain_vae.main([write_vae_config(tmp_path, shapes_dir, stepz=3)])
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
-        pretrain_vae.main([write_config(tmp_path, shapes_dir), "--resume", str(bad)])
+        pretrain_vae.main([write_vae_config(tmp_path, shapes_dir), "--resume", str(bad)])
     with pytest.raises(UserError, match="divisible"):
-        pretrain_vae.main([write_config(tmp_path, shapes_dir, resolution=40)])
+        pretrain_vae.main([write_vae_config(tmp_path, shapes_dir, resolution=40)])
