@@ -76,7 +76,7 @@ def test_random_dino_travels_with_the_run(run, tmp_path):
 
 def test_resume_from_a_checkpoint_with_shared_frozen_weights(run, tmp_path):
     train_ocl.main([str(run.parent / "ocl.yaml"), "--steps", "3", "--out_dir", str(tmp_path / "resumed"), "--resume",
-                    str(run / "ckpt_0000002.pt")])
+                    str(run / "ckpt_0000002.pt"), "--allow_changed", "steps"])  # extends the 2-step run
     resumed = load_checkpoint(str(tmp_path / "resumed" / "ckpt_0000003.pt"))
     original = torch.load(next(run.glob("frozen-*.pt")), weights_only=True)
     assert all(torch.equal(resumed["model"][k], original[k]) for k in original)
