@@ -1,4 +1,4 @@
-"""Runs that never lose work (issue 15): one run per directory under a lock, checkpoints that are good, honest
+"""Runs that never lose work: one run per directory under a lock, checkpoints that are good, honest
 resume, and one sentence for every input fault."""
 
 import importlib.util
