@@ -214,7 +214,7 @@ def separability(vectors, k: int, seed: int = 0, return_labels: bool = False) ->
         raise ValueError(f"vectors must be a non-empty (P, c) array of one image's guidance; got {vectors.shape}")
     # Discrete codes repeat: clustering the distinct vectors weighted by their counts is the same objective on far
     # fewer points (a 32x32 code map has a few dozen distinct codes), so a whole split clusters in seconds.
-    distinct, counts = np.unique(vectors, axis=0, return_counts=True)
+    distinct, inverse, counts = np.unique(vectors, axis=0, return_inverse=True, return_counts=True)
     k = min(int(k), len(distinct))
     if k < 1:
         return {"inter": math.nan, "intra": math.nan, "k": 0, "distinct": len(distinct),
@@ -227,7 +227,6 @@ def separability(vectors, k: int, seed: int = 0, return_labels: bool = False) ->
     inter = np.linalg.norm(centroids[:, None] - centroids[None], axis=2)[pairs].mean() if k > 1 else math.nan
     result = {"inter": float(inter), "intra": float(intra), "k": k, "distinct": len(distinct)}
     if return_labels:
-        _, inverse = np.unique(vectors, axis=0, return_inverse=True)
         result["labels"] = kmeans.labels_[inverse.reshape(-1)]  # (P,) cluster of every vector
     return result
 

@@ -68,8 +68,8 @@ def validate(model: msf.VAE, loader, d, dtype) -> dict:
             _, _, quantized, recons = model(images, return_reconstructions=True)
         pyramid = msf.image_pyramid(images, model.num_scales, model.config["pyramid"])
         for n, (r, t) in enumerate(zip(recons, pyramid)):
-            sums[n] += F.mse_loss(r.float(), t, reduction="sum").double() / (t[0].numel() / images[0].numel())
-            per_image = (r.float() - t).square().flatten(1).mean(1).double()
+            per_image = (r.float() - t).square().flatten(1).mean(1).double()  # MSE of each image at this scale
+            sums[n] += per_image.sum() * images[0].numel()  # as squared errors at full resolution
             psnr[n] += (10 * torch.log10(4.0 / per_image.clamp_min(1e-10))).sum()  # peak-to-peak range 2 ([-1, 1])
         sums[-1] += images.numel()
         psnr[-1] += images.shape[0]
