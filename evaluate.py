@@ -259,15 +259,16 @@ def segmentation_scores(pred: torch.Tensor, true: torch.Tensor, extended: bool =
     return scores
 
 
-def score_batch(model, batch: dict, device, dtype=None, extended: bool = False) -> tuple:
-    """Run one batch through an OCL model and score its slot masks: (scores of segmentation_scores, the loss, the
-    batch on `device`). Videos get one score each, time flattened. train_ocl.py validates with this too."""
+def score_batch(model, batch: dict, device, dtype=None, extended: bool = False, shuffled_slots: bool = False) -> tuple:
+    """Run one batch through an OCL model and score its slot masks: (scores of segmentation_scores, the model's
+    stats: "loss", and "loss_shuffled_slots" when asked for (OCLModel.forward), the batch on `device`). Videos get
+    one score each, time flattened. train_ocl.py validates with this too."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast(device, dtype):
-        loss, _, masks = model(batch)
+        _, stats, masks = model(batch, shuffled_slots=shuffled_slots)
     truth = batch["segment"].long()
     predicted = masks_to_segments(masks, tuple(truth.shape[-2:]))
-    return segmentation_scores(predicted.flatten(1).cpu(), truth.flatten(1).cpu(), extended), loss, batch
+    return segmentation_scores(predicted.flatten(1).cpu(), truth.flatten(1).cpu(), extended), stats, batch
 
 
 # ================================================================================================================

@@ -825,35 +825,51 @@ class OCLModel(nn.Module):
             _, continuous = self.vae.encode(frames.float())
         return continuous[0].permute(0, 3, 1, 2).float()
 
-    def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d)."""
+    def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor, other_slots: torch.Tensor = None):
+        """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d); with `other_slots` (n,s,d) also the
+        loss of the same frames from those, the guidance computed once: (loss, other loss)."""
         if self.method == "slotdiffusion":
             latent = self.diffusion_latent(frames) / self.latent_scale  # (n,c,h,w)
             return diffusion_loss(self.decoder, self.schedule, latent, slots)
         guidance = self.guidance(frames)
         tokens = torch.cat([v.flatten(1, 2) for v in guidance["vectors"]], 1)  # (n, L, c)
         indices = [i.flatten(1, 2) for i in guidance["indices"]]  # per scale (n, L_i, G)
-        hidden = self.decoder(tokens, self.decoder_memory(slots))
-        return self.decoder.loss(hidden, indices, self.vocabularies)
+        losses = [self.decoder.loss(self.decoder(tokens, self.decoder_memory(s)), indices, self.vocabularies)
+                  for s in ([slots] if other_slots is None else [slots, other_slots])]
+        return losses[0] if other_slots is None else tuple(losses)
 
-    def forward(self, batch: dict, sigma: float = 0.0) -> tuple:
-        """Training / validation pass: (loss, stats, masks)."""
-        if self.video:
-            video = batch["video"]
-            slots, masks = self.slots(video, sigma, boxes=batch["bbox"][:, 0])
-            loss = self.decode_loss(video.flatten(0, 1), slots.flatten(0, 1))
-            return loss, {"loss": loss.detach()}, masks
-        images = batch["image"]
+    def forward(self, batch: dict, sigma: float = 0.0, shuffled_slots: bool = False) -> tuple:
+        """Training / validation pass: (loss, stats, masks). `shuffled_slots` adds stats["loss_shuffled_slots"]: the
+        same loss with every image's slots swapped for the next image's (the batch rolled by one), so its gap to
+        the loss shows how much the decoder relies on the slots rather than on its autoregressive context or its
+        prior. Methods whose loss is deterministic given the slots; SlotDiffusion's draws noise and is left out."""
+        shuffle = shuffled_slots and self.method != "slotdiffusion"
         if self.method == "dinosaur":
+            images = batch["image"]
             features = self.encoder.backbone.dino_features(images)  # (b,D,h,w), the reconstruction target
             slots, _ = self.slots(images, sigma, dino_features=features)
+            target = features.flatten(2).transpose(1, 2).float()
             reconstruction, alpha = self.decoder(slots)
-            loss = F.mse_loss(reconstruction.float(), features.flatten(2).transpose(1, 2).float())
+            loss = F.mse_loss(reconstruction.float(), target)
+            stats = {"loss": loss.detach()}
+            if shuffle and images.shape[0] > 1:
+                stats["loss_shuffled_slots"] = F.mse_loss(self.decoder(slots.roll(1, 0))[0].float(), target).detach()
             side = features.shape[-1]
-            return loss, {"loss": loss.detach()}, alpha.view(*alpha.shape[:2], side, side)
-        slots, masks = self.slots(images, sigma)
-        loss = self.decode_loss(images, slots)
-        return loss, {"loss": loss.detach()}, masks
+            return loss, stats, alpha.view(*alpha.shape[:2], side, side)
+        if self.video:  # every frame of a video decoded from its own slots; shuffled: another video's, frame by frame
+            video = batch["video"]
+            slots, masks = self.slots(video, sigma, boxes=batch["bbox"][:, 0])
+            frames, other = video.flatten(0, 1), slots.roll(1, 0).flatten(0, 1)
+            slots = slots.flatten(0, 1)
+        else:
+            frames = batch["image"]
+            slots, masks = self.slots(frames, sigma)
+            other = slots.roll(1, 0)
+        if not (shuffle and batch["video" if self.video else "image"].shape[0] > 1):
+            loss = self.decode_loss(frames, slots)
+            return loss, {"loss": loss.detach()}, masks
+        loss, shuffled = self.decode_loss(frames, slots, other)
+        return loss, {"loss": loss.detach(), "loss_shuffled_slots": shuffled.detach()}, masks
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, slots: torch.Tensor, steps: int = 50) -> torch.Tensor:

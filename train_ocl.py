@@ -124,16 +124,23 @@ METRICS = ("ari", "ari_fg", "miou", "mbo")
 
 @torch.no_grad()
 def validate(model: models.OCLModel, loader, d, dtype) -> dict:
+    """Mask metrics in percent, the decoder loss, and the loss with every image's slots swapped for another
+    image's (`val_loss_shuffled_slots`; the gap `val_slot_gain` is what the slots tell the decoder beyond its
+    context: near 0 means the slots are ignored), averaged over the split and reduced over ranks."""
     model.eval()
-    sums = torch.zeros(2 * len(METRICS) + 2, dtype=torch.float64)  # metric sums, metric counts, loss sum, batches
+    # metric sums, metric counts, loss sum, shuffled-loss sum, batches, batches with a shuffled loss
+    sums = torch.zeros(2 * len(METRICS) + 4, dtype=torch.float64)
     for batch in loader:
-        scores, loss, _ = evaluate.score_batch(model, batch, d.device, dtype)
+        scores, stats, _ = evaluate.score_batch(model, batch, d.device, dtype, shuffled_slots=True)
         for i, name in enumerate(METRICS):
             valid = ~torch.isnan(scores[name])
             sums[i] += scores[name][valid].sum()
             sums[len(METRICS) + i] += valid.sum()
-        sums[-2] += float(loss)
-        sums[-1] += 1
+        sums[-4] += float(stats["loss"])
+        sums[-2] += 1
+        if "loss_shuffled_slots" in stats:
+            sums[-3] += float(stats["loss_shuffled_slots"])
+            sums[-1] += 1
     if d.enabled:
         sums = sums.to(d.device)
         torch.distributed.all_reduce(sums)
@@ -141,7 +148,10 @@ def validate(model: models.OCLModel, loader, d, dtype) -> dict:
     model.train()
     result = {f"val_{name}": float(100 * sums[i] / sums[len(METRICS) + i]) if sums[len(METRICS) + i] > 0
               else float("nan") for i, name in enumerate(METRICS)}
-    result["val_loss"] = float(sums[-2] / max(1.0, float(sums[-1])))
+    result["val_loss"] = float(sums[-4] / max(1.0, float(sums[-2])))
+    if 0 < sums[-1] == sums[-2]:  # every batch had one (it takes two images per batch): like with like
+        result["val_loss_shuffled_slots"] = float(sums[-3] / sums[-1])
+        result["val_slot_gain"] = result["val_loss_shuffled_slots"] - result["val_loss"]
     return result
 
 

@@ -53,6 +53,8 @@ def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guid
     val = [e for e in entries if "val_ari" in e]
     assert len(val) == 1 and all(lo <= val[0][k] <= 100 or math.isnan(val[0][k])  # ARI may fall below chance
                                  for k, lo in (("val_ari_fg", -100), ("val_miou", 0), ("val_mbo", 0)))
+    # the slot-reliance diagnostic, wherever the loss is deterministic given the slots
+    assert ("val_slot_gain" in val[0]) == (method != "slotdiffusion")
     assert os.listdir(run / "figures")
     state = torch.load(run / "best.pt", weights_only=True)
     assert state["kind"] == "ocl" and state["video"] == video and state["config"]["method"] == method
@@ -529,3 +531,36 @@ def test_slotdiffusion_with_ema_and_quantized_target_resumes_bit_identically(tmp
     assert not torch.equal(final_a[f"decoder_ema.module.{name}"], final_a[f"decoder.{name}"])
     figures = tmp_path / "run" / "figures"  # sampled with the EMA denoiser
     assert figures.is_dir() and os.listdir(figures)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The slot-reliance diagnostic: the decoder loss with another image's slots.
+
+@pytest.mark.parametrize("video", [False, True], ids=["slate", "steve"])
+def test_shuffled_slot_loss_is_the_loss_with_the_previous_samples_slots(video):
+    vae = tiny_vae("msf")
+    torch.manual_seed(1)
+    ocl = models.OCLModel(model_config(method="steve" if video else "slate", guidance="msf", decoder_dropout=0.0,
+                                       decoder_dim=16, decoder_layers=1), vae, video=video).eval()
+    generator = torch.Generator().manual_seed(3)
+    if video:
+        batch = {"video": torch.rand(3, 2, 3, 32, 32, generator=generator) * 2 - 1,
+                 "bbox": torch.rand(3, 2, 6, 4, generator=generator)}
+    else:
+        batch = {"image": torch.rand(3, 3, 32, 32, generator=generator) * 2 - 1}
+    with torch.no_grad():
+        loss, stats, _ = ocl(batch, shuffled_slots=True)
+        pixels = batch["video" if video else "image"]
+        slots, _ = ocl.slots(pixels, 0.0, boxes=batch["bbox"][:, 0] if video else None)
+        # Independently, sample by sample: sample i decoded (every frame) from sample i-1's slots, and from its own.
+        own, other = [], []
+        for i in range(3):
+            frames = pixels[i] if video else pixels[i:i + 1]
+            mine, theirs = (slots[j] if video else slots[j:j + 1] for j in (i, (i - 1) % 3))
+            own.append(ocl.decode_loss(frames, mine))
+            other.append(ocl.decode_loss(frames, theirs))
+    torch.testing.assert_close(stats["loss"], loss)
+    torch.testing.assert_close(loss, torch.stack(own).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats["loss_shuffled_slots"], torch.stack(other).mean(), atol=1e-5, rtol=1e-5)
+    assert (stats["loss_shuffled_slots"] - loss).abs() > 1e-6  # the slots do change the loss here
+    assert "loss_shuffled_slots" not in ocl(batch)[1]  # only when asked for
