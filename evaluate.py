@@ -181,6 +181,16 @@ def mbo(pred: torch.Tensor, true: torch.Tensor, ignore_background: bool = False)
     return torch.where(num_scored > 0, total / num_scored.clamp(min=1), torch.full_like(total, math.nan))
 
 
+def mask_entropy(masks: torch.Tensor) -> torch.Tensor:
+    """How undecided the soft slot masks (B, [T,] S, h, w) are: per sample (B,) float64, the entropy over the S slots
+    at each position, averaged over positions (and frames), as a fraction of ln S. 1 = every position shared
+    equally by all slots (nothing bound); 0 = every position owned by one slot."""
+    p = masks.detach().double().movedim(-3, -1)  # (B, [T,] h, w, S)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(-1) / math.log(p.shape[-1])
+    return entropy.flatten(1).mean(1).cpu()
+
+
 def mean_percent(values) -> float:
     """Mean over the scored samples in percent (NaN entries are skipped); NaN if no sample was scored."""
     if isinstance(values, torch.Tensor):
@@ -260,15 +270,17 @@ def segmentation_scores(pred: torch.Tensor, true: torch.Tensor, extended: bool =
 
 
 def score_batch(model, batch: dict, device, dtype=None, extended: bool = False, shuffled_slots: bool = False) -> tuple:
-    """Run one batch through an OCL model and score its slot masks: (scores of segmentation_scores, the model's
-    stats: "loss", and "loss_shuffled_slots" when asked for (OCLModel.forward), the batch on `device`). Videos get
-    one score each, time flattened. train_ocl.py validates with this too."""
+    """Run one batch through an OCL model and score its slot masks: (scores of segmentation_scores plus
+    mask_entropy, the model's stats: "loss", and "loss_shuffled_slots" when asked for (OCLModel.forward), the batch
+    on `device`). Videos get one score each, time flattened. train_ocl.py validates with this too."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast(device, dtype):
         _, stats, masks = model(batch, shuffled_slots=shuffled_slots)
     truth = batch["segment"].long()
     predicted = masks_to_segments(masks, tuple(truth.shape[-2:]))
-    return segmentation_scores(predicted.flatten(1).cpu(), truth.flatten(1).cpu(), extended), stats, batch
+    scores = segmentation_scores(predicted.flatten(1).cpu(), truth.flatten(1).cpu(), extended)
+    scores["mask_entropy"] = mask_entropy(masks)
+    return scores, stats, batch
 
 
 # ================================================================================================================
@@ -539,7 +551,7 @@ def _format_table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-TABLE_KEYS = ("ari", "ari_fg", "miou", "mbo", "miou_fg", "mbo_fg")
+TABLE_KEYS = ("ari", "ari_fg", "miou", "mbo", "miou_fg", "mbo_fg", "mask_entropy")
 
 
 def main(argv=None) -> None:
@@ -629,7 +641,8 @@ def _report(results: list, compare: bool) -> dict:
             payload.update({k: ocl_runs[0][k] for k in keys})
         lines.append(_format_table(["run"] + keys, rows))
         lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (README, 'Evaluation "
-                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention)" +
+                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); mask_entropy: "
+                     "entropy of the soft masks over slots, % of ln(slots), 100 = uniform" +
                      ("; sep_*: KMeans inter/intra-cluster distance of the scale-1 guidance" if "sep_inter" in keys
                       else ""))
     for run in vae_runs:

@@ -119,7 +119,7 @@ def restore_best(out_dir: str, best_step, d, log) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Validation: metrics on the slot masks, reduced over ranks.
 
-METRICS = ("ari", "ari_fg", "miou", "mbo")
+METRICS = ("ari", "ari_fg", "miou", "mbo", "mask_entropy")  # percent; mask_entropy of ln(slots), see evaluate.py
 
 
 @torch.no_grad()

@@ -11,9 +11,10 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_assignment
 from scipy.special import gammaln
+from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import adjusted_rand_score
 
-from evaluate import ari, mbo, mean_percent, miou, segments_at, separability, separability_batch
+from evaluate import ari, mask_entropy, mbo, mean_percent, miou, segments_at, separability, separability_batch
 
 TOL = 1e-6
 
@@ -293,6 +294,23 @@ def test_mean_percent():
     assert mean_percent([0.25]) == 25.0
     assert math.isnan(mean_percent([math.nan, math.nan]))
     assert math.isnan(mean_percent([]))
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_mask_entropy_matches_scipy_per_position(video):
+    generator = torch.Generator().manual_seed(0)
+    shape = (3, 2, 5, 4, 6) if video else (3, 5, 4, 6)  # (B, [T,] S, h, w)
+    masks = torch.rand(shape, generator=generator) ** 4  # uneven, and not normalised
+    masks[0] = 1.0  # sample 0: uniform over slots everywhere
+    got = mask_entropy(masks)
+    for b in range(3):
+        per_position = masks[b].reshape(-1, 5, 24) if video else masks[b].reshape(1, 5, 24)
+        values = [scipy_entropy(per_position[t, :, i].double().numpy()) / math.log(5)
+                  for t in range(per_position.shape[0]) for i in range(24)]
+        assert got[b].item() == pytest.approx(float(np.mean(values)), rel=1e-9)
+    assert got[0].item() == pytest.approx(1.0)
+    one_hot = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 4, 6), generator=generator), 5).permute(0, 3, 1, 2)
+    assert mask_entropy(one_hot.float()).abs().max() < 1e-12  # each position owned by one slot
 
 
 # ------------------------------------------------------------------------------------------------ separability
