@@ -5,8 +5,9 @@
                          [--ablation_seeds ...] [--video_seeds ...]
 
 `demo` generates `shapes`, pretrains a small VQ-VAE and a small MSF VAE, trains SLATE with each, and evaluates
-both side by side (ARI, ARIfg, mIoU, mBO and the guidance's object separability); it is sized to finish in about
-15 minutes on a 2-core CPU, far too short to reproduce the paper's numbers.
+both side by side (ARI, ARIfg, mIoU, mBO and the guidance's object separability), and writes OUT/summary.json
+({"vq": {...}, "msf": {...}} with "ari", "ari_fg", "miou", "mbo" in percent on the validation split); it is sized to
+finish in about 15 minutes on a 2-core CPU, far too short to reproduce the paper's numbers.
 
 `full` runs what the README's Results section reports, from the `*_shapes*.yaml` configs:
   main       SLATE with VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
@@ -28,7 +29,7 @@ import time
 import torch
 import yaml
 
-from common import atomic_write_text
+from common import atomic_write_text, strict_json
 from data import load_split
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -158,6 +159,19 @@ def separability_table(metrics: dict) -> list:
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def demo_summary(metrics: dict, guidance_of: dict) -> dict:
+    """runs/demo/summary.json: {guidance: {"ari", "ari_fg", "miou", "mbo"}} in percent on the validation split, from
+    evaluate.py's metrics.json (`guidance_of` maps each run's checkpoint path to its guidance)."""
+    summary, known = {}, {os.path.realpath(path): g for path, g in guidance_of.items()}
+    for run in metrics["runs"]:
+        checkpoint = os.path.realpath(run["checkpoint"])  # a checkpoint file, or the run directory that holds it
+        guidance = known.get(checkpoint) or known.get(os.path.dirname(checkpoint))
+        if guidance is None:
+            raise ValueError(f"{run['checkpoint']} is none of the demo's runs {sorted(guidance_of)}")
+        summary[guidance] = {key: run[key] for key in METRICS}
+    return summary
+
+
 def demo(args) -> list:
     study = Study(args.out or os.path.join(ROOT, "runs", "demo"), args.device, 1.0, log_every=50)
     study.data("shapes")
@@ -169,6 +183,8 @@ def demo(args) -> list:
         runs[guidance] = study.ocl(f"slate_{guidance}", f"configs/slate_{guidance}_shapes.yaml", vae, 0,
                                    steps=args.ocl_steps, overrides={"val_every": args.ocl_steps, "val_samples": 64})
     metrics = study.evaluate([runs["vq"], runs["msf"]], "slate_vq_vs_msf", ["--compare", "--separability"])
+    summary = demo_summary(metrics, {runs[g]: g for g in runs})
+    atomic_write_text(os.path.join(study.out, "summary.json"), strict_json(summary, indent=2) + "\n")
     lines = ["# Demo: SLATE with VQ vs MSF guidance on `shapes` (smoke-size run)", "",
              f"VAEs {args.vae_steps} steps, SLATE {args.ocl_steps} steps, one seed, 64x64 images, validation split "
              f"of 200 images. Far too short to reproduce the paper; see README 'Results' for the study.", "",
