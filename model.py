@@ -352,21 +352,25 @@ class TransformerDecoder(nn.Module):
         x = torch.cat([self.bos.expand(tokens.shape[0], -1, -1), self.embed(tokens[:, :-1])], 1) + self.position
         return self.transformer(x, self.memory(memory), tgt_mask=self.causal, tgt_is_causal=True)
 
-    def loss(self, hidden: torch.Tensor, indices: list, vocabularies: list) -> torch.Tensor:
-        """Cross-entropy of the code indices, averaged over all tokens of all guidance scales.
-        indices[i]: (b, L_i, G) group indices of scale i."""
-        total, start = 0.0, 0
+    def token_losses(self, hidden: torch.Tensor, indices: list, vocabularies: list) -> torch.Tensor:
+        """Cross-entropy of each token's code index (n, L), the guidance scales' tokens one after the other; with
+        grouped targets, the groups' cross-entropies summed (the official code's loss). indices[i]: (n, L_i, G)."""
+        per_scale, start = [], 0
         for head, length, index, groups in zip(self.heads, self.lengths, indices, vocabularies):
             h = hidden[:, start:start + length]
             start += length
-            if self.grouped:  # the official code's two cross-entropies, summed
-                for g, group_head in enumerate(head):
-                    total = total + F.cross_entropy(group_head(h).flatten(0, 1).float(),
-                                                    index[..., g].reshape(-1)) * length
+            if self.grouped:
+                ce = sum(F.cross_entropy(group_head(h).flatten(0, 1).float(), index[..., g].reshape(-1),
+                                         reduction="none") for g, group_head in enumerate(head))
             else:
-                total = total + F.cross_entropy(head(h).flatten(0, 1).float(),
-                                                combined_index(index, groups).reshape(-1)) * length
-        return total / sum(self.lengths)
+                ce = F.cross_entropy(head(h).flatten(0, 1).float(), combined_index(index, groups).reshape(-1),
+                                     reduction="none")
+            per_scale.append(ce.view(h.shape[0], length))
+        return torch.cat(per_scale, 1)
+
+    def loss(self, hidden: torch.Tensor, indices: list, vocabularies: list) -> torch.Tensor:
+        """The training loss: `token_losses` averaged over all tokens of all guidance scales."""
+        return self.token_losses(hidden, indices, vocabularies).mean()
 
 
 def combined_index(indices: torch.Tensor, group_sizes: list) -> torch.Tensor:
@@ -826,23 +830,28 @@ class OCLModel(nn.Module):
         return continuous[0].permute(0, 3, 1, 2).float()
 
     def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor, other_slots: torch.Tensor = None):
-        """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d); with `other_slots` (n,s,d) also the
-        loss of the same frames from those, the guidance computed once: (loss, other loss)."""
+        """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d). With `other_slots` (n,s,d) (token
+        decoders), the guidance computed once: (loss, the loss from other_slots, per-token gain (n, L_1) of the
+        first guidance scale: cross-entropy from other_slots minus from slots)."""
         if self.method == "slotdiffusion":
             latent = self.diffusion_latent(frames) / self.latent_scale  # (n,c,h,w)
             return diffusion_loss(self.decoder, self.schedule, latent, slots)
         guidance = self.guidance(frames)
         tokens = torch.cat([v.flatten(1, 2) for v in guidance["vectors"]], 1)  # (n, L, c)
         indices = [i.flatten(1, 2) for i in guidance["indices"]]  # per scale (n, L_i, G)
-        losses = [self.decoder.loss(self.decoder(tokens, self.decoder_memory(s)), indices, self.vocabularies)
-                  for s in ([slots] if other_slots is None else [slots, other_slots])]
-        return losses[0] if other_slots is None else tuple(losses)
+        if other_slots is None:
+            return self.decoder.loss(self.decoder(tokens, self.decoder_memory(slots)), indices, self.vocabularies)
+        own, other = (self.decoder.token_losses(self.decoder(tokens, self.decoder_memory(s)), indices,
+                                                self.vocabularies) for s in (slots, other_slots))
+        return own.mean(), other.mean(), (other - own)[:, :self.decoder.lengths[0]]
 
     def forward(self, batch: dict, sigma: float = 0.0, shuffled_slots: bool = False) -> tuple:
         """Training / validation pass: (loss, stats, masks). `shuffled_slots` adds stats["loss_shuffled_slots"]: the
         same loss with every image's slots swapped for the next image's (the batch rolled by one), so its gap to
         the loss shows how much the decoder relies on the slots rather than on its autoregressive context or its
-        prior. Methods whose loss is deterministic given the slots; SlotDiffusion's draws noise and is left out."""
+        prior. Methods whose loss is deterministic given the slots; SlotDiffusion's draws noise and is left out.
+        Token decoders also give stats["token_slot_gain"] (b·T, L_1): that gap per token of the first guidance
+        scale, row-major on its token grid, frames of a video one after the other."""
         shuffle = shuffled_slots and self.method != "slotdiffusion"
         if self.method == "dinosaur":
             images = batch["image"]
@@ -868,8 +877,9 @@ class OCLModel(nn.Module):
         if not (shuffle and batch["video" if self.video else "image"].shape[0] > 1):
             loss = self.decode_loss(frames, slots)
             return loss, {"loss": loss.detach()}, masks
-        loss, shuffled = self.decode_loss(frames, slots, other)
-        return loss, {"loss": loss.detach(), "loss_shuffled_slots": shuffled.detach()}, masks
+        loss, shuffled, token_gain = self.decode_loss(frames, slots, other)
+        return loss, {"loss": loss.detach(), "loss_shuffled_slots": shuffled.detach(),
+                      "token_slot_gain": token_gain.detach()}, masks
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, slots: torch.Tensor, steps: int = 50) -> torch.Tensor:

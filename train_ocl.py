@@ -9,6 +9,7 @@ ARIfg, mIoU and mBO (evaluate.py's metric functions), PNG figures, atomic checkp
 exact `--resume`, DDP with the loss computed inside the wrapped module's forward.
 """
 
+import math
 import os
 import time
 
@@ -126,12 +127,24 @@ METRICS = ("ari", "ari_fg", "miou", "mbo", "mask_entropy")  # percent; mask_entr
 def validate(model: models.OCLModel, loader, d, dtype) -> dict:
     """Mask metrics in percent, the decoder loss, and the loss with every image's slots swapped for another
     image's (`val_loss_shuffled_slots`; the gap `val_slot_gain` is what the slots tell the decoder beyond its
-    context: near 0 means the slots are ignored), averaged over the split and reduced over ranks."""
+    context: near 0 means the slots are ignored; token decoders split it into `val_slot_gain_objects` and
+    `val_slot_gain_background`, per token on objects / on the background), averaged over the split and reduced
+    over ranks."""
     model.eval()
-    # metric sums, metric counts, loss sum, shuffled-loss sum, batches, batches with a shuffled loss
-    sums = torch.zeros(2 * len(METRICS) + 4, dtype=torch.float64)
+    # metric sums, metric counts, token gain sums and counts on objects / background, loss sum, shuffled-loss sum,
+    # batches, batches with a shuffled loss
+    sums = torch.zeros(2 * len(METRICS) + 8, dtype=torch.float64)
     for batch in loader:
-        scores, stats, _ = evaluate.score_batch(model, batch, d.device, dtype, shuffled_slots=True)
+        scores, stats, batch = evaluate.score_batch(model, batch, d.device, dtype, shuffled_slots=True)
+        if "token_slot_gain" in stats:  # split by the ground truth at the token grid (segments_at: block majority)
+            gain = stats["token_slot_gain"].double().cpu()
+            side = math.isqrt(gain.shape[1])
+            on_object = evaluate.segments_at(batch["segment"].flatten(0, -3).cpu(), (side, side)).flatten(1)
+            known = on_object != evaluate.IGNORE
+            on_object = (on_object > 0) & known
+            background = ~on_object & known
+            sums[-8:-4] += torch.stack([gain[on_object].sum(), on_object.sum(), gain[background].sum(),
+                                        background.sum()]).double()
         for i, name in enumerate(METRICS):
             valid = ~torch.isnan(scores[name])
             sums[i] += scores[name][valid].sum()
@@ -152,6 +165,9 @@ def validate(model: models.OCLModel, loader, d, dtype) -> dict:
     if 0 < sums[-1] == sums[-2]:  # every batch had one (it takes two images per batch): like with like
         result["val_loss_shuffled_slots"] = float(sums[-3] / sums[-1])
         result["val_slot_gain"] = result["val_loss_shuffled_slots"] - result["val_loss"]
+        for name, (total, count) in (("objects", sums[-8:-6]), ("background", sums[-6:-4])):
+            if count > 0:  # per token of the first guidance scale lying on objects / on the background
+                result[f"val_slot_gain_{name}"] = float(total / count)
     return result
 
 

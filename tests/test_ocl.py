@@ -55,6 +55,7 @@ def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guid
                                  for k, lo in (("val_ari_fg", -100), ("val_miou", 0), ("val_mbo", 0)))
     # the slot-reliance diagnostic, wherever the loss is deterministic given the slots
     assert ("val_slot_gain" in val[0]) == (method != "slotdiffusion")
+    assert ("val_slot_gain_background" in val[0]) == (method not in ("slotdiffusion", "dinosaur"))
     assert os.listdir(run / "figures")
     state = torch.load(run / "best.pt", weights_only=True)
     assert state["kind"] == "ocl" and state["video"] == video and state["config"]["method"] == method
@@ -564,3 +565,47 @@ def test_shuffled_slot_loss_is_the_loss_with_the_previous_samples_slots(video):
     torch.testing.assert_close(stats["loss_shuffled_slots"], torch.stack(other).mean(), atol=1e-5, rtol=1e-5)
     assert (stats["loss_shuffled_slots"] - loss).abs() > 1e-6  # the slots do change the loss here
     assert "loss_shuffled_slots" not in ocl(batch)[1]  # only when asked for
+
+
+def test_token_slot_gain_is_the_per_token_cross_entropy_difference():
+    vae = tiny_vae("msf")
+    torch.manual_seed(1)
+    ocl = models.OCLModel(model_config(method="slate", guidance="msf", decoder_dropout=0.0, decoder_dim=16,
+                                       decoder_layers=1), vae).eval()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        _, stats, _ = ocl({"image": images}, shuffled_slots=True)
+        slots, _ = ocl.slots(images, 0.0)
+        guidance = vae.guidance(images, [1])
+        tokens = guidance["vectors"][0].flatten(1, 2)
+        ids = guidance["indices"][0].flatten(1, 2)  # (3, 64, 2): shared and scale-specific index
+        sizes = guidance["group_sizes"][0]
+        for i in range(3):  # by hand: -log softmax at the combined index i_si * |sv| + i_sv, own vs previous slots
+            ce = []
+            for j in (i, (i - 1) % 3):
+                logits = ocl.decoder.heads[0](ocl.decoder(tokens[i:i + 1], slots[j:j + 1]))[0]
+                target = ids[i, :, 0] * sizes[1] + ids[i, :, 1]
+                ce.append(-torch.log_softmax(logits, -1)[torch.arange(64), target])
+            torch.testing.assert_close(stats["token_slot_gain"][i], ce[1] - ce[0], atol=1e-5, rtol=1e-4)
+
+
+def test_validation_splits_the_slot_gain_by_object_and_background_tokens():
+    class Fixed(torch.nn.Module):  # a model whose per-token gain and masks are given
+        def forward(self, batch, shuffled_slots=False):
+            gain = torch.arange(16, dtype=torch.float32).repeat(2, 1)  # (b, 16): a 4x4 token grid
+            stats = {"loss": torch.tensor(1.0), "loss_shuffled_slots": torch.tensor(1.5), "token_slot_gain": gain}
+            return stats["loss"], stats, torch.ones(2, 3, 4, 4)
+
+    segment = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    segment[0, :2, :2] = 1  # image 0: token 0 on an object
+    segment[1, 4:, 4:] = 2  # image 1: tokens 10, 11, 14, 15
+    segment[1, :2, 6:] = 255  # image 1: token 3 ignored
+    batch = {"image": torch.zeros(2, 3, 8, 8), "segment": segment}
+    device = type("D", (), {"device": torch.device("cpu"), "enabled": False})()
+    metrics = train_ocl.validate(Fixed(), [batch], device, None)
+    objects = [0, 10, 11, 14, 15]
+    background = [t for t in range(16) if t != 0] + [t for t in range(16) if t not in (3, 10, 11, 14, 15)]
+    assert metrics["val_slot_gain_objects"] == pytest.approx(sum(objects) / len(objects))
+    assert metrics["val_slot_gain_background"] == pytest.approx(sum(background) / len(background))
+    assert metrics["val_slot_gain"] == pytest.approx(0.5)
+    assert metrics["val_mask_entropy"] == pytest.approx(100.0)
