@@ -131,43 +131,45 @@ def validate(model: models.OCLModel, loader, d, dtype) -> dict:
     `val_slot_gain_background`, per token on objects / on the background), averaged over the split and reduced
     over ranks."""
     model.eval()
-    # metric sums, metric counts, token gain sums and counts on objects / background, loss sum, shuffled-loss sum,
-    # batches, batches with a shuffled loss
-    sums = torch.zeros(2 * len(METRICS) + 8, dtype=torch.float64)
+    # Running totals by name (every rank holds the same names, so they reduce as one vector): each metric's sum and
+    # scored count; the loss and the batches; the shuffled loss and the batches that had one; the token gain and
+    # the token count on objects and on the background.
+    names = [f"{m}_{part}" for m in METRICS for part in ("sum", "count")] + [
+        "loss", "batches", "shuffled", "shuffled_batches", "gain_objects", "objects", "gain_background", "background"]
+    totals = dict.fromkeys(names, 0.0)
     for batch in loader:
         scores, stats, batch = evaluate.score_batch(model, batch, d.device, dtype, shuffled_slots=True)
+        for name in METRICS:
+            valid = ~torch.isnan(scores[name])
+            totals[f"{name}_sum"] += float(scores[name][valid].sum())
+            totals[f"{name}_count"] += int(valid.sum())
+        totals["loss"] += float(stats["loss"])
+        totals["batches"] += 1
+        if "loss_shuffled_slots" in stats:
+            totals["shuffled"] += float(stats["loss_shuffled_slots"])
+            totals["shuffled_batches"] += 1
         if "token_slot_gain" in stats:  # split by the ground truth at the token grid (segments_at: block majority)
             gain = stats["token_slot_gain"].double().cpu()
             side = math.isqrt(gain.shape[1])
-            on_object = evaluate.segments_at(batch["segment"].flatten(0, -3).cpu(), (side, side)).flatten(1)
-            known = on_object != evaluate.IGNORE
-            on_object = (on_object > 0) & known
-            background = ~on_object & known
-            sums[-8:-4] += torch.stack([gain[on_object].sum(), on_object.sum(), gain[background].sum(),
-                                        background.sum()]).double()
-        for i, name in enumerate(METRICS):
-            valid = ~torch.isnan(scores[name])
-            sums[i] += scores[name][valid].sum()
-            sums[len(METRICS) + i] += valid.sum()
-        sums[-4] += float(stats["loss"])
-        sums[-2] += 1
-        if "loss_shuffled_slots" in stats:
-            sums[-3] += float(stats["loss_shuffled_slots"])
-            sums[-1] += 1
+            truth = evaluate.segments_at(batch["segment"].flatten(0, -3).cpu(), (side, side)).flatten(1)
+            known = truth != evaluate.IGNORE
+            for part, where in (("objects", (truth > 0) & known), ("background", (truth == 0) & known)):
+                totals[f"gain_{part}"] += float(gain[where].sum())
+                totals[part] += int(where.sum())
     if d.enabled:
-        sums = sums.to(d.device)
-        torch.distributed.all_reduce(sums)
-        sums = sums.cpu()
+        reduced = torch.tensor([totals[n] for n in names], dtype=torch.float64, device=d.device)
+        torch.distributed.all_reduce(reduced)
+        totals = dict(zip(names, reduced.tolist()))
     model.train()
-    result = {f"val_{name}": float(100 * sums[i] / sums[len(METRICS) + i]) if sums[len(METRICS) + i] > 0
-              else float("nan") for i, name in enumerate(METRICS)}
-    result["val_loss"] = float(sums[-4] / max(1.0, float(sums[-2])))
-    if 0 < sums[-1] == sums[-2]:  # every batch had one (it takes two images per batch): like with like
-        result["val_loss_shuffled_slots"] = float(sums[-3] / sums[-1])
+    result = {f"val_{name}": 100 * totals[f"{name}_sum"] / totals[f"{name}_count"] if totals[f"{name}_count"] > 0
+              else float("nan") for name in METRICS}
+    result["val_loss"] = totals["loss"] / max(1.0, totals["batches"])
+    if 0 < totals["shuffled_batches"] == totals["batches"]:  # every batch had one (it takes two images): like with like
+        result["val_loss_shuffled_slots"] = totals["shuffled"] / totals["shuffled_batches"]
         result["val_slot_gain"] = result["val_loss_shuffled_slots"] - result["val_loss"]
-        for name, (total, count) in (("objects", sums[-8:-6]), ("background", sums[-6:-4])):
-            if count > 0:  # per token of the first guidance scale lying on objects / on the background
-                result[f"val_slot_gain_{name}"] = float(total / count)
+        for part in ("objects", "background"):
+            if totals[part] > 0:  # per token of the first guidance scale lying on objects / on the background
+                result[f"val_slot_gain_{part}"] = totals[f"gain_{part}"] / totals[part]
     return result
 
 
