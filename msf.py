@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -52,32 +53,61 @@ def gumbel_temperature(step: int, total_steps: int, config: dict) -> float:
 # The encoder sees 4x4-pixel patches only, which is exactly why a pyramid helps it: a token of scale n covers
 # 4·2^(n-1) pixels of the original image.
 
-class ConvBlock(nn.Sequential):
-    """Conv (no bias) -> GroupNorm(1 group) -> ReLU, as in SLATE."""
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch: under DDP every rank normalises with the
+    mean and variance of all ranks' samples (sums all-reduced, with gradients), so K processes train exactly as one
+    process with the same global batch. torch's SyncBatchNorm does the same on GPUs only; this also runs on gloo."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        channels = x.shape[1]
+        count = x.new_full((1,), x.numel() // channels)
+        sums = torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)), count])  # (2c + 1,)
+        sums = dist_nn.all_reduce(sums)  # the global batch's sums; backward sums the ranks' gradients
+        total = sums[-1]
+        mean = sums[:channels] / total
+        var = (sums[channels:2 * channels] / total - mean.square()).clamp_min(0)
+        with torch.no_grad():  # running statistics as BatchNorm2d keeps them: unbiased variance, momentum
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), self.momentum)
+        scale = self.weight / torch.sqrt(var + self.eps)
+        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+
+
+class ConvBlock(nn.Sequential):
+    """Conv (no bias) -> norm -> ReLU. SLATE's norm is GroupNorm with one group, which normalises each image's
+    feature map as a whole; `batch` normalises each channel over the batch instead (measured: README, "Design
+    decisions")."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, norm: str = "group"):
         super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False),
-                         nn.GroupNorm(1, out_channels), nn.ReLU(inplace=True))
+                         GlobalBatchNorm2d(out_channels) if norm == "batch" else nn.GroupNorm(1, out_channels),
+                         nn.ReLU(inplace=True))
 
 
 class Encoder(nn.Sequential):
     """(b,3,H,W) -> (b,c,H/4,W/4)."""
 
-    def __init__(self, width: int, code_dim: int):
-        super().__init__(ConvBlock(3, width, 4, 4),
-                         *[ConvBlock(width, width, 1) for _ in range(5)],
+    def __init__(self, width: int, code_dim: int, norm: str = "group"):
+        super().__init__(ConvBlock(3, width, 4, 4, norm=norm),
+                         *[ConvBlock(width, width, 1, norm=norm) for _ in range(5)],
                          nn.Conv2d(width, code_dim, 1))
 
 
 class Decoder(nn.Sequential):
     """(b,c,h,w) -> (b,3,4h,4w)."""
 
-    def __init__(self, width: int, code_dim: int):
-        super().__init__(ConvBlock(code_dim, width, 1),
-                         ConvBlock(width, width, 3, 1, 1), ConvBlock(width, width, 1), ConvBlock(width, width, 1),
-                         ConvBlock(width, width * 4, 1), nn.PixelShuffle(2),
-                         ConvBlock(width, width, 3, 1, 1), ConvBlock(width, width, 1), ConvBlock(width, width, 1),
-                         ConvBlock(width, width * 4, 1), nn.PixelShuffle(2),
+    def __init__(self, width: int, code_dim: int, norm: str = "group"):
+        def block(i, o, k, *padding):
+            return ConvBlock(i, o, k, 1, *padding, norm=norm)
+
+        super().__init__(block(code_dim, width, 1),
+                         block(width, width, 3, 1), block(width, width, 1), block(width, width, 1),
+                         block(width, width * 4, 1), nn.PixelShuffle(2),
+                         block(width, width, 3, 1), block(width, width, 1), block(width, width, 1),
+                         block(width, width * 4, 1), nn.PixelShuffle(2),
                          nn.Conv2d(width, 3, 1))
 
 
@@ -673,8 +703,8 @@ class VAE(nn.Module):
         c = config["code_dim"]
         self.kind = config["quantizer"]
         self.num_scales = config["num_scales"] if self.kind == "msf" else 1
-        self.encoder = Encoder(config["vae_width"], c)
-        self.decoder = Decoder(config["vae_width"], c)
+        self.encoder = Encoder(config["vae_width"], c, config["vae_norm"])
+        self.decoder = Decoder(config["vae_width"], c, config["vae_norm"])
         common = dict(codebook=config["codebook"], basis_dim=config["simvq_basis_dim"], matching=config["matching"],
                       beta=config["commitment"], losses=config["vae_losses"])
         if self.kind == "vq":
@@ -758,6 +788,8 @@ VAE_OPTIONS = {
     "quantizer": option("msf", "guidance kind: vq (one codebook), grouped (OGDR), msf", choices=("vq", "grouped", "msf")),
     "code_dim": option(256, "code dimension c: 256 for transformer decoders, 4 for diffusion"),
     "vae_width": option(64, "channels of the encoder/decoder conv blocks"),
+    "vae_norm": option("group", "norm of the conv blocks: SLATE's GroupNorm(1) (each image's map as a whole) or "
+                                "BatchNorm over the global batch", choices=("group", "batch")),
     "codebook_size": option(4096, "vq: number of codes; grouped/msf: number of code combinations"),
     "num_groups": option(2, "grouped: number of groups (codebook_size^(1/groups) codes each)"),
     "num_scales": option(3, "msf: pyramid scales N (1 = no pyramid); vq and grouped always use one scale"),

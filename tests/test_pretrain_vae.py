@@ -55,19 +55,26 @@ def test_resume_auto_continues_in_place(tmp_path, shapes_dir):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(tmp_path, shapes_dir):
-    """Same global batch: 1 process x 4 images and 2 gloo processes x 2 images give the same parameters."""
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_ddp_two_processes_equal_one_process(tmp_path, shapes_dir, norm):
+    """Same global batch: 1 process x 4 images and 2 gloo processes x 2 images give the same parameters (with
+    BatchNorm: the same batch statistics and running statistics, those of the global batch)."""
     config = write_vae_config(tmp_path, shapes_dir, steps=3, val_every=3, gumbel=False, code_replacement=False,
-                          num_workers=1)
+                              num_workers=1, vae_norm=norm)
     pretrain_vae.main([config, "--out_dir", str(tmp_path / "one")])
     result = torchrun("pretrain_vae.py", config, "--out_dir", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "ckpt_0000003.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "ckpt_0000003.pt", weights_only=True)["model"]
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
     la, lb = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+    assert sorted(la) == sorted(lb) == [1, 2, 3] and all(abs(la[s] - lb[s]) < 1e-5 for s in la), (la, lb)
+    # Under BatchNorm a conv weight's gradient has directions the loss is invariant to (a channel's scale), where it
+    # is rounding noise; Adam's first steps scale each gradient element to about lr whatever its size, so those
+    # elements differ by up to ~0.2 lr between the two summation orders. The losses above agree to 1e-7; per-rank
+    # statistics would move them by 1e-2.
+    atol = 1e-5 if norm == "group" else 1e-3
+    for key in one:
+        torch.testing.assert_close(two[key].float(), one[key].float(), atol=atol, rtol=1e-4, msg=key)
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, shapes_dir):
