@@ -228,10 +228,15 @@ def boxes_for_slots(boxes: torch.Tensor, num_slots: int) -> torch.Tensor:
 class SlotAttention(nn.Module):
     """Standard Slot Attention: softmax over slots, weighted mean over inputs, GRU update, residual MLP."""
 
-    def __init__(self, dim: int, iterations: int = 3, mlp_dim: int = 0, eps: float = 1e-8, slot_update: bool = True):
-        """`slot_update=False` leaves out the GRU and MLP, for a subclass that brings its own (BlockSlotAttention)."""
+    def __init__(self, dim: int, iterations: int = 3, mlp_dim: int = 0, eps: float = 1e-8, slot_update: bool = True,
+                 truncation: str = "none"):
+        """`slot_update=False` leaves out the GRU and MLP, for a subclass that brings its own (BlockSlotAttention).
+        `truncation="bi-level"`: BO-QSA (Jia et al. 2023), as the MSF release trains: the iterations before the last
+        run without gradient, and the last one passes its gradient straight through to the initial slots."""
         super().__init__()
-        self.dim, self.iterations, self.eps = dim, iterations, eps
+        if truncation not in ("none", "bi-level"):
+            raise ValueError(f"unknown truncation {truncation!r}: use 'none' or 'bi-level'")
+        self.dim, self.iterations, self.eps, self.truncation = dim, iterations, eps, truncation
         self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
@@ -259,8 +264,11 @@ class SlotAttention(nn.Module):
         """inputs (b,n,d), initial slots (b,s,d) -> slots (b,s,d), attention of the last iteration (b,s,n)."""
         inputs = self.norm_inputs(inputs)
         k, v = self.to_k(inputs), self.to_v(inputs)
-        attention = None
-        for _ in range(iterations or self.iterations):
+        attention, initial = None, slots
+        iterations = iterations or self.iterations
+        for iteration in range(iterations):
+            if self.truncation == "bi-level" and iteration == iterations - 1:
+                slots = slots.detach() + initial - initial.detach()  # values of slots, gradient of the queries
             updates, attention = self.attend(slots, k, v)
             slots = self.update(slots, updates)
         return slots, attention
@@ -295,8 +303,8 @@ class BlockSlotAttention(SlotAttention):
     """SysBinder: slot attention whose slots are M blocks, each updated by its own GRU and MLP and then bound to a
     learned library of prototypes for that block (soft attention over the block's prototypes)."""
 
-    def __init__(self, dim: int, iterations: int, blocks: int, prototypes: int):
-        super().__init__(dim, iterations, slot_update=False)
+    def __init__(self, dim: int, iterations: int, blocks: int, prototypes: int, truncation: str = "none"):
+        super().__init__(dim, iterations, slot_update=False, truncation=truncation)
         if dim % blocks:
             raise UserError(f"slot_dim {dim} must be divisible by sysbinder_blocks {blocks}")
         self.blocks, self.block_dim = blocks, dim // blocks
@@ -726,9 +734,10 @@ class OCLModel(nn.Module):
         self.encoder = FeatureEncoder(config)
         if self.method == "sysbinder":
             self.slot_attention = BlockSlotAttention(dim, config["sa_iterations"], config["sysbinder_blocks"],
-                                                     config["sysbinder_prototypes"])
+                                                     config["sysbinder_prototypes"], config["sa_truncation"])
         else:
-            self.slot_attention = SlotAttention(dim, config["sa_iterations"], config["sa_mlp_dim"])
+            self.slot_attention = SlotAttention(dim, config["sa_iterations"], config["sa_mlp_dim"],
+                                                truncation=config["sa_truncation"])
         if video:
             self.queries = BoxQueries(dim)
             self.predictor = SlotPredictor(dim, config["decoder_heads"], config["predictor_layers"])
@@ -960,6 +969,9 @@ OCL_OPTIONS = {
     "slot_dim": option(256, "slot and feature dimension"),
     "sa_iterations": option(3, "Slot Attention iterations (videos: on the first frame; later frames use 1)"),
     "sa_mlp_dim": option(0, "hidden size of the slot MLP (0 = 2 x slot_dim)"),
+    "sa_truncation": option("none", "gradient through the Slot Attention iterations: all of them (paper), or bi-level "
+                            "(BO-QSA, the MSF release: the last iteration only, straight through to the queries)",
+                            choices=("none", "bi-level")),
     "query_sigma_start": option(1.0, "initial sigma of the Gaussian slot queries (annealed to 0)"),
     "query_sigma_anneal_fraction": option(1.0, "fraction of training over which sigma reaches 0 (paper: 1); below 1 "
                                                "the rest trains at sigma 0, as mid-run validations see"),

@@ -139,6 +139,35 @@ def test_slot_attention_matches_independent_implementation():
     torch.testing.assert_close(got_maps.sum(1), torch.ones(3, 20, dtype=torch.float64))  # slots compete
 
 
+def test_bi_level_truncation_keeps_the_values_and_passes_the_last_iterations_gradient_to_the_queries():
+    """BO-QSA: the same slots and masks as plain Slot Attention; the gradient reaching the initial slots is that of
+    one iteration run separately from the (detached) slots before the last iteration, and earlier iterations give
+    the parameters no gradient: oracle = that single iteration, computed on its own."""
+    torch.manual_seed(0)
+    dim, iterations = 12, 3
+    plain = models.SlotAttention(dim, iterations).double()
+    truncated = models.SlotAttention(dim, iterations, truncation="bi-level").double()
+    truncated.load_state_dict(plain.state_dict())
+    inputs, queries = torch.randn(2, 20, dim).double(), torch.randn(2, 5, dim).double()
+    weights = torch.randn(2, 5, dim).double()  # a loss that weighs every slot entry differently
+
+    q_plain, q_truncated = queries.clone().requires_grad_(), queries.clone().requires_grad_()
+    slots_plain, maps_plain = plain(inputs, q_plain)
+    slots_truncated, maps_truncated = truncated(inputs, q_truncated)
+    torch.testing.assert_close(slots_truncated, slots_plain, atol=1e-12, rtol=1e-12)  # up to + q - q rounding
+    torch.testing.assert_close(maps_truncated, maps_plain, atol=1e-12, rtol=1e-12)
+    (slots_truncated * weights).sum().backward()
+
+    with torch.no_grad():
+        before_last, _ = plain(inputs, queries, iterations=iterations - 1)
+    start = before_last.clone().requires_grad_()
+    plain.zero_grad()
+    (plain(inputs, start, iterations=1)[0] * weights).sum().backward()
+    torch.testing.assert_close(q_truncated.grad, start.grad, atol=1e-12, rtol=1e-10)
+    for (name, expected), got in zip(plain.named_parameters(), truncated.parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, atol=1e-12, rtol=1e-10, msg=name)
+
+
 def test_block_slot_attention_blocks_are_independent():
     """SysBinder: with the attention fixed, block m of the updated slots depends only on block m of the inputs."""
     torch.manual_seed(0)
