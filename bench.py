@@ -71,6 +71,13 @@ def vae_config(quantizer: str) -> dict:
     return dict({k: o.default for k, o in msf.VAE_OPTIONS.items()}, quantizer=quantizer, gumbel=False)
 
 
+def shapes_vae_config(quantizer: str) -> dict:
+    """The CPU-sized VAE of configs/vae_<quantizer>_shapes.yaml (its model keys), Gumbel off as in vae_config."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"vae_{quantizer}_shapes.yaml")) as f:
+        settings = yaml.safe_load(f)
+    return dict(vae_config(quantizer), **{k: v for k, v in settings.items() if k in msf.VAE_OPTIONS}, gumbel=False)
+
+
 def time_interleaved(functions: dict, repeats: int, warmup: int = 2, sync=None) -> dict:
     """Median seconds per call of each function, calls interleaved so machine noise hits all of them alike."""
     for _ in range(warmup):
@@ -241,7 +248,7 @@ def ocl_step(guidance: str, device, full: bool):
     """One SLATE training step (forward incl. the frozen VAE's guidance, backward, Adam): paper size with --full
     (DINO ViT-S/8 big-little, 128 px, batch 32), else the shapes config (64 px, batch 16)."""
     config = ocl_config(guidance, full)
-    vae_settings = vae_config(guidance) if full else dict(vae_config(guidance), code_dim=64, vae_width=32)
+    vae_settings = vae_config(guidance) if full else shapes_vae_config(guidance)
     torch.manual_seed(0)
     vae = msf.build_vae(vae_settings)
     with warnings.catch_warnings():
@@ -269,14 +276,14 @@ def ocl_step_ratio_msf_vs_vq(args):
 
 def demo_slate_step(dropout: float, device):
     """One training step of SLATE + MSF as the demo runs it (configs/slate_msf_shapes.yaml, batch 16, 64 px) with the
-    given decoder dropout, guided by an untrained VAE of vae_msf_shapes.yaml's size."""
+    given decoder dropout, guided by an untrained VAE of vae_msf_shapes.yaml's kind and size."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "slate_msf_shapes.yaml")) as f:
         settings = yaml.safe_load(f)
     config = {k: o.default for k, o in models.OCL_OPTIONS.items()}
     config.update({k: v for k, v in settings.items() if k in config}, resolution=settings["resolution"],
                   decoder_dropout=dropout)
     torch.manual_seed(0)
-    vae = msf.build_vae(dict(vae_config("msf"), code_dim=64, vae_width=32))
+    vae = msf.build_vae(shapes_vae_config("msf"))
     ocl = models.OCLModel(config, vae).to(device)
     images = torch.rand(settings["batch_size"], 3, config["resolution"], config["resolution"], device=device) * 2 - 1
     trainable = [p for p in ocl.parameters() if p.requires_grad]
