@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) study.py demo
 
-# The Results study (SLATE VQ/grouped/MSF x 3 seeds, separability, Table 5 ablations, STEVE); GPU-sized.
+# The study (SLATE VQ/grouped/MSF x 3 seeds, separability, Table 5 ablations, STEVE); GPU-sized.
 study: $(VENV)/.installed
 	$(PY) study.py full
 

@@ -187,7 +187,7 @@ def demo(args) -> list:
     atomic_write_text(os.path.join(study.out, "summary.json"), strict_json(summary, indent=2) + "\n")
     lines = ["# Demo: SLATE with VQ vs MSF guidance on `shapes` (smoke-size run)", "",
              f"VAEs {args.vae_steps} steps, SLATE {args.ocl_steps} steps, one seed, 64x64 images, validation split "
-             f"of 200 images. Far too short to reproduce the paper; see README 'Results' for the study.", "",
+             f"of 200 images. Far too short to reproduce the paper; README 'Results' says what was measured.", "",
              "| guidance | ARI | ARIfg | mIoU | mBO | separability inter ↑ | intra ↓ | inter/intra ↑ |",
              "|---|---|---|---|---|---|---|---|"]
     for run in metrics["runs"]:
