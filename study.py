@@ -2,21 +2,24 @@
 
     python study.py demo                      # make demo: SLATE with VQ vs MSF guidance, one seed, smoke-size
     python study.py full [--seeds 0 1 2] [--parts main ablations video] [--steps_scale 1] [--device auto]
-                         [--ablation_seeds ...] [--video_seeds ...]
+                         [--ablation_seeds ...] [--video_seeds ...] [--jobs 1]
 
 `demo` generates `shapes`, pretrains a small VQ-VAE and a small MSF VAE, trains SLATE with each, and evaluates
 both side by side (ARI, ARIfg, mIoU, mBO and the guidance's object separability), and writes OUT/summary.json
 ({"vq": {...}, "msf": {...}} with "ari", "ari_fg", "miou", "mbo" in percent on the validation split); it is sized to
 finish in about 15 minutes on a 2-core CPU, far too short to reproduce the paper's numbers.
 
-`full` runs what the README's Results section reports, from the `*_shapes*.yaml` configs:
+`full` runs the study the README's Results section describes, from the `*_shapes*.yaml` configs:
   main       SLATE with VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
              (paper Table 4 form: before / after inter-scale fusion, scale-variant part, final; every scale);
   ablations  paper Table 5 on SLATE + MSF: no inter-scale fusion, no intra-scale fusion, shared scale-variant
              codebook, N = 2 / 4 scales, guidance scales [1, 2] and [2];
   video      STEVE with VQ and MSF guidance on `shapes_video`.
+The main part also compares each guidance with VQ seed by seed (paired differences, paired t-test).
 Every stage runs as its own process with `--resume auto`, so an interrupted study continues where it stopped
-and finished runs are not repeated. The report goes to OUT/report.md (default runs/study).
+and finished runs are not repeated. `--jobs N` runs up to N independent stages at once (all VAEs, then all OCL
+runs; each concurrent stage writes OUT/logs/STAGE.log): small models leave a GPU mostly idle, so on one GPU the
+seeds and variants run side by side. The report goes to OUT/report.md (default runs/study).
 """
 
 import argparse
@@ -28,6 +31,7 @@ import time
 
 import torch
 import yaml
+from scipy import stats as scipy_stats
 
 from common import atomic_write_text, strict_json
 from data import load_split
@@ -49,13 +53,18 @@ SCALE_ABLATIONS = {"guidance scales [1, 2]": ("scales12", "[1,2]"), "guidance sc
 
 
 class Study:
-    def __init__(self, out: str, device: str, steps_scale: float, log_every: int = 0):
+    def __init__(self, out: str, device: str, steps_scale: float, log_every: int = 0, jobs: int = 1):
         self.out, self.device, self.steps_scale, self.log_every = out, device, steps_scale, log_every
+        self.jobs = max(1, jobs)
         self.timings = []
 
+    def command(self, script: str, args: list) -> list:
+        return [sys.executable, os.path.join(ROOT, script)] + [str(a) for a in args]
+
     def run(self, script: str, args: list, what: str) -> None:
-        """One stage as a subprocess; a failure stops the study with the stage's own message."""
-        command = [sys.executable, os.path.join(ROOT, script)] + [str(a) for a in args]
+        """One stage as a subprocess, its output on the console; a failure stops the study with the stage's own
+        message."""
+        command = self.command(script, args)
         print(f"\n=== {what}\n$ {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         result = subprocess.run(command, cwd=ROOT)
@@ -63,6 +72,47 @@ class Study:
             sys.exit(f"study: stage '{what}' failed (exit {result.returncode}); fix it and rerun the same command, "
                      f"finished stages are kept")
         self.timings.append((what, time.perf_counter() - start))
+
+    def run_all(self, stages: list) -> None:
+        """Independent stages [(script, args, what)], `self.jobs` at a time (one at a time: `run`). Each concurrent
+        stage writes its output to OUT/logs/WHAT.log and gets an equal share of the CPU threads. After a failure
+        no new stage starts; the running ones finish, then the study stops naming the failed stages' logs."""
+        if self.jobs == 1:
+            for stage in stages:
+                self.run(*stage)
+            return
+        os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.jobs)))
+        pending, running, failed = list(stages), [], []
+        while pending or running:
+            while pending and not failed and len(running) < self.jobs:
+                script, args, what = pending.pop(0)
+                log_path = os.path.join(self.out, "logs", what.replace(" ", "_") + ".log")
+                command = self.command(script, args)
+                print(f"=== start {what} (log: {os.path.relpath(log_path, ROOT)})\n$ {' '.join(command[1:])}",
+                      flush=True)
+                log = open(log_path, "w")
+                process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((process, log, what, log_path, time.perf_counter()))
+            if failed and not running:
+                break
+            time.sleep(0.2)
+            for entry in list(running):
+                process, log, what, log_path, start = entry
+                if process.poll() is None:
+                    continue
+                running.remove(entry)
+                log.close()
+                if process.returncode:
+                    failed.append(f"'{what}' (exit {process.returncode}, log {log_path})")
+                    print(f"=== FAILED {what}: see {log_path}", flush=True)
+                else:
+                    self.timings.append((what, time.perf_counter() - start))
+                    print(f"=== done {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+        if failed:
+            sys.exit(f"study: {len(failed)} stage(s) failed: {'; '.join(failed)}; fix and rerun the same command, "
+                     f"finished stages are kept")
 
     def steps(self, config: str, override: int = 0) -> list:
         steps = override
@@ -92,18 +142,29 @@ class Study:
                  f"generate {name}")
         return line
 
-    def vae(self, name: str, config: str, overrides: dict = None, steps: int = 0) -> str:
+    def vae_stage(self, name: str, config: str, overrides: dict = None, steps: int = 0) -> tuple:
+        """(run directory, stage) of a VAE pretraining; `vae` runs it at once."""
         out = os.path.join(self.out, name)
         extra = [x for k, v in (overrides or {}).items() for x in (f"--{k}", v)]
-        self.run("pretrain_vae.py", [config, "--out_dir", out] + self.steps(config, steps) + self.common() + extra,
-                 f"pretrain {name}")
+        return out, ("pretrain_vae.py", [config, "--out_dir", out] + self.steps(config, steps) + self.common()
+                     + extra, f"pretrain {name}")
+
+    def ocl_stage(self, name: str, config: str, vae: str, seed: int, overrides: dict = None,
+                  steps: int = 0) -> tuple:
+        """(run directory, stage) of an OCL training run; `ocl` runs it at once."""
+        out = os.path.join(self.out, name)
+        extra = [x for k, v in (overrides or {}).items() for x in (f"--{k}", v)]
+        return out, ("train_ocl.py", [config, "--out_dir", out, "--vae_ckpt", vae, "--seed", seed]
+                     + self.steps(config, steps) + self.common() + extra, f"train {name}")
+
+    def vae(self, *args, **kwargs) -> str:
+        out, stage = self.vae_stage(*args, **kwargs)
+        self.run(*stage)
         return out
 
-    def ocl(self, name: str, config: str, vae: str, seed: int, overrides: dict = None, steps: int = 0) -> str:
-        out = os.path.join(self.out, name)
-        extra = [x for k, v in (overrides or {}).items() for x in (f"--{k}", v)]
-        self.run("train_ocl.py", [config, "--out_dir", out, "--vae_ckpt", vae, "--seed", seed]
-                 + self.steps(config, steps) + self.common() + extra, f"train {name}")
+    def ocl(self, *args, **kwargs) -> str:
+        out, stage = self.ocl_stage(*args, **kwargs)
+        self.run(*stage)
         return out
 
     def evaluate(self, runs: list, name: str, extra: list = ()) -> dict:
@@ -201,55 +262,116 @@ def demo(args) -> list:
 
 
 def full(args) -> list:
-    study = Study(args.out or os.path.join(ROOT, "runs", "study"), args.device, args.steps_scale)
-    seeds = args.seeds
+    study = Study(args.out or os.path.join(ROOT, "runs", "study"), args.device, args.steps_scale, jobs=args.jobs)
+    seeds, parts = args.seeds, args.parts
     lines = ["# Study: multi-scale fusion on the synthetic data", "",
              f"Seeds: main {seeds}, ablations {args.ablation_seeds}, video {args.video_seeds}; "
              f"steps x{args.steps_scale} of the `*_shapes*.yaml` configs; "
-             f"device: {device_name(args.device)}. "
+             f"device: {device_name(args.device)}; {study.jobs} stage(s) at a time. "
              f"Metrics in percent, mean ± std over seeds, background counted as a segment.", ""]
-    if "main" in args.parts or "ablations" in args.parts:
+    if "main" in parts or "ablations" in parts:
         lines += [study.data("shapes"), ""]
-    vaes = {}
-    if "main" in args.parts or "ablations" in args.parts:
-        for guidance in ("vq", "grouped", "msf") if "main" in args.parts else ("msf",):
-            vaes[guidance] = study.vae(f"vae_{guidance}", f"configs/vae_{guidance}_shapes.yaml")
-    if "main" in args.parts:
-        lines += ["## SLATE on `shapes`: VQ vs grouped vs MSF guidance", ""] + metric_header("guidance")
+    if "video" in parts:
+        lines += [study.data("shapes_video"), ""]
+
+    # Every VAE first (they are independent), then every OCL run, then the evaluations and tables.
+    vae_specs = {}  # run name -> (config, overrides)
+    if "main" in parts or "ablations" in parts:
+        for guidance in ("vq", "grouped", "msf") if "main" in parts else ("msf",):
+            vae_specs[f"vae_{guidance}"] = (f"configs/vae_{guidance}_shapes.yaml", None)
+    if "ablations" in parts:
+        for slug, overrides in VAE_ABLATIONS.values():
+            vae_specs[f"vae_msf_{slug}"] = ("configs/vae_msf_shapes.yaml", overrides)
+    if "video" in parts:
+        for guidance in ("vq", "msf"):
+            vae_specs[f"vae_{guidance}_video"] = (f"configs/vae_{guidance}_shapes_video.yaml", None)
+    vaes, stages = {}, []
+    for name, (config, overrides) in vae_specs.items():
+        vaes[name], stage = study.vae_stage(name, config, overrides)
+        stages.append(stage)
+    study.run_all(stages)
+
+    groups, stages = {}, []  # (part, label) -> (run directories in seed order, evaluation name); OCL stages
+
+    def plan(part, label, name, config, vae, run_seeds, overrides=None, evaluation=""):
+        runs = []
+        for seed in run_seeds:
+            out, stage = study.ocl_stage(f"{name}_s{seed}", config, vaes[vae], seed, overrides)
+            runs.append(out)
+            if stage not in stages:  # the ablations' reference shares the main part's MSF runs
+                stages.append(stage)
+        groups[part, label] = runs, evaluation or name
+
+    if "main" in parts:
         for guidance in ("vq", "grouped", "msf"):
-            runs = [study.ocl(f"slate_{guidance}_s{s}", f"configs/slate_{guidance}_shapes.yaml", vaes[guidance], s)
-                    for s in seeds]
-            lines.append(mean_std_row(guidance, study.evaluate(runs, f"slate_{guidance}")))
-        separability = study.evaluate([vaes[g] for g in ("vq", "grouped", "msf")], "separability",
+            plan("main", guidance, f"slate_{guidance}", f"configs/slate_{guidance}_shapes.yaml", f"vae_{guidance}",
+                 seeds)
+    if "ablations" in parts:
+        plan("ablations", "full MSF (reference)", "slate_msf", "configs/slate_msf_shapes.yaml", "vae_msf",
+             args.ablation_seeds, evaluation="slate_msf_reference")
+        for label, (slug, _) in VAE_ABLATIONS.items():
+            plan("ablations", label, f"slate_msf_{slug}", "configs/slate_msf_shapes.yaml", f"vae_msf_{slug}",
+                 args.ablation_seeds)
+        for label, (slug, scales) in SCALE_ABLATIONS.items():
+            plan("ablations", label, f"slate_msf_{slug}", "configs/slate_msf_shapes.yaml", "vae_msf",
+                 args.ablation_seeds, {"guidance_scales": scales})
+    if "video" in parts:
+        for guidance in ("vq", "msf"):
+            plan("video", guidance, f"steve_{guidance}", f"configs/steve_{guidance}_shapes_video.yaml",
+                 f"vae_{guidance}_video", args.video_seeds)
+    study.run_all(stages)
+
+    def evaluated(part, label):
+        return study.evaluate(*groups[part, label])
+
+    if "main" in parts:
+        lines += ["## SLATE on `shapes`: VQ vs grouped vs MSF guidance", ""] + metric_header("guidance")
+        main = {guidance: evaluated("main", guidance) for guidance in ("vq", "grouped", "msf")}
+        lines += [mean_std_row(guidance, metrics) for guidance, metrics in main.items()]
+        for guidance in ("msf", "grouped"):
+            lines += ["", f"Paired by seed, {guidance} minus VQ (same seed, same data; t-test on the per-seed "
+                          f"differences):", ""] + paired_table(main["vq"], main[guidance], seeds)
+        separability = study.evaluate([vaes[f"vae_{g}"] for g in ("vq", "grouped", "msf")], "separability",
                                       ["--separability", "--samples", 200])
         lines += ["", "## Object separability of the guidance (paper Table 4 form)", "",
                   "KMeans on each validation image's guidance vectors (k = its ground-truth segments), 200 images. "
                   "MSF rows: scale-invariant part before (`si_before`) and after (`si_after`) inter-scale fusion, "
                   "scale-variant part (`sv`), final `X_n`.", ""] + separability_table(separability)
-    if "ablations" in args.parts:
+    if "ablations" in parts:
         lines += ["", "## Ablations on SLATE + MSF (paper Table 5)", ""] + metric_header("variant")
-        reference = [study.ocl(f"slate_msf_s{s}", "configs/slate_msf_shapes.yaml", vaes["msf"], s)
-                     for s in args.ablation_seeds]  # the main part's runs where the seeds overlap
-        lines.append(mean_std_row("full MSF (reference)", study.evaluate(reference, "slate_msf_reference")))
-        for label, (slug, overrides) in VAE_ABLATIONS.items():
-            vae = study.vae(f"vae_msf_{slug}", "configs/vae_msf_shapes.yaml", overrides)
-            runs = [study.ocl(f"slate_msf_{slug}_s{s}", "configs/slate_msf_shapes.yaml", vae, s)
-                    for s in args.ablation_seeds]
-            lines.append(mean_std_row(label, study.evaluate(runs, f"slate_msf_{slug}")))
-        for label, (slug, scales) in SCALE_ABLATIONS.items():
-            runs = [study.ocl(f"slate_msf_{slug}_s{s}", "configs/slate_msf_shapes.yaml", vaes["msf"], s,
-                              {"guidance_scales": scales}) for s in args.ablation_seeds]
-            lines.append(mean_std_row(label, study.evaluate(runs, f"slate_msf_{slug}")))
-    if "video" in args.parts:
-        lines += ["", study.data("shapes_video"), ""]
+        lines += [mean_std_row(label, evaluated(part, label)) for part, label in groups if part == "ablations"]
+    if "video" in parts:
         lines += ["", "## STEVE on `shapes_video`: VQ vs MSF guidance (one score per 24-frame video)", ""]
         lines += metric_header("guidance")
-        for guidance in ("vq", "msf"):
-            vae = study.vae(f"vae_{guidance}_video", f"configs/vae_{guidance}_shapes_video.yaml")
-            runs = [study.ocl(f"steve_{guidance}_s{s}", f"configs/steve_{guidance}_shapes_video.yaml", vae, s)
-                    for s in args.video_seeds]
-            lines.append(mean_std_row(guidance, study.evaluate(runs, f"steve_{guidance}")))
+        video = {guidance: evaluated("video", guidance) for guidance in ("vq", "msf")}
+        lines += [mean_std_row(guidance, metrics) for guidance, metrics in video.items()]
+        lines += ["", "Paired by seed, MSF minus VQ:", ""] + paired_table(video["vq"], video["msf"],
+                                                                           args.video_seeds)
     return finish(study, lines)
+
+
+def paired_table(baseline: dict, other: dict, seeds: list, keys=METRICS) -> list:
+    """Per-seed differences other - baseline of each metric (evaluate.py's metrics.json of each group, runs in seed
+    order), their mean, and the two-sided p-value of a paired t-test (n/a below two seeds or with undefined
+    metrics)."""
+    header = "| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | paired t-test p |"
+    lines = [header, "|---" * (len(seeds) + 3) + "|"]
+    for key in keys:
+        a = [run[key] for run in baseline["runs"]]
+        b = [run[key] for run in other["runs"]]
+        if len(a) != len(seeds) or len(b) != len(seeds):
+            raise ValueError(f"{len(a)} and {len(b)} runs for {len(seeds)} seeds")
+        if any(v is None for v in a + b):
+            differences = [None if x is None or y is None else y - x for x, y in zip(a, b)]
+            lines.append(f"| {key} | " + " | ".join(number(d) for d in differences) + " | n/a | n/a |")
+            continue
+        differences = [y - x for x, y in zip(a, b)]
+        p = None
+        if len(seeds) >= 2 and len(set(differences)) > 1:
+            p = float(scipy_stats.ttest_rel(b, a).pvalue)
+        lines.append(f"| {key} | " + " | ".join(f"{d:+.1f}" for d in differences) +
+                     f" | {sum(differences) / len(differences):+.1f} | {number(p, 3)} |")
+    return lines
 
 
 def device_name(setting: str) -> str:
@@ -281,6 +403,8 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", nargs="+", default=["main", "ablations", "video"],
                         choices=("main", "ablations", "video"), help="full: which parts to run")
     parser.add_argument("--steps_scale", type=float, default=1.0, help="full: multiply every config's steps")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="full: independent stages run at once (e.g. 12 on one GPU; 1 = one after another)")
     parser.add_argument("--vae_steps", type=int, default=300, help="demo: VAE pretraining steps")
     parser.add_argument("--ocl_steps", type=int, default=500, help="demo: SLATE training steps")
     args = parser.parse_args(argv)

@@ -1,7 +1,9 @@
 """study.py: the demo's summary.json is read off evaluate.py's metrics.json, one entry per guidance."""
 
+import math
 import os
 
+import numpy as np
 import pytest
 
 import study
@@ -20,3 +22,50 @@ def test_demo_summary_maps_each_guidance_to_its_runs_metrics(tmp_path):
     with pytest.raises(ValueError, match="none of the demo's runs"):
         study.demo_summary({"runs": [{"checkpoint": str(tmp_path / "other" / "best.pt")}]},
                            {runs["vq"]: "vq"})
+
+
+def student_t_two_sided_p(t: float, dof: int) -> float:
+    """Two-sided p-value of Student's t by integrating its density numerically (independent of scipy)."""
+    x = np.linspace(abs(t), abs(t) + 2000.0, 2_000_001)
+    density = math.gamma((dof + 1) / 2) / (math.sqrt(dof * math.pi) * math.gamma(dof / 2)) * (
+        1 + x ** 2 / dof) ** (-(dof + 1) / 2)
+    return float(2 * np.trapezoid(density, x))
+
+
+def test_paired_table_gives_per_seed_differences_and_a_paired_t_test():
+    def metrics(values):  # evaluate.py's metrics.json shape: one entry per run, in seed order
+        return {"runs": [{"ari": v, "ari_fg": v + 10, "miou": 20.0, "mbo": None if v < 0 else 30.0} for v in values]}
+    vq, msf = [10.0, 12.0, 20.0], [11.0, 14.0, 23.0]  # differences 1, 2, 3
+    lines = study.paired_table(metrics(vq), metrics(msf), [0, 1, 2])
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    cells = [c.strip() for c in rows["ari"].strip("|").split("|")]
+    assert cells[1:5] == ["+1.0", "+2.0", "+3.0", "+2.0"]
+    # t = mean(d) / (sd(d) / sqrt(n)) = 2 / (1 / sqrt 3), 2 degrees of freedom
+    assert float(cells[5]) == pytest.approx(student_t_two_sided_p(2 * math.sqrt(3), 2), abs=1e-3)
+    assert rows["miou"].strip("|").split("|")[-1].strip() == "n/a"  # no spread of differences: no test
+    with_undefined = study.paired_table(metrics([-1.0, 2.0]), metrics([1.0, 2.0]), [0, 1])
+    assert [c.strip() for c in with_undefined[-1].strip("|").split("|")][-2:] == ["n/a", "n/a"]
+    with pytest.raises(ValueError, match="runs for 3 seeds"):
+        study.paired_table(metrics([1.0, 2.0]), metrics([1.0, 2.0]), [0, 1, 2])
+
+
+def test_run_all_runs_stages_side_by_side_and_stops_on_a_failure(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text("import sys, time\nopen(sys.argv[1], 'w').write(str(time.time()))\n"
+                      "if int(sys.argv[2]):\n    sys.exit(int(sys.argv[2]))\n"  # a failing stage fails at once
+                      "time.sleep(1.0)\nopen(sys.argv[1], 'a').write(' ' + str(time.time()))\n")
+    runner = study.Study(str(tmp_path / "study"), "cpu", 1.0, jobs=2)
+    marks = [tmp_path / f"mark{i}" for i in range(3)]
+    runner.run_all([(str(script), [marks[i], 0], f"stage {i}") for i in range(3)])
+    spans = [tuple(map(float, m.read_text().split())) for m in marks]
+    assert spans[1][0] < spans[0][1] and spans[0][0] < spans[1][1]  # the first two overlapped
+    assert spans[2][0] >= min(spans[0][1], spans[1][1])  # the third waited for a free slot
+    assert sorted(what for what, _ in runner.timings) == ["stage 0", "stage 1", "stage 2"]
+    assert (tmp_path / "study" / "logs" / "stage_0.log").exists()
+
+    failing = [(str(script), [tmp_path / "f0", 3], "bad"), (str(script), [tmp_path / "f1", 0], "good"),
+               (str(script), [tmp_path / "f2", 0], "later")]
+    with pytest.raises(SystemExit, match="'bad' \\(exit 3"):
+        runner.run_all(failing)
+    assert (tmp_path / "f1").read_text().count(" ") == 1  # the stage running beside it finished
+    assert not (tmp_path / "f2").exists()  # nothing new started after the failure
