@@ -61,7 +61,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        channels = x.shape[1]
+        channels, dtype, x = x.shape[1], x.dtype, x.float()  # statistics in float32 also under bf16 autocast
         count = x.new_full((1,), x.numel() // channels)
         sums = torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)), count])  # (2c + 1,)
         sums = dist_nn.all_reduce(sums)  # the global batch's sums; backward sums the ranks' gradients
@@ -73,7 +73,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), self.momentum)
         scale = self.weight / torch.sqrt(var + self.eps)
-        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+        return (x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]).to(dtype)
 
 
 class ConvBlock(nn.Sequential):
