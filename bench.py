@@ -73,9 +73,9 @@ def vae_config(quantizer: str) -> dict:
 
 def shapes_vae_config(quantizer: str) -> dict:
     """The CPU-sized VAE of configs/vae_<quantizer>_shapes.yaml (its model keys), Gumbel off as in vae_config."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"vae_{quantizer}_shapes.yaml")) as f:
-        settings = yaml.safe_load(f)
-    return dict(vae_config(quantizer), **{k: v for k, v in settings.items() if k in msf.VAE_OPTIONS}, gumbel=False)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"vae_{quantizer}_shapes.yaml")
+    config = load_config(pretrain_vae.OPTIONS, [path, "--gumbel", "false"])
+    return {k: config[k] for k in msf.VAE_OPTIONS}
 
 
 def time_interleaved(functions: dict, repeats: int, warmup: int = 2, sync=None) -> dict:
