@@ -37,10 +37,7 @@ class SoftPositionEmbed(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(b,d,h,w) -> (b,d,h,w)"""
-        h, w = features.shape[-2:]
-        ys, xs = torch.meshgrid(torch.linspace(0, 1, h, device=features.device),
-                                torch.linspace(0, 1, w, device=features.device), indexing="ij")
-        grid = torch.stack([xs, ys, 1 - xs, 1 - ys], -1).to(features.dtype)  # (h,w,4)
+        grid = position_grid(*features.shape[-2:], features.device).to(features.dtype)
         return features + self.project(grid).permute(2, 0, 1)[None]
 
 
@@ -423,6 +420,47 @@ class BroadcastMLPDecoder(nn.Module):
         return (masks[..., None] * features).sum(1), masks
 
 
+def position_grid(h: int, w: int, device=None) -> torch.Tensor:
+    """(h, w, 4): each cell's (x, y, 1-x, 1-y) in [0, 1] (Locatello et al. 2020's position features)."""
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, h, device=device), torch.linspace(0, 1, w, device=device),
+                            indexing="ij")
+    return torch.stack([xs, ys, 1 - xs, 1 - ys], -1)
+
+
+class BroadcastCNNDecoder(nn.Module):
+    """The spatial broadcast decoder of Slot Attention (Locatello et al. 2020): each slot tiled on a small grid plus
+    a linear map of the grid positions, transposed convolutions (stride 2) up to the target grid, then a 3x3
+    convolution to a feature and an alpha logit per cell; alphas softmax over slots mix the features (the masks).
+    Four convolutions in all; the broadcast grid is max(4, side / 8)."""
+
+    def __init__(self, slot_dim: int, feature_dim: int, side: int, hidden: int):
+        super().__init__()
+        start = side if side < 4 else max(4, side // 8)
+        upsamples = round(math.log2(side / start))
+        if start * 2 ** upsamples != side:
+            raise UserError(f"the CNN mixture decoder needs a target grid side of 4 * 2^k, got {side}")
+        self.start, self.side = start, side
+        self.position = nn.Linear(4, slot_dim)
+        layers, width = [], slot_dim
+        for i in range(3):
+            if i < upsamples:
+                layers += [nn.ConvTranspose2d(width, hidden, 5, 2, 2, output_padding=1), nn.ReLU(inplace=True)]
+            else:
+                layers += [nn.Conv2d(width, hidden, 5, 1, 2), nn.ReLU(inplace=True)]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, feature_dim + 1, 3, 1, 1))
+
+    def forward(self, slots: torch.Tensor) -> tuple:
+        """(b,s,d) -> reconstruction (b, P, D), masks (b, s, P), P = side^2 row-major."""
+        b, s, d = slots.shape
+        position = self.position(position_grid(self.start, self.start, slots.device).to(slots.dtype))
+        tiled = slots.reshape(b * s, 1, 1, d) + position[None]  # (b*s, h, w, d)
+        out = self.net(tiled.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2).view(b, s, self.side ** 2, -1)
+        features, alpha_logits = out[..., :-1], out[..., -1]
+        masks = alpha_logits.softmax(1)
+        return (masks[..., None] * features).sum(1), masks
+
+
 # ================================================================================================================
 # SlotDiffusion: the DDPM noise schedule and samplers, the slot-conditioned UNet denoiser, the loss.
 #
@@ -779,6 +817,18 @@ class OCLModel(nn.Module):
             dino = self.encoder.backbone.dino
             patches = (config["resolution"] // self.encoder.backbone.patch) ** 2
             self.decoder = BroadcastMLPDecoder(dim, dino.num_features, patches, config["dinosaur_hidden"])
+        elif self.method == "mixture":
+            if config["mixture_target"] == "pixels":
+                side, target_dim = config["resolution"], 3
+            else:
+                if len(self.scales) != 1:
+                    raise UserError(f"the mixture decoder reconstructs one guidance scale; guidance_scales is "
+                                    f"{self.scales}")
+                side, target_dim = feature_size // 2 ** (self.scales[0] - 1), vae.config["code_dim"]
+            if config["mixture_decoder"] == "mlp":
+                self.decoder = BroadcastMLPDecoder(dim, target_dim, side * side, config["mixture_hidden"])
+            else:
+                self.decoder = BroadcastCNNDecoder(dim, target_dim, side, config["mixture_hidden"])
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -838,6 +888,13 @@ class OCLModel(nn.Module):
             _, continuous = self.vae.encode(frames.float())
         return continuous[0].permute(0, 3, 1, 2).float()
 
+    def mixture_target(self, images: torch.Tensor) -> torch.Tensor:
+        """What the mixture decoder reconstructs, (b,D,h,w): the frozen VAE's guidance vectors at the configured
+        scale, or the images themselves (`mixture_target: pixels`, a diagnostic without the VAE)."""
+        if self.config["mixture_target"] == "pixels":
+            return images
+        return self.guidance(images)["vectors"][0].permute(0, 3, 1, 2)
+
     def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor, other_slots: torch.Tensor = None):
         """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d). With `other_slots` (n,s,d) (token
         decoders), the guidance computed once: (loss, the loss from other_slots, per-token gain (n, L_1) of the
@@ -862,10 +919,14 @@ class OCLModel(nn.Module):
         Token decoders also give stats["token_slot_gain"] (b·T, L_1): that gap per token of the first guidance
         scale, row-major on its token grid, frames of a video one after the other."""
         shuffle = shuffled_slots and self.method != "slotdiffusion"
-        if self.method == "dinosaur":
+        if self.method in ("dinosaur", "mixture"):
             images = batch["image"]
-            features = self.encoder.backbone.dino_features(images)  # (b,D,h,w), the reconstruction target
-            slots, _ = self.slots(images, sigma, dino_features=features)
+            if self.method == "dinosaur":
+                features = self.encoder.backbone.dino_features(images)  # (b,D,h,w), the reconstruction target
+                slots, _ = self.slots(images, sigma, dino_features=features)
+            else:
+                slots, _ = self.slots(images, sigma)
+                features = self.mixture_target(images)
             target = features.flatten(2).transpose(1, 2).float()
             reconstruction, alpha = self.decoder(slots)
             loss = F.mse_loss(reconstruction.float(), target)
@@ -935,7 +996,7 @@ def build_model(config: dict, video: bool, vae=None) -> OCLModel:
     (train_ocl.py builds it for training, evaluate.py from a checkpoint's own config)."""
     if config["method"] == "steve" and not video:
         raise UserError("STEVE is a video method; point data_dir at a video dataset (e.g. data/shapes_video)")
-    if config["method"] in ("slate", "dinosaur") and video:
+    if config["method"] in ("slate", "dinosaur", "mixture") and video:
         raise UserError(f"{config['method']} is an image method; its video counterpart is steve")
     for scale in config["guidance_scales"]:
         if vae is not None and not 1 <= scale <= vae.num_scales:
@@ -950,7 +1011,8 @@ def build_model(config: dict, video: bool, vae=None) -> OCLModel:
 # Config keys of the OCL model (train_ocl.py adds the training keys; checkpoints store all of them).
 
 OCL_OPTIONS = {
-    "method": option("slate", "OCL method", choices=("slate", "steve", "slotdiffusion", "dinosaur", "sysbinder", "ogdr")),
+    "method": option("slate", "OCL method", choices=("slate", "steve", "slotdiffusion", "dinosaur", "sysbinder", "ogdr",
+                                                     "mixture")),
     "guidance": option("msf", "guidance kind; must match the VAE checkpoint's quantizer (none for DINOSAUR)",
                        choices=("vq", "grouped", "msf", "none")),
     "vae_ckpt": option("", "VAE checkpoint (file or run directory) that guides the decoder"),
@@ -1000,4 +1062,10 @@ OCL_OPTIONS = {
     "denoiser_ema": option(0.0, "SlotDiffusion: EMA decay of the denoiser that samples the reconstructions (0 = off, "
                            "as in SlotDiffusion's and the MSF release's configs; LDM's LitEma default 0.9999)"),
     "dinosaur_hidden": option(1024, "DINOSAUR MLP decoder width"),
+    "mixture_decoder": option("mlp", "mixture method's decoder: DINOSAUR's broadcast MLP (VQ-VFM-OCL's VVO-Mlp) or "
+                              "Slot Attention's spatial broadcast CNN", choices=("mlp", "cnn")),
+    "mixture_target": option("guidance", "what the mixture method reconstructs: the frozen VAE's guidance vectors "
+                             "(one scale) or the input pixels (a diagnostic; takes guidance: none)",
+                             choices=("guidance", "pixels")),
+    "mixture_hidden": option(256, "mixture decoder width (MLP hidden units, or CNN channels)", min=1),
 }

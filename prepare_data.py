@@ -41,6 +41,13 @@ RESOLUTION = 128
 SHAPE_KINDS = ("circle", "square", "triangle", "star", "cross", "ring")
 TEXTURE_KINDS = ("solid", "stripes", "checker", "dots", "waves")
 MIN_RADIUS, MAX_RADIUS = 3.0, 32.0  # objects from ~6 px across to half the 128-px image
+# A style sets the objects' size range (radius in px at 128x128), whether objects carry a texture and whether the
+# background varies. `multiscale` is the default `shapes`; `easy` (large flat-colour objects on flat backgrounds) is
+# where Slot Attention binds within minutes on a CPU, the first rung of the binding ladder (README, "Results").
+STYLES = {
+    "multiscale": {"min_radius": MIN_RADIUS, "max_radius": MAX_RADIUS, "textured": True, "flat_background": False},
+    "easy": {"min_radius": 8.0, "max_radius": 40.0, "textured": False, "flat_background": True},
+}
 MIN_VISIBLE_PIXELS = 12
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
@@ -59,11 +66,12 @@ def _random_colours(rng, n, saturation=(0.45, 1.0), value=(0.35, 1.0)):
     return _hsv_to_rgb(rng.random(n), rng.uniform(*saturation, n), rng.uniform(*value, n))  # (n, 3)
 
 
-def sample_objects(rng, count: int) -> dict:
-    """Draw `count` objects' static attributes (shape, size, pose, colours, texture)."""
-    log_radius = rng.uniform(np.log(MIN_RADIUS), np.log(MAX_RADIUS), count)
+def sample_objects(rng, count: int, style: dict = STYLES["multiscale"]) -> dict:
+    """Draw `count` objects' static attributes (shape, size, pose, colours, texture). Every style draws the same
+    random numbers in the same order, so a style changes the scenes' look but not which scenes are drawn."""
+    log_radius = rng.uniform(np.log(style["min_radius"]), np.log(style["max_radius"]), count)
     radius = np.exp(log_radius)
-    return {
+    objects = {
         "shape": rng.integers(len(SHAPE_KINDS), size=count),
         "radius": radius,
         "aspect": rng.uniform(0.7, 1.0, count),
@@ -77,6 +85,9 @@ def sample_objects(rng, count: int) -> dict:
         "texture_angle": rng.uniform(0, np.pi, count),
         "texture_phase": rng.uniform(0, 2 * np.pi, (count, 2)),
     }
+    if not style["textured"]:
+        objects["texture"] = np.zeros(count, dtype=int)  # TEXTURE_KINDS[0]: solid
+    return objects
 
 
 def _object_frame(objects: dict, grid_x, grid_y):
@@ -136,8 +147,9 @@ def _texture_weights(objects: dict, u, v):
     return weights
 
 
-def sample_background(rng) -> np.ndarray:
-    """A textured background (H,W,3) in [0,1]: a muted base colour modulated by one of four patterns."""
+def sample_background(rng, flat: bool = False) -> np.ndarray:
+    """A textured background (H,W,3) in [0,1]: a muted base colour modulated by one of four patterns; `flat`: the
+    two colours' even mix, with no pattern."""
     y, x = np.mgrid[0:RESOLUTION, 0:RESOLUTION] / RESOLUTION
     base = _random_colours(rng, 1, saturation=(0.1, 0.5), value=(0.3, 0.8))[0]
     other = _random_colours(rng, 1, saturation=(0.1, 0.5), value=(0.3, 0.8))[0]
@@ -157,7 +169,8 @@ def sample_background(rng) -> np.ndarray:
     else:  # gradient
         angle = rng.uniform(0, 2 * np.pi)
         w = np.clip(0.5 + (x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle), 0, 1)
-    contrast = rng.uniform(0.25, 0.6)
+    contrast = 0.0 if flat else 1.0  # drawn either way, so both styles consume the same random numbers
+    contrast *= rng.uniform(0.25, 0.6)
     w = 0.5 + contrast * (w - 0.5)
     return base * (1 - w[..., None]) + other * w[..., None]
 
@@ -203,18 +216,19 @@ def _visible_enough(full, visible) -> bool:
     return bool(np.all(visible >= np.maximum(MIN_VISIBLE_PIXELS, 0.3 * full)))
 
 
-def generate_image(seed: int, split: str, index: int, min_objects: int, max_objects: int) -> dict:
+def generate_image(seed: int, split: str, index: int, min_objects: int, max_objects: int,
+                   style: dict = STYLES["multiscale"]) -> dict:
     """One `shapes` sample: every object keeps at least 30% (and 12 px) of itself visible."""
     rng = np.random.default_rng([seed, 0, SPLIT_IDS[split], index])
-    background = sample_background(rng)
+    background = sample_background(rng, style["flat_background"])
     count = int(rng.integers(min_objects, max_objects + 1))
     for _ in range(100):
-        objects = sample_objects(rng, count)
+        objects = sample_objects(rng, count, style)
         image, segment, full, visible = render(objects, background, rng)
         if _visible_enough(full, visible):
             break
     else:  # pathological draw: fall back to fewer objects rather than emit a hidden one
-        objects = sample_objects(rng, 1)
+        objects = sample_objects(rng, 1, style)
         image, segment, full, visible = render(objects, background, rng)
     return {"image": image, "segment": segment, "bbox": boxes_from_segment(segment, max_objects)}
 
@@ -226,18 +240,20 @@ def _reflect(position, low, high):
     return low + span - np.abs(span - phase)
 
 
-def generate_video(seed: int, split: str, index: int, min_objects: int, max_objects: int, frames: int) -> dict:
+def generate_video(seed: int, split: str, index: int, min_objects: int, max_objects: int, frames: int,
+                   style: dict = STYLES["multiscale"]) -> dict:
     """One `shapes_video` sample: objects move, bounce off the borders, turn, and grow or shrink over the clip."""
     rng = np.random.default_rng([seed, 1, SPLIT_IDS[split], index])
-    background = sample_background(rng)
+    background = sample_background(rng, style["flat_background"])
     count = int(rng.integers(min_objects, max_objects + 1))
     t = np.arange(frames)[:, None]
     for _ in range(100):
-        objects = sample_objects(rng, count)
+        objects = sample_objects(rng, count, style)
         speed, heading = rng.uniform(0.5, 2.5, count), rng.uniform(0, 2 * np.pi, count)
         growth = rng.uniform(-0.025, 0.025, count)  # log-scale change per frame: up to 1.8x over 24 frames
         spin = rng.uniform(-0.06, 0.06, count)
-        radius = np.clip(objects["radius"][None] * np.exp(growth[None] * t), MIN_RADIUS * 0.8, MAX_RADIUS * 1.25)
+        radius = np.clip(objects["radius"][None] * np.exp(growth[None] * t), style["min_radius"] * 0.8,
+                         style["max_radius"] * 1.25)
         x = _reflect(objects["center"][None, :, 0] + speed * np.cos(heading) * t, 0.0, RESOLUTION - 1.0)
         y = _reflect(objects["center"][None, :, 1] + speed * np.sin(heading) * t, 0.0, RESOLUTION - 1.0)
         angle = objects["angle"][None] + spin[None] * t
@@ -253,14 +269,14 @@ def generate_video(seed: int, split: str, index: int, min_objects: int, max_obje
 
 
 def _generate_chunk(job):
-    kind, seed, split, indices, min_objects, max_objects, frames = job
+    kind, seed, split, indices, min_objects, max_objects, frames, style = job
     if kind == "shapes":
-        return [generate_image(seed, split, i, min_objects, max_objects) for i in indices]
-    return [generate_video(seed, split, i, min_objects, max_objects, frames) for i in indices]
+        return [generate_image(seed, split, i, min_objects, max_objects, style) for i in indices]
+    return [generate_video(seed, split, i, min_objects, max_objects, frames, style) for i in indices]
 
 
 def write_synthetic(kind: str, out_dir: str, counts: dict, seed: int, min_objects: int, max_objects: int,
-                    frames: int, workers: int, progress: bool = True) -> dict:
+                    frames: int, workers: int, progress: bool = True, style: dict = STYLES["multiscale"]) -> dict:
     """Generate every split of `shapes` / `shapes_video` in parallel and write them atomically."""
     if not 1 <= min_objects <= max_objects <= 254:
         raise UserError(f"need 1 <= min_objects <= max_objects <= 254, got {min_objects}, {max_objects}")
@@ -270,8 +286,8 @@ def write_synthetic(kind: str, out_dir: str, counts: dict, seed: int, min_object
         for split, count in counts.items():
             path = os.path.join(out_dir, f"{split}.lmdb")
             writer = SplitWriter(path)
-            jobs = [(kind, seed, split, range(start, min(start + chunk, count)), min_objects, max_objects, frames)
-                    for start in range(0, count, chunk)]
+            jobs = [(kind, seed, split, range(start, min(start + chunk, count)), min_objects, max_objects, frames,
+                     style) for start in range(0, count, chunk)]
             try:
                 with tqdm(total=count, desc=f"{kind}/{split}", unit="video" if kind != "shapes" else "img",
                           disable=not progress, dynamic_ncols=True) as bar:
@@ -284,7 +300,7 @@ def write_synthetic(kind: str, out_dir: str, counts: dict, seed: int, min_object
                 raise
             writer.close({"dataset": kind, "split": split, "size": [RESOLUTION, RESOLUTION],
                           "frames": frames if kind == "shapes_video" else None, "max_objects": max_objects,
-                          "min_objects": min_objects, "seed": seed, "ignore_label": 255})
+                          "min_objects": min_objects, "seed": seed, "ignore_label": 255, "style": style})
             paths[split] = path
     return paths
 
@@ -1052,6 +1068,16 @@ def main(argv=None) -> None:
                              "sample, for COCO/VOC also the filter's object limit, for MOVi the slot budget beyond "
                              "which instances merge into the background (default 10; MOVi-D/E 20)")
     parser.add_argument("--frames", type=int, default=24, help="shapes_video: frames per video")
+    parser.add_argument("--style", choices=tuple(STYLES), default="multiscale",
+                        help="synthetic data: multiscale (objects of radius 3-32 px at 128x128, textured, on textured "
+                             "backgrounds) or easy (radius 8-40, flat colours on flat backgrounds, at most 5 objects "
+                             "unless --max_objects says otherwise)")
+    parser.add_argument("--min_radius", type=float, default=None, help="synthetic data: override the style's "
+                        "smallest object radius (px at 128x128)")
+    parser.add_argument("--max_radius", type=float, default=None, help="synthetic data: override the style's largest "
+                        "object radius (px at 128x128)")
+    parser.add_argument("--textured", choices=("yes", "no"), default=None,
+                        help="synthetic data: override whether objects and background carry textures")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--min_box_area", type=float, default=16.0,
                         help="COCO/VOC: drop images with an object whose bounding box covers fewer pixels at 128x128")
@@ -1071,7 +1097,8 @@ def main(argv=None) -> None:
                         help="MOVi: which TFDS config to read (256x256 is resized to 128)")
     args = parser.parse_args(argv)
     out_dir = args.out or os.path.join("data", args.name)
-    max_objects = args.max_objects if args.max_objects is not None else DEFAULT_MAX_OBJECTS[args.name]
+    default_max = 5 if args.style == "easy" and args.name in SYNTHETIC_DATASETS else DEFAULT_MAX_OBJECTS[args.name]
+    max_objects = args.max_objects if args.max_objects is not None else default_max
     if args.workers < 1:
         raise UserError("--workers must be >= 1")
     progress = sys.stderr.isatty() or not os.environ.get("CI")
@@ -1082,8 +1109,18 @@ def main(argv=None) -> None:
                   "val": args.num_val if args.num_val is not None else (50 if video else 500)}
         if min(counts.values()) < 0:
             raise UserError("--num_train and --num_val must be >= 0")
+        style = dict(STYLES[args.style])
+        for key in ("min_radius", "max_radius"):
+            if getattr(args, key) is not None:
+                style[key] = getattr(args, key)
+        if args.textured is not None:
+            style["textured"] = args.textured == "yes"
+            style["flat_background"] = not style["textured"]
+        if not 0 < style["min_radius"] <= style["max_radius"] <= RESOLUTION / 2:
+            raise UserError(f"need 0 < min_radius <= max_radius <= {RESOLUTION // 2} (px at {RESOLUTION}x"
+                            f"{RESOLUTION}), got {style['min_radius']}, {style['max_radius']}")
         paths = write_synthetic(args.name, out_dir, counts, args.seed, args.min_objects, max_objects,
-                                args.frames, args.workers, progress=progress)
+                                args.frames, args.workers, progress=progress, style=style)
         for split, path in paths.items():
             print(f"wrote {path} ({counts[split]} {'videos' if video else 'images'})")
         return

@@ -62,6 +62,10 @@ def load_guidance_vae(config: dict):
         if config["encoder"] != "dino_biglittle":
             raise UserError("DINOSAUR needs the DINO encoder (encoder: dino_biglittle)")
         return None, None
+    if config["method"] == "mixture" and config["mixture_target"] == "pixels":
+        if config["guidance"] != "none":
+            raise UserError("mixture_target: pixels reconstructs the images without a VAE; set guidance: none")
+        return None, None
     if config["guidance"] == "none":
         raise UserError(f"method {config['method']} needs VAE guidance: set guidance to vq, grouped or msf")
     if not config["vae_ckpt"]:

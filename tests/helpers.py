@@ -53,7 +53,7 @@ def write_ocl_config(tmp_path, data_dir, vaes=None, name="ocl.yaml", **overrides
     """A tiny train_ocl.py config in `tmp_path`; `vaes` ({(quantizer, code_dim): path}) supplies vae_ckpt."""
     config = dict(method="slate", guidance="msf", encoder="cnn", cnn_channels=8, encoder_stride=2, num_slots=4,
                   slot_dim=16, decoder_dim=16, decoder_layers=1, decoder_heads=2, decoder_dropout=0.0,
-                  unet_channels=16, dinosaur_hidden=16, dino_pretrained=False, dino_depth=1, sysbinder_blocks=2,
+                  unet_channels=16, dinosaur_hidden=16, mixture_hidden=16, dino_pretrained=False, dino_depth=1, sysbinder_blocks=2,
                   sysbinder_prototypes=8, data_dir=data_dir, resolution=32, num_frames=3, steps=4, batch_size=4,
                   num_workers=0, log_every=1, val_every=2, val_batch_size=4, val_samples=4,
                   out_dir=str(tmp_path / "run"))

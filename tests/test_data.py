@@ -59,6 +59,24 @@ def test_object_sizes_span_more_than_20x_and_every_object_is_visible():
     assert p5 < 60  # and small ones are a few pixels across
 
 
+def test_easy_style_draws_larger_flat_objects_on_flat_backgrounds():
+    noise = 0.015 * 255  # the generator's sensor noise (std, in grey levels)
+    areas = {"easy": [], "multiscale": []}
+    for index in range(40):
+        for style in areas:
+            sample = prepare_data.generate_image(0, "train", index, 2, 5, prepare_data.STYLES[style])
+            ids, counts = np.unique(sample["segment"], return_counts=True)
+            areas[style].extend(counts[ids > 0].tolist())
+            if style == "easy":  # every region, objects and background, is one colour up to the noise
+                image = sample["image"].astype(float)
+                for i in ids:
+                    assert image[sample["segment"] == i].std(0).max() < 3 * noise, (index, i)
+    # the smallest tenth is what changes most (radius 8 against 3 at the low end)
+    assert np.percentile(areas["easy"], 10) > 3 * np.percentile(areas["multiscale"], 10)
+    assert np.median(areas["easy"]) > 2 * np.median(areas["multiscale"])
+    assert min(areas["easy"]) >= prepare_data.MIN_VISIBLE_PIXELS
+
+
 def test_video_objects_move_and_change_scale():
     sample = prepare_data.generate_video(0, "train", 0, 3, 3, 24)
     assert sample["video"].shape == (24, 128, 128, 3) and sample["segment"].shape == (24, 128, 128)

@@ -32,14 +32,16 @@ CASES = [("slate", g, False) for g in ("vq", "grouped", "msf")] + \
         [("sysbinder", g, False) for g in ("vq", "msf")] + [("ogdr", "grouped", False)] + \
         [("slotdiffusion", g, False) for g in ("vq", "grouped", "msf")] + [("dinosaur", "none", False)] + \
         [("steve", g, True) for g in ("vq", "grouped", "msf")] + \
-        [("slotdiffusion", "msf", True), ("sysbinder", "msf", True), ("ogdr", "grouped", True)]
+        [("slotdiffusion", "msf", True), ("sysbinder", "msf", True), ("ogdr", "grouped", True)] + \
+        [("mixture", g, False) for g in ("vq", "grouped", "msf", "none")]
 
 
 @pytest.mark.parametrize("method,guidance,video", CASES, ids=[f"{m}-{g}{'-video' if v else ''}" for m, g, v in CASES])
 def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guidance, video):
+    extra = {"mixture_target": "pixels", "mixture_decoder": "cnn"} if guidance == "none" and method == "mixture" else {}
     config = write_ocl_config(tmp_path, video_dir if video else shapes_dir, vaes, method=method, guidance=guidance,
                           encoder="dino_biglittle" if method == "dinosaur" else "cnn", steps=2, batch_size=2,
-                          val_batch_size=2, val_samples=2)
+                          val_batch_size=2, val_samples=2, **extra)
     if method == "dinosaur":  # offline and without dino_weights, DINO is random: that must be said loudly
         with pytest.warns(UserWarning, match="DINO is RANDOMLY INITIALISED"):
             train_ocl.main([config])
@@ -55,7 +57,7 @@ def test_every_method_trains(tmp_path, shapes_dir, video_dir, vaes, method, guid
                                  for k, lo in (("val_ari_fg", -100), ("val_miou", 0), ("val_mbo", 0)))
     # the slot-reliance diagnostic, wherever the loss is deterministic given the slots
     assert ("val_slot_gain" in val[0]) == (method != "slotdiffusion")
-    assert ("val_slot_gain_background" in val[0]) == (method not in ("slotdiffusion", "dinosaur"))
+    assert ("val_slot_gain_background" in val[0]) == (method not in ("slotdiffusion", "dinosaur", "mixture"))
     assert os.listdir(run / "figures")
     state = torch.load(run / "best.pt", weights_only=True)
     assert state["kind"] == "ocl" and state["video"] == video and state["config"]["method"] == method
@@ -182,6 +184,56 @@ def test_block_slot_attention_blocks_are_independent():
 
 # ----------------------------------------------------------------------------------------------------------------
 # The transformer decoder: causal, and the loss is the cross-entropy of the right targets.
+
+@pytest.mark.parametrize("kind,side", [("cnn", 8), ("cnn", 16), ("cnn", 2), ("mlp", 8)])
+def test_mixture_decoders_decode_each_slot_alone_then_mix_by_softmax_over_slots(kind, side):
+    torch.manual_seed(0)
+    dim, feature_dim = 6, 5
+    if kind == "cnn":
+        decoder = models.BroadcastCNNDecoder(dim, feature_dim, side, hidden=4).double()
+    else:
+        decoder = models.BroadcastMLPDecoder(dim, feature_dim, side * side, hidden=4).double()
+    slots = torch.randn(2, 3, dim).double()
+    reconstruction, masks = decoder(slots)
+    # oracle: run the decoder on one slot at a time (a batch of one image with one slot), then mix by hand
+    outputs = torch.stack([torch.stack([decode_one(decoder, slots[i, k]) for k in range(3)]) for i in range(2)])
+    assert outputs.shape == (2, 3, side * side, feature_dim + 1)
+    alphas = outputs[..., -1].exp() / outputs[..., -1].exp().sum(1, keepdim=True)
+    torch.testing.assert_close(masks, alphas)
+    torch.testing.assert_close(reconstruction, (alphas[..., None] * outputs[..., :-1]).sum(1))
+
+
+def decode_one(decoder, slot):
+    """Per-position (features, alpha logit) of one slot through the decoder's own layers, no mixing: for the CNN, the
+    slot tiled on the start grid plus the position map, the convolutions, cells in row-major order."""
+    if isinstance(decoder, models.BroadcastMLPDecoder):
+        return decoder.mlp(slot + decoder.position[0, 0])
+    n = decoder.start
+    grid = torch.tensor([[[x / max(n - 1, 1), y / max(n - 1, 1), 1 - x / max(n - 1, 1), 1 - y / max(n - 1, 1)]
+                          for x in range(n)] for y in range(n)], dtype=slot.dtype)
+    tiled = slot + decoder.position(grid)  # (n, n, d)
+    out = decoder.net(tiled.permute(2, 0, 1)[None])[0]  # (D+1, side, side)
+    return out.flatten(1).T
+
+
+def test_mixture_method_reconstructs_the_guidance_vectors(tmp_path, vaes):
+    """The loss is the mean squared error between the slot mixture and the frozen VAE's scale-1 guidance vectors."""
+    config = load_config(train_ocl.OPTIONS, [write_ocl_config(tmp_path, "unused", vaes, method="mixture",
+                                                               mixture_decoder="cnn", mixture_hidden=4)])
+    vae, _ = train_ocl.load_guidance_vae(config)
+    torch.manual_seed(0)
+    model = models.build_model(config, False, vae).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    loss, stats, masks = model({"image": images}, shuffled_slots=True)
+    vectors = vae.guidance(images, [1])["vectors"][0]  # (b, 8, 8, c)
+    slots, _ = model.slots(images, 0.0)
+    reconstruction, alphas = model.decoder(slots)
+    torch.testing.assert_close(loss, ((reconstruction - vectors.flatten(1, 2)) ** 2).mean())
+    assert masks.shape == (2, config["num_slots"], 8, 8)
+    torch.testing.assert_close(masks.flatten(2), alphas)
+    shuffled = ((model.decoder(slots.roll(1, 0))[0] - vectors.flatten(1, 2)) ** 2).mean()
+    torch.testing.assert_close(stats["loss_shuffled_slots"], shuffled)
+
 
 def test_decoder_is_causal():
     torch.manual_seed(0)
