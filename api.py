@@ -95,25 +95,16 @@ class ObjectCentric:
     @torch.no_grad()
     def slots_and_masks(self, images: torch.Tensor, boxes: torch.Tensor = None) -> tuple:
         """Images (b, 3, H, W) float RGB in [-1, 1], at the model's `resolution` -> slots (b, s, d) and soft masks
-        (b, s, H, W): Slot Attention's last-iteration attention (DINOSAUR: the decoder's alphas), bilinearly
-        upsampled to the image size, summing to 1 over the s slots at every pixel. The slot queries are their
+        (b, s, H, W): Slot Attention's last-iteration attention (mixture decoders, DINOSAUR's included: the
+        decoder's alphas), bilinearly upsampled to the image size, summing to 1 over the s slots at every pixel. The slot queries are their
         means (no sampling noise). Videos (STEVE, video checkpoints): (b, T, 3, H, W) with first-frame boxes
         (b, K, 4) -> slots (b, T, s, d), masks (b, T, s, H, W). argmax over s gives the segmentation the metrics
         score."""
         images = images.to(self.device).float()
         size = tuple(images.shape[-2:])
-        if self.model.video:
-            if boxes is None:
-                raise ValueError("a video model needs the first frame's object boxes (b, K, 4), as its data has")
-            slots, masks = self.model.slots(images, 0.0, boxes=boxes.to(self.device))
-        elif self.model.method == "dinosaur":
-            features = self.model.encoder.backbone.dino_features(images)
-            slots, _ = self.model.slots(images, 0.0, dino_features=features)
-            _, alpha = self.model.decoder(slots)
-            side = features.shape[-1]
-            masks = alpha.view(*alpha.shape[:2], side, side)
-        else:
-            slots, masks = self.model.slots(images, 0.0)
+        if self.model.video and boxes is None:
+            raise ValueError("a video model needs the first frame's object boxes (b, K, 4), as its data has")
+        slots, masks = self.model.slots_and_masks(images, 0.0, None if boxes is None else boxes.to(self.device))
         lead = masks.shape[:-2]
         upsampled = F.interpolate(masks.reshape(-1, *masks.shape[-3:]).float(), size=size, mode="bilinear",
                                   align_corners=False)

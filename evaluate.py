@@ -40,7 +40,7 @@ import msf
 from common import (UserError, atomic_write_text, autocast, load_checkpoint, load_weights, progress_bar,
                     resolve_stored_path, run_main, save_labelled_grid, setup_distributed, strict_json)
 from data import eval_loader, split_path
-from model import build_model, masks_to_segments
+from model import DiffusionDecoder, build_model, masks_to_segments
 
 BACKGROUND = 0
 IGNORE = 255
@@ -331,7 +331,7 @@ def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> li
             for scale, vectors in zip(model.scales, model.guidance(batch[key])["vectors"]):
                 rows.append(F.interpolate(msf.pca_colours(vectors), size=size, mode="nearest").cpu())
                 labels.append(f"guidance code map, scale {scale} (PCA)")
-        if model.method == "slotdiffusion":
+        if isinstance(model.decoder, DiffusionDecoder):
             slots, _ = model.slots(batch[key], 0.0)
             rows.append((model.reconstruct(batch[key], slots, steps=25) * 0.5 + 0.5).cpu())
             labels.append("reconstruction (DDIM from slots)")

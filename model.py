@@ -386,6 +386,43 @@ def combined_index(indices: torch.Tensor, group_sizes: list) -> torch.Tensor:
     return combined
 
 
+class TokenDecoder(TransformerDecoder):
+    """The token decoder family (SLATE, STEVE, SysBinder, OGDR): the transformer above, teacher-forced on the frozen
+    VAE's guidance tokens and cross-attending the slots (SysBinder: every block of every slot is one memory token,
+    told apart by a learned block embedding). It reads the guidance; the masks are Slot Attention's."""
+
+    reads = "guidance"
+
+    def __init__(self, code_dim: int, slot_dim: int, config: dict, lengths: list, vocabularies: list, blocks: int = 0):
+        super().__init__(code_dim, slot_dim // blocks if blocks else slot_dim, config["decoder_dim"],
+                         config["decoder_layers"], config["decoder_heads"], config["decoder_dropout"], lengths,
+                         vocabularies, grouped=config["slate_loss"] == "grouped")
+        self.vocabularies, self.blocks = vocabularies, blocks
+        if blocks:
+            self.block_embedding = nn.Parameter(torch.randn(1, 1, blocks, slot_dim // blocks) * 0.02)
+
+    def memory_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """(n,s,d) slots -> cross-attention memory: the slots, or SysBinder's blocks as separate tokens."""
+        if not self.blocks:
+            return slots
+        n, s, d = slots.shape
+        return (slots.view(n, s, self.blocks, -1) + self.block_embedding).flatten(1, 2)
+
+    def decode_loss(self, guidance: dict, slots: torch.Tensor, other_slots: torch.Tensor = None) -> tuple:
+        """(loss, stats, None); with `other_slots`, stats add the loss from them and the per-token gain (n, L_1) of
+        the first guidance scale: cross-entropy from other_slots minus from slots."""
+        tokens = torch.cat([v.flatten(1, 2) for v in guidance["vectors"]], 1)  # (n, L, c)
+        indices = [i.flatten(1, 2) for i in guidance["indices"]]  # per scale (n, L_i, G)
+        if other_slots is None:
+            loss = self.loss(self(tokens, self.memory_of(slots)), indices, self.vocabularies)
+            return loss, {"loss": loss.detach()}, None
+        own, other = (self.token_losses(self(tokens, self.memory_of(s)), indices, self.vocabularies)
+                      for s in (slots, other_slots))
+        loss = own.mean()
+        return loss, {"loss": loss.detach(), "loss_shuffled_slots": other.mean().detach(),
+                      "token_slot_gain": (other - own)[:, :self.lengths[0]].detach()}, None
+
+
 class SlotPredictor(nn.Module):
     """STEVE's predictor: a transformer encoder layer over the slots of frame t-1 gives the queries of frame t."""
 
@@ -399,7 +436,26 @@ class SlotPredictor(nn.Module):
         return self.net(slots)
 
 
-class BroadcastMLPDecoder(nn.Module):
+class MixtureLoss:
+    """The mixture decoder family (DINOSAUR, mixture): each slot decoded alone to a feature map and an alpha map,
+    the alphas (softmax over slots) mix the maps and are the masks; the loss is the mean squared error to the target
+    the decoder `reads` (DINO features, the VAE's guidance vectors, or pixels), set by the model that builds it."""
+
+    reads = "features"
+
+    def decode_loss(self, target: torch.Tensor, slots: torch.Tensor, other_slots: torch.Tensor = None) -> tuple:
+        """target (b,D,h,w), slots (b,s,d) -> (loss, stats, masks (b,s,h,w)); with `other_slots`, stats add the
+        loss from them."""
+        flat_target = target.flatten(2).transpose(1, 2).float()  # (b, P, D)
+        reconstruction, alpha = self(slots)
+        loss = F.mse_loss(reconstruction.float(), flat_target)
+        stats = {"loss": loss.detach()}
+        if other_slots is not None:
+            stats["loss_shuffled_slots"] = F.mse_loss(self(other_slots)[0].float(), flat_target).detach()
+        return loss, stats, alpha.view(*alpha.shape[:2], *target.shape[-2:])
+
+
+class BroadcastMLPDecoder(MixtureLoss, nn.Module):
     """DINOSAUR's decoder: each slot broadcast to every patch position (+ learned position), an MLP gives a
     feature and an alpha logit; alphas softmax over slots mix the features (and are the masks)."""
 
@@ -427,7 +483,7 @@ def position_grid(h: int, w: int, device=None) -> torch.Tensor:
     return torch.stack([xs, ys, 1 - xs, 1 - ys], -1)
 
 
-class BroadcastCNNDecoder(nn.Module):
+class BroadcastCNNDecoder(MixtureLoss, nn.Module):
     """The spatial broadcast decoder of Slot Attention (Locatello et al. 2020): each slot tiled on a small grid plus
     a linear map of the grid positions, transposed convolutions (stride 2) up to the target grid, then a 3x3
     convolution to a feature and an alpha logit per cell; alphas softmax over slots mix the features (the masks).
@@ -754,14 +810,58 @@ class EMA(nn.Module):
             shadow.copy_(buffer)
 
 
+class DiffusionDecoder(nn.Module):
+    """The diffusion decoder family (SlotDiffusion): a slot-conditioned UNet denoising the VAE latent under a DDPM
+    schedule, the latent divided by its measured std (LDM's scale factor), optionally an EMA of the UNet that
+    samples reconstructions. It reads the latent; the masks are Slot Attention's; its loss draws noise, so it gives
+    no shuffled-slot comparison."""
+
+    reads = "latent"
+
+    def __init__(self, code_dim: int, slot_dim: int, config: dict):
+        super().__init__()
+        if not 0 <= config["denoiser_ema"] < 1:
+            raise UserError(f"denoiser_ema must be in [0, 1) (0 = off), got {config['denoiser_ema']}")
+        self.target = config["diffusion_target"]
+        self.schedule = DDPMSchedule(config["diffusion_steps"], config["beta_schedule"], config["beta_start"],
+                                     config["beta_end"])
+        self.unet = SlotUNet(code_dim, config["unet_channels"], slot_dim=slot_dim, heads=config["decoder_heads"])
+        self.ema = EMA(self.unet, config["denoiser_ema"]) if config["denoiser_ema"] else None
+        self.register_buffer("latent_scale", torch.tensor(float(config["latent_scale"] or 1.0)))
+
+    def decode_loss(self, latent: torch.Tensor, slots: torch.Tensor, other_slots: torch.Tensor = None) -> tuple:
+        loss = diffusion_loss(self.unet, self.schedule, latent / self.latent_scale, slots)
+        return loss, {"loss": loss.detach()}, None
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unet)
+
+    @torch.no_grad()
+    def sample(self, slots: torch.Tensor, shape: tuple, steps: int) -> torch.Tensor:
+        """A latent of `shape` sampled from the slots with the sampling denoiser (the EMA one when configured),
+        in the VAE's units."""
+        denoiser = self.ema.module if self.ema is not None else self.unet
+        return sample(denoiser, self.schedule, slots, shape, num_inference_steps=steps) * self.latent_scale
+
+
+# Checkpoints written before the decoders became one object per family name some entries differently: the one
+# rule that reads them (OCLModel registers it as a load_state_dict pre-hook).
+OLD_KEY_PREFIXES = {"slotdiffusion": (("decoder_ema.", "decoder.ema."), ("schedule.", "decoder.schedule."),
+                                      ("latent_scale", "decoder.latent_scale"), ("decoder.", "decoder.unet.")),
+                    "sysbinder": (("block_embedding", "decoder.block_embedding"),)}
+
+
 # ================================================================================================================
 # The OCL model: one class, the method picks the decoder.
 
 class OCLModel(nn.Module):
-    """Encoder -> Slot Attention -> method's decoder, guided by a frozen VAE (kept in eval mode, no gradients).
+    """Encoder -> Slot Attention -> the method's decoder, guided by a frozen VAE (kept in eval mode, no gradients).
+    The decoder is chosen once (`build_decoder`); it says what it reads (`reads`) and returns its loss, its stats
+    and, for mixture decoders, the masks (`decode_loss`).
 
     forward(batch, sigma) returns (loss, stats, masks) with masks (b, [T,] s, h, w), the soft slot masks on the
-    feature grid (attention maps, or DINOSAUR's decoder alphas)."""
+    feature grid (Slot Attention's attention maps, or a mixture decoder's alphas)."""
 
     def __init__(self, config: dict, vae=None, video: bool = False):
         super().__init__()
@@ -784,51 +884,27 @@ class OCLModel(nn.Module):
         self.vae = vae
         if vae is not None:
             vae.requires_grad_(False).eval()
-        feature_size = config["resolution"] // 4  # VAE tokens per side at scale 1
-        self.decoder_ema = None  # SlotDiffusion's sampling denoiser, when denoiser_ema is set
-        if self.method != "slotdiffusion" and config.get("denoiser_ema"):  # .get: older configs lack the key
+        if self.method != "slotdiffusion" and config["denoiser_ema"]:
             raise UserError(f"denoiser_ema is SlotDiffusion's; method {self.method} has no denoiser, set it to 0")
+        self.decoder = DECODERS[self.method](self)
+        self._register_load_state_dict_pre_hook(self._rename_old_keys)
 
-        if self.method in ("slate", "steve", "sysbinder", "ogdr"):
-            vocabularies = vae_vocabularies(vae, self.scales)
-            lengths = [(feature_size // 2 ** (s - 1)) ** 2 for s in self.scales]
-            memory_dim = dim
-            if self.method == "sysbinder":  # every block of every slot is one memory token
-                memory_dim = dim // config["sysbinder_blocks"]
-                self.block_embedding = nn.Parameter(torch.randn(1, 1, config["sysbinder_blocks"], memory_dim) * 0.02)
-            self.decoder = TransformerDecoder(vae.config["code_dim"], memory_dim, config["decoder_dim"],
-                                              config["decoder_layers"], config["decoder_heads"],
-                                              config["decoder_dropout"], lengths, vocabularies,
-                                              grouped=config["slate_loss"] == "grouped")
-            self.vocabularies = vocabularies
-        elif self.method == "slotdiffusion":
-            self.schedule = DDPMSchedule(config["diffusion_steps"], config["beta_schedule"], config["beta_start"],
-                                         config["beta_end"])
-            self.decoder = SlotUNet(vae.config["code_dim"], config["unet_channels"], slot_dim=dim,
-                                    heads=config["decoder_heads"])
-            self.diffusion_target = config["diffusion_target"]
-            if not 0 <= config["denoiser_ema"] < 1:
-                raise UserError(f"denoiser_ema must be in [0, 1) (0 = off), got {config['denoiser_ema']}")
-            # The denoiser used for sampling: an EMA of the trained one (SlotDiffusion's use_ema), or itself.
-            self.decoder_ema = EMA(self.decoder, config["denoiser_ema"]) if config["denoiser_ema"] else None
-            # LDM's latent scale: the diffused latent is divided by its std so the diffusion sees unit variance.
-            self.register_buffer("latent_scale", torch.tensor(float(config["latent_scale"] or 1.0)))
-        elif self.method == "dinosaur":
-            dino = self.encoder.backbone.dino
-            patches = (config["resolution"] // self.encoder.backbone.patch) ** 2
-            self.decoder = BroadcastMLPDecoder(dim, dino.num_features, patches, config["dinosaur_hidden"])
-        elif self.method == "mixture":
-            if config["mixture_target"] == "pixels":
-                side, target_dim = config["resolution"], 3
-            else:
-                if len(self.scales) != 1:
-                    raise UserError(f"the mixture decoder reconstructs one guidance scale; guidance_scales is "
-                                    f"{self.scales}")
-                side, target_dim = feature_size // 2 ** (self.scales[0] - 1), vae.config["code_dim"]
-            if config["mixture_decoder"] == "mlp":
-                self.decoder = BroadcastMLPDecoder(dim, target_dim, side * side, config["mixture_hidden"])
-            else:
-                self.decoder = BroadcastCNNDecoder(dim, target_dim, side, config["mixture_hidden"])
+    def _rename_old_keys(self, state_dict, prefix, *args) -> None:
+        """Read a checkpoint written before the decoders were one object per family (OLD_KEY_PREFIXES)."""
+        renames = OLD_KEY_PREFIXES.get(self.method, ())
+        marker = prefix + renames[0][0] if renames else None
+        if not renames or not any(k.startswith(marker) for k in state_dict):
+            return
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "vae.")]:
+            for old, new in renames:
+                if key.startswith(prefix + old):
+                    state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+                    break
+
+    @property
+    def decoder_ema(self):
+        """SlotDiffusion's sampling denoiser when `denoiser_ema` is set, else None."""
+        return getattr(self.decoder, "ema", None)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -838,8 +914,8 @@ class OCLModel(nn.Module):
 
     def update_ema(self) -> None:
         """After each optimiser step: advance the EMA of the SlotDiffusion denoiser, if configured."""
-        if self.decoder_ema is not None:
-            self.decoder_ema.update(self.decoder)
+        if isinstance(self.decoder, DiffusionDecoder):
+            self.decoder.update_ema()
 
     # --------------------------------------------------------------------------------------------- slots
     def slots(self, images: torch.Tensor, sigma: float, boxes: torch.Tensor = None, dino_features=None) -> tuple:
@@ -861,15 +937,18 @@ class OCLModel(nn.Module):
         slots, attention = torch.stack(all_slots, 1), torch.stack(all_attention, 1)
         return slots, attention.view(*attention.shape[:3], h, w)
 
-    # --------------------------------------------------------------------------------------------- decoders
-    def decoder_memory(self, slots: torch.Tensor) -> torch.Tensor:
-        """(n,s,d) slots -> cross-attention memory: the slots, or SysBinder's blocks as separate tokens."""
-        if self.method != "sysbinder":
-            return slots
-        n, s, d = slots.shape
-        blocks = slots.view(n, s, self.config["sysbinder_blocks"], -1) + self.block_embedding
-        return blocks.flatten(1, 2)
+    def slots_and_masks(self, images: torch.Tensor, sigma: float = 0.0, boxes: torch.Tensor = None) -> tuple:
+        """Slots and the masks the model segments with, on the feature grid: Slot Attention's attention, or a
+        mixture decoder's alphas (which are what it reconstructs with)."""
+        if self.video or not isinstance(self.decoder, MixtureLoss):
+            return self.slots(images, sigma, boxes=boxes)
+        features = self.encoder.backbone.dino_features(images) if self.decoder.reads == "features" else None
+        slots, _ = self.slots(images, sigma, dino_features=features)
+        _, alpha = self.decoder(slots)
+        side = math.isqrt(alpha.shape[-1])
+        return slots, alpha.view(*alpha.shape[:2], side, side)
 
+    # --------------------------------------------------------------------------------------------- targets
     def guidance(self, frames: torch.Tensor) -> dict:
         """The frozen VAE's guidance of (n,3,H,W) frames for the configured scales (float32, no gradients);
         sampled with `guidance_noise` while training, argmax otherwise."""
@@ -882,59 +961,38 @@ class OCLModel(nn.Module):
         continuous scale-1 output Z_1 before any quantisation (`continuous`: SlotDiffusion's VQVAE.encode, the MSF
         release's eaq=True; for MSF with concat_pinv it is Z_1 before the project-up split), or the quantised
         guidance X_1 (`quantized`)."""
-        if self.diffusion_target == "quantized":
+        if self.decoder.target == "quantized":
             return self.guidance(frames)["vectors"][0].permute(0, 3, 1, 2).float()
         with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):
             _, continuous = self.vae.encode(frames.float())
         return continuous[0].permute(0, 3, 1, 2).float()
 
-    def mixture_target(self, images: torch.Tensor) -> torch.Tensor:
-        """What the mixture decoder reconstructs, (b,D,h,w): the frozen VAE's guidance vectors at the configured
-        scale, or the images themselves (`mixture_target: pixels`, a diagnostic without the VAE)."""
-        if self.config["mixture_target"] == "pixels":
-            return images
-        return self.guidance(images)["vectors"][0].permute(0, 3, 1, 2)
+    def target(self, frames: torch.Tensor, dino_features: torch.Tensor = None):
+        """What the decoder reconstructs from the slots of (n,3,H,W) frames (its `reads`): the guidance dict, the
+        diffusion latent, DINO features or the VAE's guidance vectors (n,D,h,w), or the frames themselves."""
+        reads = self.decoder.reads
+        if reads == "guidance":
+            return self.guidance(frames)
+        if reads == "latent":
+            return self.diffusion_latent(frames)
+        if reads == "guidance_vectors":
+            return self.guidance(frames)["vectors"][0].permute(0, 3, 1, 2)
+        if reads == "pixels":
+            return frames
+        return dino_features
 
-    def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor, other_slots: torch.Tensor = None):
-        """Reconstruction loss of (n,3,H,W) frames from their slots (n,s,d). With `other_slots` (n,s,d) (token
-        decoders), the guidance computed once: (loss, the loss from other_slots, per-token gain (n, L_1) of the
-        first guidance scale: cross-entropy from other_slots minus from slots)."""
-        if self.method == "slotdiffusion":
-            latent = self.diffusion_latent(frames) / self.latent_scale  # (n,c,h,w)
-            return diffusion_loss(self.decoder, self.schedule, latent, slots)
-        guidance = self.guidance(frames)
-        tokens = torch.cat([v.flatten(1, 2) for v in guidance["vectors"]], 1)  # (n, L, c)
-        indices = [i.flatten(1, 2) for i in guidance["indices"]]  # per scale (n, L_i, G)
-        if other_slots is None:
-            return self.decoder.loss(self.decoder(tokens, self.decoder_memory(slots)), indices, self.vocabularies)
-        own, other = (self.decoder.token_losses(self.decoder(tokens, self.decoder_memory(s)), indices,
-                                                self.vocabularies) for s in (slots, other_slots))
-        return own.mean(), other.mean(), (other - own)[:, :self.decoder.lengths[0]]
+    def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The reconstruction loss of (n,3,H,W) frames from their slots (n,s,d)."""
+        return self.decoder.decode_loss(self.target(frames), slots)[0]
 
     def forward(self, batch: dict, sigma: float = 0.0, shuffled_slots: bool = False) -> tuple:
         """Training / validation pass: (loss, stats, masks). `shuffled_slots` adds stats["loss_shuffled_slots"]: the
         same loss with every image's slots swapped for the next image's (the batch rolled by one), so its gap to
         the loss shows how much the decoder relies on the slots rather than on its autoregressive context or its
-        prior. Methods whose loss is deterministic given the slots; SlotDiffusion's draws noise and is left out.
-        Token decoders also give stats["token_slot_gain"] (b·T, L_1): that gap per token of the first guidance
-        scale, row-major on its token grid, frames of a video one after the other."""
-        shuffle = shuffled_slots and self.method != "slotdiffusion"
-        if self.method in ("dinosaur", "mixture"):
-            images = batch["image"]
-            if self.method == "dinosaur":
-                features = self.encoder.backbone.dino_features(images)  # (b,D,h,w), the reconstruction target
-                slots, _ = self.slots(images, sigma, dino_features=features)
-            else:
-                slots, _ = self.slots(images, sigma)
-                features = self.mixture_target(images)
-            target = features.flatten(2).transpose(1, 2).float()
-            reconstruction, alpha = self.decoder(slots)
-            loss = F.mse_loss(reconstruction.float(), target)
-            stats = {"loss": loss.detach()}
-            if shuffle and images.shape[0] > 1:
-                stats["loss_shuffled_slots"] = F.mse_loss(self.decoder(slots.roll(1, 0))[0].float(), target).detach()
-            side = features.shape[-1]
-            return loss, stats, alpha.view(*alpha.shape[:2], side, side)
+        prior; decoders whose loss draws noise (diffusion) leave it out. Token decoders also give
+        stats["token_slot_gain"] (b·T, L_1): that gap per token of the first guidance scale, row-major on its token
+        grid, frames of a video one after the other."""
+        dino_features = None
         if self.video:  # every frame of a video decoded from its own slots; shuffled: another video's, frame by frame
             video = batch["video"]
             slots, masks = self.slots(video, sigma, boxes=batch["bbox"][:, 0])
@@ -942,14 +1000,14 @@ class OCLModel(nn.Module):
             slots = slots.flatten(0, 1)
         else:
             frames = batch["image"]
-            slots, masks = self.slots(frames, sigma)
+            if self.decoder.reads == "features":  # DINOSAUR: DINO's features are the input and the target
+                dino_features = self.encoder.backbone.dino_features(frames)  # (b,D,h,w)
+            slots, masks = self.slots(frames, sigma, dino_features=dino_features)
             other = slots.roll(1, 0)
-        if not (shuffle and batch["video" if self.video else "image"].shape[0] > 1):
-            loss = self.decode_loss(frames, slots)
-            return loss, {"loss": loss.detach()}, masks
-        loss, shuffled, token_gain = self.decode_loss(frames, slots, other)
-        return loss, {"loss": loss.detach(), "loss_shuffled_slots": shuffled.detach(),
-                      "token_slot_gain": token_gain.detach()}, masks
+        shuffle = shuffled_slots and not isinstance(self.decoder, DiffusionDecoder) and frames.shape[0] > 1
+        loss, stats, decoder_masks = self.decoder.decode_loss(self.target(frames, dino_features), slots,
+                                                              other if shuffle else None)
+        return loss, stats, masks if decoder_masks is None else decoder_masks
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, slots: torch.Tensor, steps: int = 50) -> torch.Tensor:
@@ -958,9 +1016,53 @@ class OCLModel(nn.Module):
         re-quantisation: MSF's quantiser needs every pyramid scale, a sampled scale-1 latent has only one). The
         denoiser is the EMA one when `denoiser_ema` is set."""
         shape = (images.shape[0], self.vae.config["code_dim"], images.shape[-2] // 4, images.shape[-1] // 4)
-        denoiser = self.decoder_ema.module if self.decoder_ema is not None else self.decoder
-        latent = sample(denoiser, self.schedule, slots, shape, num_inference_steps=steps) * self.latent_scale
+        latent = self.decoder.sample(slots, shape, steps)
         return self.vae.decode(latent.permute(0, 2, 3, 1)).clamp(-1, 1)
+
+
+# ================================================================================================================
+# The decoder of each method, built once from the model it joins (DiT-style registry: name -> constructor).
+
+def token_decoder(model: OCLModel) -> TokenDecoder:
+    config, vae = model.config, model.vae
+    side = config["resolution"] // 4  # VAE tokens per side at scale 1
+    lengths = [(side // 2 ** (s - 1)) ** 2 for s in model.scales]
+    blocks = config["sysbinder_blocks"] if config["method"] == "sysbinder" else 0
+    return TokenDecoder(vae.config["code_dim"], config["slot_dim"], config, lengths,
+                        vae_vocabularies(vae, model.scales), blocks)
+
+
+def diffusion_decoder(model: OCLModel) -> DiffusionDecoder:
+    return DiffusionDecoder(model.vae.config["code_dim"], model.config["slot_dim"], model.config)
+
+
+def dinosaur_decoder(model: OCLModel) -> BroadcastMLPDecoder:
+    config, backbone = model.config, model.encoder.backbone
+    patches = (config["resolution"] // backbone.patch) ** 2
+    return BroadcastMLPDecoder(config["slot_dim"], backbone.dino.num_features, patches, config["dinosaur_hidden"])
+
+
+def mixture_decoder(model: OCLModel) -> MixtureLoss:
+    """The broadcast mixture decoder over the VAE's guidance vectors at one scale (VQ-VFM-OCL's VVO-Mlp with
+    `mixture_decoder: mlp`), or over the pixels (`mixture_target: pixels`, a diagnostic without guidance)."""
+    config = model.config
+    if config["mixture_target"] == "pixels":
+        side, target_dim, reads = config["resolution"], 3, "pixels"
+    else:
+        if len(model.scales) != 1:
+            raise UserError(f"the mixture decoder reconstructs one guidance scale; guidance_scales is {model.scales}")
+        side = config["resolution"] // 4 // 2 ** (model.scales[0] - 1)
+        target_dim, reads = model.vae.config["code_dim"], "guidance_vectors"
+    if config["mixture_decoder"] == "mlp":
+        decoder = BroadcastMLPDecoder(config["slot_dim"], target_dim, side * side, config["mixture_hidden"])
+    else:
+        decoder = BroadcastCNNDecoder(config["slot_dim"], target_dim, side, config["mixture_hidden"])
+    decoder.reads = reads
+    return decoder
+
+
+DECODERS = {"slate": token_decoder, "steve": token_decoder, "sysbinder": token_decoder, "ogdr": token_decoder,
+            "slotdiffusion": diffusion_decoder, "dinosaur": dinosaur_decoder, "mixture": mixture_decoder}
 
 
 def vae_vocabularies(vae, scales: list) -> list:

@@ -211,7 +211,7 @@ def main(argv=None) -> None:
     # SlotDiffusion's latent scale is measured on a fresh start; a resumed run takes it from the checkpoint.
     if config["method"] == "slotdiffusion" and not config["latent_scale"] and state is None:
         config["latent_scale"] = measure_latent_scale(model, loader.dataset, d.device)
-        model.latent_scale.fill_(config["latent_scale"])
+        model.decoder.latent_scale.fill_(config["latent_scale"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config["lr"])
     dtype = amp_dtype(config["amp"], d.device)

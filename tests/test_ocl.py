@@ -535,10 +535,11 @@ VAE_KINDS = [("vq", {}), ("grouped", {}), ("msf", {}), ("msf", {"fusion": "mean"
 def test_slotdiffusion_noises_the_configured_target(monkeypatch, target, kind, vae_overrides):
     vae = tiny_vae(kind, **vae_overrides)
     ocl = slotdiffusion_model(vae, diffusion_target=target)
-    ocl.latent_scale.fill_(1.75)
+    ocl.decoder.latent_scale.fill_(1.75)
     noised = []
-    add_noise = ocl.schedule.add_noise
-    monkeypatch.setattr(ocl.schedule, "add_noise", lambda x0, noise, t: noised.append(x0) or add_noise(x0, noise, t))
+    add_noise = ocl.decoder.schedule.add_noise
+    monkeypatch.setattr(ocl.decoder.schedule, "add_noise",
+                        lambda x0, noise, t: noised.append(x0) or add_noise(x0, noise, t))
     images = known_images()
     loss = ocl.decode_loss(images, torch.randn(2, 3, 16))
     assert torch.isfinite(loss) and len(noised) == 1
@@ -586,13 +587,41 @@ def test_reconstruction_samples_with_the_ema_denoiser(monkeypatch, decay):
     images = known_images()
     assert ocl.reconstruct(images, torch.randn(2, 3, 16), steps=2).shape == images.shape
     if decay:
-        assert used == [ocl.decoder_ema.module] and ocl.decoder_ema.module is not ocl.decoder
+        assert used == [ocl.decoder_ema.module] and ocl.decoder_ema.module is not ocl.decoder.unet
         trainable = {id(p) for p in ocl.parameters() if p.requires_grad}
         assert not any(id(p) in trainable for p in ocl.decoder_ema.parameters())
     else:  # off: no EMA entries in the state dict, so checkpoints from before the option load unchanged
-        assert used == [ocl.decoder] and ocl.decoder_ema is None
-        assert not any(k.startswith("decoder_ema") for k in ocl.state_dict())
+        assert used == [ocl.decoder.unet] and ocl.decoder_ema is None
+        assert not any(k.startswith("decoder.ema") for k in ocl.state_dict())
     assert models.OCL_OPTIONS["denoiser_ema"].default == 0.0
+
+
+@pytest.mark.parametrize("method", ["slotdiffusion", "sysbinder"])
+def test_checkpoints_from_before_one_decoder_per_family_still_load(method):
+    """Entries that moved into the decoder object keep loading from checkpoints written with the old names."""
+    overrides = {"denoiser_ema": 0.9} if method == "slotdiffusion" else {}
+    config = model_config(method=method, guidance="msf", encoder="cnn", **overrides)
+    vae = tiny_vae("msf")
+    torch.manual_seed(0)
+    trained = models.OCLModel(config, vae)
+    old_names = {"slotdiffusion": [("decoder.ema.", "decoder_ema."), ("decoder.schedule.", "schedule."),
+                                   ("decoder.latent_scale", "latent_scale"), ("decoder.unet.", "decoder.")],
+                 "sysbinder": [("decoder.block_embedding", "block_embedding")]}[method]
+    old_state = {}
+    for key, value in trained.state_dict().items():
+        for new, old in old_names:
+            if key.startswith(new):
+                key = old + key[len(new):]
+                break
+        shift = value.is_floating_point() and not key.startswith("vae.")  # the VAE object is shared by both models
+        old_state[key] = value + 0.5 if shift else value  # differ from a fresh model
+    assert any(k.startswith(old_names[0][1]) for k in old_state)
+    torch.manual_seed(1)
+    fresh = models.OCLModel(config, vae)
+    fresh.load_state_dict(old_state)
+    for key, value in trained.state_dict().items():
+        expected = value + 0.5 if value.is_floating_point() and not key.startswith("vae.") else value
+        torch.testing.assert_close(fresh.state_dict()[key], expected, msg=key)
 
 
 def test_denoiser_ema_is_checked():
@@ -607,10 +636,10 @@ def test_slotdiffusion_with_ema_and_quantized_target_resumes_bit_identically(tmp
     config = write_ocl_config(tmp_path, shapes_dir, vaes, method="slotdiffusion", diffusion_target="quantized",
                               denoiser_ema=0.9, steps=4, val_every=2, batch_size=2, val_batch_size=2, val_samples=2)
     final_a = assert_resume_is_bit_identical(tmp_path, config)
-    assert int(final_a["decoder_ema.updates"]) == 4  # one update per optimiser step
+    assert int(final_a["decoder.ema.updates"]) == 4  # one update per optimiser step
     name = "conv_out.weight"  # zero at init, so it moves from step 1; the average lags behind the live weights
-    assert final_a[f"decoder_ema.module.{name}"].abs().sum() > 0
-    assert not torch.equal(final_a[f"decoder_ema.module.{name}"], final_a[f"decoder.{name}"])
+    assert final_a[f"decoder.ema.module.{name}"].abs().sum() > 0
+    assert not torch.equal(final_a[f"decoder.ema.module.{name}"], final_a[f"decoder.unet.{name}"])
     figures = tmp_path / "run" / "figures"  # sampled with the EMA denoiser
     assert figures.is_dir() and os.listdir(figures)
 
