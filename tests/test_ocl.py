@@ -141,6 +141,37 @@ def test_slot_attention_matches_independent_implementation():
     torch.testing.assert_close(got_maps.sum(1), torch.ones(3, 20, dtype=torch.float64))  # slots compete
 
 
+def test_slot_attention_matches_the_slot_attention_package():
+    """The PyPI package `slot-attention` (lucidrains) as a second independent implementation, the same weights in
+    both. Conventions that differ, and how the test bridges them: the package's q/k/v projections carry biases (set
+    to 0: ours have none, as in the paper), it draws its initial slots itself from one shared mean and sigma (we
+    draw the same numbers under the same seed and hand them to ours), and it returns only the slots."""
+    package = pytest.importorskip("slot_attention")
+    torch.manual_seed(0)
+    dim, slots_count, iterations = 10, 4, 3
+    theirs = package.SlotAttention(slots_count, dim, iters=iterations, hidden_dim=24).double()
+    ours = models.SlotAttention(dim, iterations, mlp_dim=24).double()
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        for projection in (theirs.to_q, theirs.to_k, theirs.to_v):
+            projection.bias.zero_()
+        pairs = [(ours.to_q, theirs.to_q), (ours.to_k, theirs.to_k), (ours.to_v, theirs.to_v), (ours.gru, theirs.gru),
+                 (ours.mlp[0], theirs.mlp[0]), (ours.mlp[2], theirs.mlp[2]), (ours.norm_inputs, theirs.norm_input),
+                 (ours.norm_slots, theirs.norm_slots), (ours.norm_mlp, theirs.norm_pre_ff)]
+        for mine, other in pairs:
+            for name, parameter in mine.named_parameters():
+                parameter.copy_(dict(other.named_parameters())[name])
+    inputs = torch.randn(3, 25, dim).double()
+    torch.manual_seed(7)
+    expected = theirs(inputs)
+    torch.manual_seed(7)  # the package's first draw: its initial slots
+    initial = theirs.slots_mu + theirs.slots_logsigma.exp() * torch.randn(3, slots_count, dim, dtype=torch.float64)
+    got, attention = ours(inputs, initial)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert attention.shape == (3, slots_count, 25)
+
+
 def test_bi_level_truncation_keeps_the_values_and_passes_the_last_iterations_gradient_to_the_queries():
     """BO-QSA: the same slots and masks as plain Slot Attention; the gradient reaching the initial slots is that of
     one iteration run separately from the (detached) slots before the last iteration, and earlier iterations give
