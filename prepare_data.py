@@ -1076,8 +1076,10 @@ def main(argv=None) -> None:
                         "smallest object radius (px at 128x128)")
     parser.add_argument("--max_radius", type=float, default=None, help="synthetic data: override the style's largest "
                         "object radius (px at 128x128)")
-    parser.add_argument("--textured", choices=("yes", "no"), default=None,
-                        help="synthetic data: override whether objects and background carry textures")
+    parser.add_argument("--object_texture", choices=("yes", "no"), default=None,
+                        help="synthetic data: override whether objects carry textures")
+    parser.add_argument("--background_texture", choices=("yes", "no"), default=None,
+                        help="synthetic data: override whether backgrounds carry patterns")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--min_box_area", type=float, default=16.0,
                         help="COCO/VOC: drop images with an object whose bounding box covers fewer pixels at 128x128")
@@ -1113,9 +1115,10 @@ def main(argv=None) -> None:
         for key in ("min_radius", "max_radius"):
             if getattr(args, key) is not None:
                 style[key] = getattr(args, key)
-        if args.textured is not None:
-            style["textured"] = args.textured == "yes"
-            style["flat_background"] = not style["textured"]
+        if args.object_texture is not None:
+            style["textured"] = args.object_texture == "yes"
+        if args.background_texture is not None:
+            style["flat_background"] = args.background_texture == "no"
         if not 0 < style["min_radius"] <= style["max_radius"] <= RESOLUTION / 2:
             raise UserError(f"need 0 < min_radius <= max_radius <= {RESOLUTION // 2} (px at {RESOLUTION}x"
                             f"{RESOLUTION}), got {style['min_radius']}, {style['max_radius']}")

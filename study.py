@@ -10,11 +10,14 @@ that binds on a CPU, README 'Results'), evaluates both (ARI, ARIfg, mIoU, mBO an
 separability), and writes OUT/summary.json ({"vq": {...}, "msf": {...}} with "ari", "ari_fg", "miou", "mbo" in
 percent on the validation split); it is sized to finish within 20 minutes on a 2-core CPU, install included.
 
-`full` runs the study the README's Results section describes, from the `*_shapes*.yaml` configs:
-  main       SLATE with VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
+`full` runs the study the README's Results section describes. `--setting easy` (default): the mixture configuration
+that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting shapes`: SLATE on the multi-scale data
+(`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
+  main       VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
              (paper Table 4 form: before / after inter-scale fusion, scale-variant part, final; every scale);
-  ablations  paper Table 5 on SLATE + MSF: no inter-scale fusion, no intra-scale fusion, shared scale-variant
-             codebook, N = 2 / 4 scales, guidance scales [1, 2] and [2];
+  ablations  paper Table 5 with MSF guidance: no inter-scale fusion, no intra-scale fusion, shared scale-variant
+             codebook, N = 2 / 4 scales, guidance scales [1, 2] (SLATE only: the mixture decoder reads one scale)
+             and [2];
   video      STEVE with VQ and MSF guidance on `shapes_video`.
 The main part also compares each guidance with VQ seed by seed (paired differences, paired t-test).
 Every stage runs as its own process with `--resume auto`, so an interrupted study continues where it stopped
@@ -42,7 +45,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # (training, validation) samples of the synthetic data used by the demo and the study, and how each is generated.
 DATA_SIZES = {"shapes": (2000, 200), "shapes_video": (300, 50), "shapes_easy": (4000, 200)}
 DATA_COMMANDS = {"shapes": ["shapes"], "shapes_video": ["shapes_video"], "shapes_easy": ["shapes", "--style", "easy"]}
-# Paper Table 5 (upper part) as VAE overrides of configs/vae_msf_shapes.yaml.
+# Paper Table 5 (upper part) as overrides of the setting's MSF VAE config.
 VAE_ABLATIONS = {  # label: (run name, overrides)
     "no inter-scale fusion": ("nointer", {"inter_scale_fusion": "false"}),
     "no intra-scale fusion": ("nointra", {"intra_scale_fusion": "false"}),
@@ -50,8 +53,16 @@ VAE_ABLATIONS = {  # label: (run name, overrides)
     "N = 2 scales": ("n2", {"num_scales": "2"}),
     "N = 4 scales": ("n4", {"num_scales": "4"}),
 }
-# Paper Table 5 (lower right) as SLATE overrides, guided by the main MSF VAE.
+# Paper Table 5 (lower right) as OCL overrides, guided by the main MSF VAE (the mixture decoder reads one scale).
 SCALE_ABLATIONS = {"guidance scales [1, 2]": ("scales12", "[1,2]"), "guidance scale [2]": ("scales2", "[2]")}
+# What the main and ablation parts train: `easy`, the configuration that binds on a CPU (Slot Attention + the mixture
+# decoder over the guidance, large flat objects at 32 px), or `shapes`, SLATE on the multi-scale data at 64 px.
+SETTINGS = {
+    "easy": {"data": "shapes_easy", "vae": "configs/vae_{}_easy.yaml", "ocl": "configs/mixture_{}_easy.yaml",
+             "method": "mixture", "scales": {"guidance scale [2]": ("scales2", "[2]")}},
+    "shapes": {"data": "shapes", "vae": "configs/vae_{}_shapes.yaml", "ocl": "configs/slate_{}_shapes.yaml",
+               "method": "slate", "scales": SCALE_ABLATIONS},
+}
 
 
 class Study:
@@ -274,14 +285,16 @@ def demo(args) -> list:
 
 def full(args) -> list:
     study = Study(args.out or os.path.join(ROOT, "runs", "study"), args.device, args.steps_scale, jobs=args.jobs)
-    seeds, parts = args.seeds, args.parts
+    seeds, parts, setting = args.seeds, args.parts, SETTINGS[args.setting]
+    method = setting["method"]
     lines = ["# Study: multi-scale fusion on the synthetic data", "",
              f"Seeds: main {seeds}, ablations {args.ablation_seeds}, video {args.video_seeds}; "
-             f"steps x{args.steps_scale} of the `*_shapes*.yaml` configs; "
+             f"setting `{args.setting}`: {setting['ocl'].format('*')} guided by {setting['vae'].format('*')}; "
+             f"steps x{args.steps_scale} of the configs; "
              f"device: {device_name(args.device)}; {study.jobs} stage(s) at a time. "
              f"Metrics in percent, mean ± std over seeds, background counted as a segment.", ""]
     if "main" in parts or "ablations" in parts:
-        lines += [study.data("shapes"), ""]
+        lines += [study.data(setting["data"]), ""]
     if "video" in parts:
         lines += [study.data("shapes_video"), ""]
 
@@ -289,10 +302,10 @@ def full(args) -> list:
     vae_specs = {}  # run name -> (config, overrides)
     if "main" in parts or "ablations" in parts:
         for guidance in ("vq", "grouped", "msf") if "main" in parts else ("msf",):
-            vae_specs[f"vae_{guidance}"] = (f"configs/vae_{guidance}_shapes.yaml", None)
+            vae_specs[f"vae_{guidance}"] = (setting["vae"].format(guidance), None)
     if "ablations" in parts:
         for slug, overrides in VAE_ABLATIONS.values():
-            vae_specs[f"vae_msf_{slug}"] = ("configs/vae_msf_shapes.yaml", overrides)
+            vae_specs[f"vae_msf_{slug}"] = (setting["vae"].format("msf"), overrides)
     if "video" in parts:
         for guidance in ("vq", "msf"):
             vae_specs[f"vae_{guidance}_video"] = (f"configs/vae_{guidance}_shapes_video.yaml", None)
@@ -315,16 +328,15 @@ def full(args) -> list:
 
     if "main" in parts:
         for guidance in ("vq", "grouped", "msf"):
-            plan("main", guidance, f"slate_{guidance}", f"configs/slate_{guidance}_shapes.yaml", f"vae_{guidance}",
-                 seeds)
+            plan("main", guidance, f"{method}_{guidance}", setting["ocl"].format(guidance), f"vae_{guidance}", seeds)
     if "ablations" in parts:
-        plan("ablations", "full MSF (reference)", "slate_msf", "configs/slate_msf_shapes.yaml", "vae_msf",
-             args.ablation_seeds, evaluation="slate_msf_reference")
+        plan("ablations", "full MSF (reference)", f"{method}_msf", setting["ocl"].format("msf"), "vae_msf",
+             args.ablation_seeds, evaluation=f"{method}_msf_reference")
         for label, (slug, _) in VAE_ABLATIONS.items():
-            plan("ablations", label, f"slate_msf_{slug}", "configs/slate_msf_shapes.yaml", f"vae_msf_{slug}",
+            plan("ablations", label, f"{method}_msf_{slug}", setting["ocl"].format("msf"), f"vae_msf_{slug}",
                  args.ablation_seeds)
-        for label, (slug, scales) in SCALE_ABLATIONS.items():
-            plan("ablations", label, f"slate_msf_{slug}", "configs/slate_msf_shapes.yaml", "vae_msf",
+        for label, (slug, scales) in setting["scales"].items():
+            plan("ablations", label, f"{method}_msf_{slug}", setting["ocl"].format("msf"), "vae_msf",
                  args.ablation_seeds, {"guidance_scales": scales})
     if "video" in parts:
         for guidance in ("vq", "msf"):
@@ -336,7 +348,7 @@ def full(args) -> list:
         return study.evaluate(*groups[part, label])
 
     if "main" in parts:
-        lines += ["## SLATE on `shapes`: VQ vs grouped vs MSF guidance", ""] + metric_header("guidance")
+        lines += [f"## {method} on `{setting['data']}`: VQ vs grouped vs MSF guidance", ""] + metric_header("guidance")
         main = {guidance: evaluated("main", guidance) for guidance in ("vq", "grouped", "msf")}
         lines += [mean_std_row(guidance, metrics) for guidance, metrics in main.items()]
         for guidance in ("msf", "grouped"):
@@ -349,7 +361,7 @@ def full(args) -> list:
                   "MSF rows: scale-invariant part before (`si_before`) and after (`si_after`) inter-scale fusion, "
                   "scale-variant part (`sv`), final `X_n`.", ""] + separability_table(separability)
     if "ablations" in parts:
-        lines += ["", "## Ablations on SLATE + MSF (paper Table 5)", ""] + metric_header("variant")
+        lines += ["", f"## Ablations on {method} + MSF (paper Table 5)", ""] + metric_header("variant")
         lines += [mean_std_row(label, evaluated(part, label)) for part, label in groups if part == "ablations"]
     if "video" in parts:
         lines += ["", "## STEVE on `shapes_video`: VQ vs MSF guidance (one score per 24-frame video)", ""]
@@ -414,6 +426,9 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", nargs="+", default=["main", "ablations", "video"],
                         choices=("main", "ablations", "video"), help="full: which parts to run")
     parser.add_argument("--steps_scale", type=float, default=1.0, help="full: multiply every config's steps")
+    parser.add_argument("--setting", choices=tuple(SETTINGS), default="easy",
+                        help="full: the main and ablation parts on easy (the mixture configuration that binds on a "
+                             "CPU) or shapes (SLATE on the multi-scale data)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="independent stages run at once (e.g. 12 on one GPU; 1 = one after another; default: "
                              "demo 2, the VQ and MSF pipelines side by side, full 1)")
