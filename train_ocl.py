@@ -5,7 +5,7 @@ guidance of a frozen, pretrained VAE.
     torchrun --nproc_per_node K train_ocl.py configs/steve_msf_movid.yaml
 
 Adam with warm-up + cosine, AMP on GPU, clipping (1.0 images, 0.02 videos in the configs), validation with ARI,
-ARIfg, mIoU and mBO (evaluate.py's metric functions), PNG figures, atomic checkpoints (last K and best.pt),
+ARIfg, mIoU and mBO (metrics.py), PNG figures, atomic checkpoints (last K and best.pt),
 exact `--resume`, DDP with the loss computed inside the wrapped module's forward.
 """
 
@@ -16,7 +16,6 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import evaluate
 import model as models
 import msf
 from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save,
@@ -26,6 +25,8 @@ from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all
                     resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed,
                     share_frozen_weights, slim_checkpoint)
 from data import eval_loader, split_path, train_loader
+from figures import save_figures
+from metrics import IGNORE, score_batch, segments_at
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
@@ -124,7 +125,7 @@ def restore_best(out_dir: str, best_step, d, log) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Validation: metrics on the slot masks, reduced over ranks.
 
-METRICS = ("ari", "ari_fg", "miou", "mbo", "mask_entropy")  # percent; mask_entropy of ln(slots), see evaluate.py
+METRICS = ("ari", "ari_fg", "miou", "mbo", "mask_entropy")  # percent; mask_entropy of ln(slots), see metrics.py
 
 
 @torch.no_grad()
@@ -142,7 +143,7 @@ def validate(model: models.OCLModel, loader, d, dtype) -> dict:
         "loss", "batches", "shuffled", "shuffled_batches", "gain_objects", "objects", "gain_background", "background"]
     totals = dict.fromkeys(names, 0.0)
     for batch in loader:
-        scores, stats, batch = evaluate.score_batch(model, batch, d.device, dtype, shuffled_slots=True)
+        scores, stats, batch = score_batch(model, batch, d.device, dtype, shuffled_slots=True)
         for name in METRICS:
             valid = ~torch.isnan(scores[name])
             totals[f"{name}_sum"] += float(scores[name][valid].sum())
@@ -155,8 +156,8 @@ def validate(model: models.OCLModel, loader, d, dtype) -> dict:
         if "token_slot_gain" in stats:  # split by the ground truth at the token grid (segments_at: block majority)
             gain = stats["token_slot_gain"].double().cpu()
             side = math.isqrt(gain.shape[1])
-            truth = evaluate.segments_at(batch["segment"].flatten(0, -3).cpu(), (side, side)).flatten(1)
-            known = truth != evaluate.IGNORE
+            truth = segments_at(batch["segment"].flatten(0, -3).cpu(), (side, side)).flatten(1)
+            known = truth != IGNORE
             for part, where in (("objects", (truth > 0) & known), ("background", (truth == 0) & known)):
                 totals[f"gain_{part}"] += float(gain[where].sum())
                 totals[part] += int(where.sum())
@@ -289,8 +290,8 @@ def main(argv=None) -> None:
             log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             check_finite_state(model, {"val_loss": metrics["val_loss"]}, step + 1, config["out_dir"])
             if d.is_main:
-                for path in evaluate.save_figures(model, figure_batch, d.device,
-                                                  os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}")):
+                for path in save_figures(model, figure_batch, d.device,
+                                         os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}")):
                     log.image("figures/" + (path.rsplit("_", 1)[-1][:-4] if video else "validation"), path, step + 1)
             checkpoint(step + 1, metrics)
     progress.close()
