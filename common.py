@@ -108,7 +108,6 @@ RESUME_FREE_KEYS = {"resume", "out_dir", "overwrite", "allow_changed", "num_work
                     "latent_scale"}
 
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -547,11 +546,6 @@ def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = T
     interactive = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
                 mininterval=0.2 if interactive else 30.0)
-
-
-def read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import torch
 
 import evaluate
 import train_ocl
-from common import UserError, read_jsonl
-from helpers import save_vae, write_ocl_config
+from common import UserError
+from helpers import read_jsonl, save_vae, write_ocl_config
 
 pytest.importorskip("sklearn")
 
