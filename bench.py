@@ -17,7 +17,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 import data
 import model as models
@@ -277,11 +276,11 @@ def ocl_step_ratio_msf_vs_vq(args):
 def demo_slate_step(dropout: float, device):
     """One training step of SLATE + MSF as the demo runs it (configs/slate_msf_shapes.yaml, batch 16, 64 px) with the
     given decoder dropout, guided by an untrained VAE of vae_msf_shapes.yaml's kind and size."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "slate_msf_shapes.yaml")) as f:
-        settings = yaml.safe_load(f)
-    config = {k: o.default for k, o in models.OCL_OPTIONS.items()}
-    config.update({k: v for k, v in settings.items() if k in config}, resolution=settings["resolution"],
-                  decoder_dropout=dropout)
+    # Through load_config: the file states only what differs from the defaults.
+    settings = load_config(train_ocl.OPTIONS, [os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                                            "slate_msf_shapes.yaml")])
+    config = {k: settings[k] for k in models.OCL_OPTIONS}
+    config.update(resolution=settings["resolution"], decoder_dropout=dropout)
     torch.manual_seed(0)
     vae = msf.build_vae(shapes_vae_config("msf"))
     ocl = models.OCLModel(config, vae).to(device)
