@@ -1,13 +1,35 @@
-"""Trained models rebuilt from their checkpoints, for evaluate.py and the Python API (api.py)."""
+"""Trained models rebuilt from their checkpoints, for evaluate.py and the Python API (api.py), and the one rule for
+checkpoints written by older versions (`complete_config`), which train_ocl.py applies to its guidance VAE too."""
 
-import contextlib
 import os
 import sys
 import warnings
 
 import msf
 from common import UserError, load_checkpoint, load_weights, resolve_stored_path
-from model import build_model
+from model import OCL_OPTIONS, build_model
+
+# Options added after checkpoints of this project existed whose defaults are what the code did before them, so a
+# checkpoint without one was trained with its default. Any other key a checkpoint lacks is refused, because its
+# default may not be what the checkpoint was trained with (beta_start, beta_end and diffusion_target changed the
+# behaviour when they came).
+ADDED_WITH_THE_OLD_BEHAVIOUR_AS_DEFAULT = (
+    "vae_losses", "pyramid", "vae_norm",  # msf.VAE_OPTIONS
+    "guidance_noise", "query_sigma_anneal_fraction", "sa_truncation", "denoiser_ema",  # model.OCL_OPTIONS
+    "mixture_decoder", "mixture_target", "mixture_hidden",  # read only by the mixture method, which came with them
+)
+
+
+def complete_config(config: dict, options: dict, path: str) -> dict:
+    """A checkpoint's model config (`options`: msf.VAE_OPTIONS or model.OCL_OPTIONS) completed for today's code:
+    keys of ADDED_WITH_THE_OLD_BEHAVIOUR_AS_DEFAULT that it lacks take their defaults; any other missing key is
+    refused in one sentence (filling it with today's default could rebuild a different model without a word)."""
+    missing = [key for key in options if key not in config]
+    refused = [key for key in missing if key not in ADDED_WITH_THE_OLD_BEHAVIOUR_AS_DEFAULT]
+    if refused:
+        raise UserError(f"{path} was written by an older version: its config lacks {refused[0]!r}; retrain, or add "
+                        f"it to the checkpoint's config with the value it was trained with")
+    return {**config, **{key: options[key].default for key in missing}}
 
 
 def load_for_evaluation(path: str, device):
@@ -29,17 +51,19 @@ def load_for_evaluation(path: str, device):
     if state.get("vae_ckpt"):
         state["vae_ckpt"] = resolve_stored_path(state["vae_ckpt"], state["path"], out_dir)
     if state["kind"] == "vae":
-        with _older_config_error(state):
-            vae = msf.build_vae(state["config"])
+        vae = msf.build_vae(complete_config(state["config"], msf.VAE_OPTIONS, state["path"]))
         load_weights(vae, state["model"], state["path"])
         return vae.to(device).eval(), state
     if state["kind"] != "ocl":
         raise UserError(f"{state['path']} is a {state['kind']} checkpoint; give an OCL (train_ocl.py) or a VAE "
                         f"(pretrain_vae.py) checkpoint")
-    config = dict(state["config"], dino_pretrained=False, dino_weights="")  # DINO's weights are in the checkpoint
-    with _older_config_error(state), warnings.catch_warnings():
+    config = complete_config(state["config"], OCL_OPTIONS, state["path"])
+    config.update(dino_pretrained=False, dino_weights="")  # DINO's weights are in the checkpoint
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DINO is RANDOMLY")
-        vae = msf.build_vae(state["vae_config"]) if state.get("vae_config") else None
+        vae = None
+        if state.get("vae_config"):
+            vae = msf.build_vae(complete_config(state["vae_config"], msf.VAE_OPTIONS, state["path"]))
         model = build_model(config, state["video"], vae)
     try:
         model.load_state_dict(state["model"])
@@ -47,17 +71,3 @@ def load_for_evaluation(path: str, device):
         raise UserError(f"{state['path']} does not fit the model its own config describes "
                         f"({str(error).splitlines()[0][:200]})") from None
     return model.to(device).eval(), state
-
-
-@contextlib.contextmanager
-def _older_config_error(state: dict):
-    """A checkpoint from an older version may lack a key its model needs now: say so in one sentence (filling it
-    with today's default could rebuild a different model without a word)."""
-    try:
-        yield
-    except KeyError as error:
-        key = error.args[0] if error.args else None
-        if key in state["config"] or key in (state.get("vae_config") or {}):
-            raise  # not a missing config key: a bug, keep its traceback
-        raise UserError(f"{state['path']} was written by an older version: its config lacks {key!r}; "
-                        f"retrain, or add it to the checkpoint's config with the value it was trained with") from None

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as models
 import msf
+from checkpoints import complete_config
 from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, UserError, atomic_torch_save, autocast, check_finite_state,
                     checkpoint_payload, finish_run, gather_rng_states, load_checkpoint, load_config, load_weights,
                     optimizer_and_rng, optimizer_step, option, progress_bar, record_training, record_validation,
@@ -64,11 +65,7 @@ def load_guidance_vae(config: dict):
         raise UserError(f"method {config['method']} needs vae_ckpt: the VAE checkpoint (or run directory) made by "
                         f"pretrain_vae.py")
     state = load_checkpoint(config["vae_ckpt"], kind="vae")
-    vae_config = state["config"]
-    missing = [key for key in ("quantizer", "code_dim") if key not in vae_config]
-    if missing:
-        raise UserError(f"{state['path']} was written by an older version: its config lacks {missing[0]!r}; retrain "
-                        f"the VAE or point vae_ckpt at another checkpoint")
+    vae_config = complete_config(state["config"], msf.VAE_OPTIONS, state["path"])
     if vae_config["quantizer"] != config["guidance"]:
         raise UserError(f"{state['path']} is a '{vae_config['quantizer']}' VAE but the config asks for guidance: "
                         f"{config['guidance']}; point vae_ckpt at a {config['guidance']} VAE")
@@ -81,11 +78,7 @@ def load_guidance_vae(config: dict):
     if vae_resolution != config["resolution"]:
         raise UserError(f"{state['path']} was pretrained at {vae_resolution}px but the OCL config uses resolution "
                         f"{config['resolution']}; use the same resolution for both stages")
-    try:
-        vae = msf.build_vae(vae_config)
-    except KeyError as error:
-        raise UserError(f"{state['path']} was written by an older version: its config lacks {error.args[0]!r}; "
-                        f"retrain the VAE or point vae_ckpt at another checkpoint") from None
+    vae = msf.build_vae(vae_config)
     load_weights(vae, state["model"], state["path"])
     return vae, state
 
