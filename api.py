@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import msf
-from evaluate import load_for_evaluation
+from checkpoints import load_for_evaluation
 
 
 def load(path: str, device: str = "cpu"):

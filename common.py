@@ -87,6 +87,12 @@ TRAINING_OPTIONS = {
     "data_dir": option("data/shapes", "directory with train.lmdb / val.lmdb"),
     "train_split": option("train", "training split name"),
     "val_split": option("val", "validation split name"),
+    "num_frames": option(6, "video datasets: frames per training clip (the VAE takes them as images; OCL evaluation "
+                         "uses every frame)", min=1),
+    "grad_clip": option(1.0, "global L2 norm clip (0 = off); the paper clips OCL training at 1.0 for images, 0.02 "
+                        "for videos", min=0.0),
+    "keep_checkpoints": option(5, "checkpoints kept in out_dir (oldest deleted; an OCL run keeps best.pt apart)",
+                               min=0),
     "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps", min=0.0),
     "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak", min=0.0),
     "amp": option("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
@@ -102,13 +108,25 @@ TRAINING_OPTIONS = {
     "allow_changed": option([], "settings a resumed run may change although they alter its trajectory (e.g. "
                             "steps,lr); others that differ from the checkpoint's are refused", type="str_list"),
 }
+
+def schedule_options(out_dir: str, steps: int, batch_size: int, lr: float, val_every: int, val_batch_size: int) -> dict:
+    """The run directory, schedule and batch keys both trainers take, with the stage's own defaults (the paper's)."""
+    return {
+        "out_dir": option(out_dir, "run directory"),
+        "steps": option(steps, "training iterations", min=1),
+        "batch_size": option(batch_size, "global batch (images, or video clips) over all ranks", min=1),
+        "lr": option(lr, "peak Adam learning rate", above=0.0),
+        "val_every": option(val_every, "steps between validations and checkpoints", min=1),
+        "val_batch_size": option(val_batch_size, "validation batch per rank (the paper's OCL videos: 4)", min=1),
+    }
+
+
 # Keys a resumed run may change freely: where it writes, how often it reports, how it reads (not what it learns).
 RESUME_FREE_KEYS = {"resume", "out_dir", "overwrite", "allow_changed", "num_workers", "log_every", "val_every",
                     "val_batch_size", "val_samples", "keep_checkpoints", "device", "ddp_timeout_minutes",
                     "latent_scale"}
 
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -549,11 +567,6 @@ def progress_bar(total: int, initial: int = 0, desc: str = "", enabled: bool = T
                 mininterval=0.2 if interactive else 30.0)
 
 
-def read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Figures: image grids whose rows carry a text label in a left margin.
 
@@ -902,3 +915,70 @@ def reduce_mean(values: dict, d: Dist) -> dict:
     stacked = torch.tensor([float(values[k]) for k in keys], device=d.device)
     dist.all_reduce(stacked)
     return {k: float(v) / d.world_size for k, v in zip(keys, stacked.tolist())}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainers' set-up and bookkeeping: small steps each trainer's main calls in its own order.
+
+def start_run(config: dict, kind: str, model_keys) -> tuple:
+    """DDP under torchrun (one process per GPU) or one process, deterministic kernels, the run directory claimed and
+    locked, its log, and the checkpoint to resume from: (d, log, checkpoint dict or None, start step)."""
+    d = setup_distributed(config["device"], config["ddp_timeout_minutes"])
+    deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
+    claim_run_dir(config, d)  # refuses another run's directory, and locks this one
+    log = RunLog(config["out_dir"], d.is_main)
+    state, start_step = resume_state(config, kind, model_keys)
+    return d, log, state, start_step
+
+
+def optimizer_and_rng(parameters, config: dict, d: Dist, model, state, log: RunLog) -> tuple:
+    """Adam, the AMP dtype and its grad scaler, and each rank's own noise from here on: seeded with
+    seed * world_size + rank on a fresh start, restored with the weights and optimizer on resume."""
+    optimizer = torch.optim.Adam(parameters, lr=config["lr"])
+    dtype = amp_dtype(config["amp"], d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    if state is None:
+        torch.manual_seed(config["seed"] * d.world_size + d.rank)
+    else:
+        restore_training_state(state, model, optimizer, scaler, d.rank, log)
+    return optimizer, dtype, scaler
+
+
+def checkpoint_payload(kind: str, model, optimizer, scaler, step: int, config: dict, rng: list,
+                       resolution: int) -> dict:
+    """What every checkpoint holds: the weights, the optimizer and scaler state, every rank's RNG state, the config
+    and the data it trained on."""
+    return {"kind": kind, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "config": config, "rng": rng,
+            "data": {"data_dir": config["data_dir"], "train": config["train_split"], "val": config["val_split"],
+                     "resolution": resolution}}
+
+
+def stop_on_non_finite(loss, step: int, d: Dist, out_dir: str) -> None:
+    """Stop every rank together on a non-finite loss, naming the step."""
+    if not all_finite(loss, d):
+        raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; the "
+                        f"last checkpoint in {out_dir} is intact")
+
+
+def record_training(log: RunLog, stats: dict, d: Dist, step: int, seconds_per_step: float, **values) -> dict:
+    """Log one training step: its stats averaged over ranks with `values`, to log.jsonl and log.txt."""
+    entry = reduce_mean(stats, d)
+    entry.update(step=step + 1, **values, seconds_per_step=seconds_per_step)
+    log.record(entry)
+    log.info(f"step {step + 1}: loss {entry['loss']:.4g}, lr {entry['lr']:.3g}, grad_norm {entry['grad_norm']:.3g}",
+             echo=False)
+    return entry
+
+
+def record_validation(log: RunLog, metrics: dict, step: int) -> None:
+    """Log the validation metrics after `step`, to log.jsonl and log.txt."""
+    log.record({"step": step + 1, **metrics})
+    log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+def finish_run(log: RunLog, d: Dist, out_dir: str) -> None:
+    """Close the log, unlock the run directory and leave the process group."""
+    log.close()
+    release_run_dir(out_dir)
+    cleanup_distributed(d)

@@ -368,3 +368,16 @@ def worker_context(num_workers: int):
     gloo/OpenMP threads can copy a held lock into the worker, which then never starts (seen as a DDP run that
     hangs at its first validation)."""
     return "forkserver" if num_workers > 0 else None
+
+
+def training_loaders(config: dict, d: Dist, start_step: int) -> tuple:
+    """A trainer's data: this rank's slice of the step-indexed training order (a resumed run sees what the
+    uninterrupted one would), the validation loader at the training data's resolution, and the validation split's
+    path: (loader, val, val_path)."""
+    loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
+                          config["num_workers"], config["seed"], d, start_step, config["resolution"],
+                          config["num_frames"])
+    val_path = split_path(config["data_dir"], config["val_split"])
+    val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, loader.dataset.resolution,
+                      config["val_samples"])
+    return loader, val, val_path

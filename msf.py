@@ -697,7 +697,8 @@ class VAE(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        # Keys added after a checkpoint was written take their defaults, which reproduce the older behaviour.
+        # Keys not given take their defaults, like keyword arguments (the tests build small VAEs from a few keys); a
+        # checkpoint's config is completed, or refused, by checkpoints.complete_config before it gets here.
         config = {**{key: o.default for key, o in VAE_OPTIONS.items()}, **config}
         self.config = config
         c = config["code_dim"]

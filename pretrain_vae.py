@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, autocast, check_finite_state,
-                    claim_run_dir, cleanup_distributed, deterministic_algorithms, gather_rng_states, load_config,
-                    optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
-                    resume_state, run_main, save_checkpoint, save_config, save_labelled_grid, set_scheduled_lr,
-                    setup_distributed)
-from data import eval_loader, split_path, train_loader
+from common import (TRAINING_OPTIONS, autocast, check_finite_state, checkpoint_payload, finish_run, gather_rng_states,
+                    load_config, optimizer_and_rng, optimizer_step, option, progress_bar, record_training,
+                    record_validation, run_main, save_checkpoint, save_config, save_labelled_grid, schedule_options,
+                    set_scheduled_lr, start_run, stop_on_non_finite)
+from data import eval_loader, training_loaders
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
@@ -30,15 +29,7 @@ from data import eval_loader, split_path, train_loader
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
     "resolution": option(0, "input resolution (0 = as stored; the CPU demo trains at 64)", min=0),
-    "num_frames": option(6, "video datasets: frames per training clip (flattened into the batch)", min=1),
-    "out_dir": option("runs/vae", "run directory"),
-    "steps": option(30000, "training iterations", min=1),
-    "batch_size": option(64, "global batch (images, or video clips) over all ranks", min=1),
-    "lr": option(2e-3, "peak Adam learning rate", above=0.0),
-    "grad_clip": option(1.0, "global L2 norm clip (0 = off)", min=0.0),
-    "val_every": option(600, "steps between validations and checkpoints", min=1),
-    "val_batch_size": option(64, "validation batch per rank", min=1),
-    "keep_checkpoints": option(5, "checkpoints kept in out_dir (oldest deleted)", min=0),
+    **schedule_options(out_dir="runs/vae", steps=30000, batch_size=64, lr=2e-3, val_every=600, val_batch_size=64),
 }
 OPTIONS = {**msf.VAE_OPTIONS, **TRAIN_OPTIONS}
 MODEL_KEYS = list(msf.VAE_OPTIONS)
@@ -126,34 +117,17 @@ def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> Non
 
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
-    # DDP under torchrun (one process per GPU), else one process
-    d = setup_distributed(config["device"], config["ddp_timeout_minutes"])
-    deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
-    # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
-    claim_run_dir(config, d)  # refuses another run's directory, and locks this one
-    log = RunLog(config["out_dir"], d.is_main)
-    state, start_step = resume_state(config, "vae", MODEL_KEYS)
-
-    # Data: this rank's slice of a step-indexed order, so a resumed run sees what the uninterrupted one would.
-    loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
-                          config["num_workers"], config["seed"], d, start_step, config["resolution"],
-                          config["num_frames"])
-    resolution = loader.dataset.resolution
+    # DDP, the run directory and the checkpoint to resume from (None for a fresh start) with its step.
+    d, log, state, start_step = start_run(config, "vae", MODEL_KEYS)
+    loader, val, val_path = training_loaders(config, d, start_step)
+    resolution = loader.dataset.resolution  # resolution 0 trains at the stored size
     msf.check_vae_config(config, resolution)
-    val_path = split_path(config["data_dir"], config["val_split"])
-    val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, resolution, config["val_samples"])
 
-    # Model: the global seed gives every rank, whatever the world size, the same initial weights.
+    # Model: the global seed gives every rank, whatever the world size, the same initial weights. From then on each
+    # rank draws its own noise (Gumbel, code replacement); resume restores that state.
     torch.manual_seed(config["seed"])
     model = msf.build_vae(config).to(d.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    dtype = amp_dtype(config["amp"], d.device)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-    # Seed: from here on each rank draws its own noise (Gumbel, code replacement); resume restores that state.
-    if state is None:
-        torch.manual_seed(config["seed"] * d.world_size + d.rank)
-    else:
-        restore_training_state(state, model, optimizer, scaler, d.rank, log)
+    optimizer, dtype, scaler = optimizer_and_rng(model.parameters(), config, d, model, state, log)
     with warnings.catch_warnings():  # torch >= 2.10 deprecates the flag; its replacement is missing in older torch
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         # Codebook usage statistics are per rank and reduced explicitly; rank 0's must not overwrite them.
@@ -169,10 +143,7 @@ def main(argv=None) -> None:
         states = gather_rng_states(d)
         if not d.is_main:
             return ""
-        return save_checkpoint({"kind": "vae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states,
-                                "data": {"data_dir": config["data_dir"], "train": config["train_split"],
-                                         "val": config["val_split"], "resolution": resolution}},
+        return save_checkpoint(checkpoint_payload("vae", model, optimizer, scaler, step, config, states, resolution),
                                config["out_dir"], step, config["keep_checkpoints"])
 
     # The loop: every schedule is a pure function of the step, so resume is exact.
@@ -187,9 +158,7 @@ def main(argv=None) -> None:
         images = frames_of(next(batches)).to(d.device, non_blocking=True)
         with autocast(d.device, dtype):
             loss, stats = ddp_model(images, alpha, temperature)
-        if not all_finite(loss, d):
-            raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; the "
-                            f"last checkpoint in {config['out_dir']} is intact")
+        stop_on_non_finite(loss, step, d, config["out_dir"])
         grad_norm = optimizer_step(loss, model.parameters(), optimizer, scaler, config["grad_clip"])
         for book in model.codebooks():
             reset = book.maintain(config["code_replacement"], config["replace_every"], config["dead_fraction"])
@@ -200,18 +169,15 @@ def main(argv=None) -> None:
 
         if step % config["log_every"] == 0 or step == steps - 1:
             now = time.perf_counter()
-            entry = reduce_mean(stats, d)
-            entry.update(step=step + 1, lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
-                         replaced_codes=replaced, seconds_per_step=(now - last_time) / (1 if step == start_step
-                                                                                        else config["log_every"]))
+            entry = record_training(log, stats, d, step, (now - last_time) / (1 if step == start_step
+                                                                              else config["log_every"]),
+                                    lr=lr, alpha=alpha, temperature=temperature, grad_norm=grad_norm,
+                                    replaced_codes=replaced)
             last_time, replaced = now, 0
-            log.record(entry)
-            log.info(f"step {step + 1}: loss {entry['loss']:.4g}, lr {lr:.3g}, grad_norm {grad_norm:.3g}", echo=False)
             progress.set_postfix(loss=f"{entry['loss']:.4f}", replaced=entry["replaced_codes"])
         if (step + 1) % config["val_every"] == 0 or step == steps - 1:
             metrics = validate(model, val, d, dtype)
-            log.record({"step": step + 1, **metrics})
-            log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            record_validation(log, metrics, step)
             check_finite_state(model, {k: v for k, v in metrics.items() if "recon_mse" in k}, step + 1,
                                config["out_dir"])
             if d.is_main:
@@ -226,9 +192,7 @@ def main(argv=None) -> None:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
     elif metrics is not None:
         warn_collapsed_codebooks(metrics, log)
-    log.close()
-    release_run_dir(config["out_dir"])
-    cleanup_distributed(d)
+    finish_run(log, d, config["out_dir"])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ guidance of a frozen, pretrained VAE.
     torchrun --nproc_per_node K train_ocl.py configs/steve_msf_movid.yaml
 
 Adam with warm-up + cosine, AMP on GPU, clipping (1.0 images, 0.02 videos in the configs), validation with ARI,
-ARIfg, mIoU and mBO (evaluate.py's metric functions), PNG figures, atomic checkpoints (last K and best.pt),
+ARIfg, mIoU and mBO (metrics.py), PNG figures, atomic checkpoints (last K and best.pt),
 exact `--resume`, DDP with the loss computed inside the wrapped module's forward.
 """
 
@@ -16,16 +16,17 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import evaluate
 import model as models
 import msf
-from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, atomic_torch_save,
-                    autocast, check_finite_state, claim_run_dir, cleanup_distributed,
-                    deterministic_algorithms, gather_rng_states, load_checkpoint, load_config, load_weights,
-                    optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
-                    resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed,
-                    share_frozen_weights, slim_checkpoint)
-from data import eval_loader, split_path, train_loader
+from checkpoints import complete_config
+from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, UserError, atomic_torch_save, autocast, check_finite_state,
+                    checkpoint_payload, finish_run, gather_rng_states, load_checkpoint, load_config, load_weights,
+                    optimizer_and_rng, optimizer_step, option, progress_bar, record_training, record_validation,
+                    run_main, save_checkpoint, save_config, schedule_options, set_scheduled_lr, share_frozen_weights,
+                    slim_checkpoint, start_run, stop_on_non_finite)
+from data import eval_loader, training_loaders
+from figures import save_figures
+from metrics import IGNORE, score_batch, segments_at
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
@@ -33,17 +34,9 @@ from data import eval_loader, split_path, train_loader
 TRAIN_OPTIONS = {
     **TRAINING_OPTIONS,
     "resolution": option(128, "input resolution (the data is resized on the fly if stored otherwise)", min=1),
-    "num_frames": option(6, "video datasets: frames per training clip (evaluation uses every frame)", min=1),
-    "out_dir": option("runs/ocl", "run directory"),
-    "steps": option(50000, "training iterations", min=1),
-    "batch_size": option(32, "global batch (images, or video clips) over all ranks", min=1),
-    "lr": option(2e-4, "peak Adam learning rate", above=0.0),
-    "grad_clip": option(1.0, "global L2 norm clip: 1.0 for images, 0.02 for videos (paper)", min=0.0),
-    "val_every": option(1000, "steps between validations and checkpoints", min=1),
-    "val_batch_size": option(32, "validation batch per rank (videos: 4 in the paper)", min=1),
+    **schedule_options(out_dir="runs/ocl", steps=50000, batch_size=32, lr=2e-4, val_every=1000, val_batch_size=32),
     "best_metric": option("ari+ari_fg", "validation metric that selects best.pt",
                           choices=("ari", "ari_fg", "miou", "mbo", "ari+ari_fg")),
-    "keep_checkpoints": option(5, "checkpoints kept in out_dir (oldest deleted; best.pt is kept apart)", min=0),
 }
 OPTIONS = {**models.OCL_OPTIONS, **TRAIN_OPTIONS}
 # Model entries that never change in training, saved once per run directory instead of in every checkpoint.
@@ -72,11 +65,7 @@ def load_guidance_vae(config: dict):
         raise UserError(f"method {config['method']} needs vae_ckpt: the VAE checkpoint (or run directory) made by "
                         f"pretrain_vae.py")
     state = load_checkpoint(config["vae_ckpt"], kind="vae")
-    vae_config = state["config"]
-    missing = [key for key in ("quantizer", "code_dim") if key not in vae_config]
-    if missing:
-        raise UserError(f"{state['path']} was written by an older version: its config lacks {missing[0]!r}; retrain "
-                        f"the VAE or point vae_ckpt at another checkpoint")
+    vae_config = complete_config(state["config"], msf.VAE_OPTIONS, state["path"])
     if vae_config["quantizer"] != config["guidance"]:
         raise UserError(f"{state['path']} is a '{vae_config['quantizer']}' VAE but the config asks for guidance: "
                         f"{config['guidance']}; point vae_ckpt at a {config['guidance']} VAE")
@@ -89,11 +78,7 @@ def load_guidance_vae(config: dict):
     if vae_resolution != config["resolution"]:
         raise UserError(f"{state['path']} was pretrained at {vae_resolution}px but the OCL config uses resolution "
                         f"{config['resolution']}; use the same resolution for both stages")
-    try:
-        vae = msf.build_vae(vae_config)
-    except KeyError as error:
-        raise UserError(f"{state['path']} was written by an older version: its config lacks {error.args[0]!r}; "
-                        f"retrain the VAE or point vae_ckpt at another checkpoint") from None
+    vae = msf.build_vae(vae_config)
     load_weights(vae, state["model"], state["path"])
     return vae, state
 
@@ -124,7 +109,7 @@ def restore_best(out_dir: str, best_step, d, log) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Validation: metrics on the slot masks, reduced over ranks.
 
-METRICS = ("ari", "ari_fg", "miou", "mbo", "mask_entropy")  # percent; mask_entropy of ln(slots), see evaluate.py
+METRICS = ("ari", "ari_fg", "miou", "mbo", "mask_entropy")  # percent; mask_entropy of ln(slots), see metrics.py
 
 
 @torch.no_grad()
@@ -142,7 +127,7 @@ def validate(model: models.OCLModel, loader, d, dtype) -> dict:
         "loss", "batches", "shuffled", "shuffled_batches", "gain_objects", "objects", "gain_background", "background"]
     totals = dict.fromkeys(names, 0.0)
     for batch in loader:
-        scores, stats, batch = evaluate.score_batch(model, batch, d.device, dtype, shuffled_slots=True)
+        scores, stats, batch = score_batch(model, batch, d.device, dtype, shuffled_slots=True)
         for name in METRICS:
             valid = ~torch.isnan(scores[name])
             totals[f"{name}_sum"] += float(scores[name][valid].sum())
@@ -155,8 +140,8 @@ def validate(model: models.OCLModel, loader, d, dtype) -> dict:
         if "token_slot_gain" in stats:  # split by the ground truth at the token grid (segments_at: block majority)
             gain = stats["token_slot_gain"].double().cpu()
             side = math.isqrt(gain.shape[1])
-            truth = evaluate.segments_at(batch["segment"].flatten(0, -3).cpu(), (side, side)).flatten(1)
-            known = truth != evaluate.IGNORE
+            truth = segments_at(batch["segment"].flatten(0, -3).cpu(), (side, side)).flatten(1)
+            known = truth != IGNORE
             for part, where in (("objects", (truth > 0) & known), ("background", (truth == 0) & known)):
                 totals[f"gain_{part}"] += float(gain[where].sum())
                 totals[part] += int(where.sum())
@@ -187,22 +172,11 @@ def best_value(metrics: dict, name: str) -> float:
 
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
-    # DDP under torchrun (one process per GPU), else one process
-    d = setup_distributed(config["device"], config["ddp_timeout_minutes"])
-    deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
-    # Run directory and resume: the checkpoint to continue from (None for a fresh start) and its step.
-    claim_run_dir(config, d)  # refuses another run's directory, and locks this one
-    log = RunLog(config["out_dir"], d.is_main)
-    state, start_step = resume_state(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
-
-    # Data: this rank's slice of a step-indexed order, so a resumed run sees what the uninterrupted one would.
-    loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
-                          config["num_workers"], config["seed"], d, start_step, config["resolution"],
-                          config["num_frames"])
+    # DDP, the run directory and the checkpoint to resume from (None for a fresh start) with its step; the latent
+    # scale is measured, not chosen, so it may differ.
+    d, log, state, start_step = start_run(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
+    loader, val, val_path = training_loaders(config, d, start_step)
     video = loader.dataset.is_video
-    val_path = split_path(config["data_dir"], config["val_split"])
-    val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, config["resolution"],
-                      config["val_samples"])
 
     # Model: the global seed gives every rank, whatever the world size, the same initial weights.
     vae, vae_state = load_guidance_vae(config)
@@ -213,15 +187,10 @@ def main(argv=None) -> None:
         config["latent_scale"] = measure_latent_scale(model, loader.dataset, d.device)
         model.decoder.latent_scale.fill_(config["latent_scale"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config["lr"])
-    dtype = amp_dtype(config["amp"], d.device)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+    # From here on each rank draws its own noise (slot queries, dropout, diffusion); resume restores it.
+    optimizer, dtype, scaler = optimizer_and_rng(trainable, config, d, model, state, log)
     best, best_step = float("-inf"), None
-    # Seed: from here on each rank draws its own noise (slot queries, dropout, diffusion); resume restores it.
-    if state is None:
-        torch.manual_seed(config["seed"] * d.world_size + d.rank)
-    else:
-        restore_training_state(state, model, optimizer, scaler, d.rank, log)
+    if state is not None:
         best, best_step = state.get("best", best), state.get("best_step")
         restore_best(config["out_dir"], best_step, d, log)
         config["latent_scale"] = state["config"]["latent_scale"]
@@ -242,13 +211,10 @@ def main(argv=None) -> None:
             best, best_step = value, step
         if not d.is_main:
             return
-        payload = {"kind": "ocl", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states, "best": best,
-                   "best_step": best_step,
-                   "metrics": metrics, "video": video, "vae_config": vae.config if vae is not None else None,
-                   "vae_ckpt": vae_state["path"] if vae_state else None,
-                   "data": {"data_dir": config["data_dir"], "train": config["train_split"],
-                            "val": config["val_split"], "resolution": config["resolution"]}}
+        payload = {**checkpoint_payload("ocl", model, optimizer, scaler, step, config, states, config["resolution"]),
+                   "best": best, "best_step": best_step, "metrics": metrics, "video": video,
+                   "vae_config": vae.config if vae is not None else None,
+                   "vae_ckpt": vae_state["path"] if vae_state else None}
         # best.pt first, a slim self-contained export: a kill between the two files leaves no checkpoint that counts
         # a best that best.pt lacks. Frozen weights (DINO, the guidance VAE) go to one file per run.
         if improved:
@@ -268,37 +234,30 @@ def main(argv=None) -> None:
         batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
         with autocast(d.device, dtype):
             loss, stats, _ = ddp_model(batch, sigma)
-        if not all_finite(loss, d):
-            raise UserError(f"non-finite loss at step {step} ({float(loss.detach())}); lower lr or check the data; "
-                            f"the last checkpoint in {config['out_dir']} is intact")
+        stop_on_non_finite(loss, step, d, config["out_dir"])
         grad_norm = optimizer_step(loss, trainable, optimizer, scaler, config["grad_clip"])
         model.update_ema()
         progress.update(1)
         if step % config["log_every"] == 0 or step == steps - 1:
             now = time.perf_counter()
-            entry = reduce_mean(stats, d)
-            entry.update(step=step + 1, lr=lr, sigma=sigma, grad_norm=grad_norm,
-                         seconds_per_step=(now - last_time) / (1 if step == start_step else config["log_every"]))
+            entry = record_training(log, stats, d, step, (now - last_time) / (1 if step == start_step
+                                                                              else config["log_every"]),
+                                    lr=lr, sigma=sigma, grad_norm=grad_norm)
             last_time = now
-            log.record(entry)
-            log.info(f"step {step + 1}: loss {entry['loss']:.4g}, lr {lr:.3g}, grad_norm {grad_norm:.3g}", echo=False)
             progress.set_postfix(loss=f"{entry['loss']:.4f}")
         if (step + 1) % config["val_every"] == 0 or step == steps - 1:
             metrics = validate(model, val, d, dtype)
-            log.record({"step": step + 1, **metrics})
-            log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            record_validation(log, metrics, step)
             check_finite_state(model, {"val_loss": metrics["val_loss"]}, step + 1, config["out_dir"])
             if d.is_main:
-                for path in evaluate.save_figures(model, figure_batch, d.device,
-                                                  os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}")):
+                for path in save_figures(model, figure_batch, d.device,
+                                         os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}")):
                     log.image("figures/" + (path.rsplit("_", 1)[-1][:-4] if video else "validation"), path, step + 1)
             checkpoint(step + 1, metrics)
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")
-    log.close()
-    release_run_dir(config["out_dir"])
-    cleanup_distributed(d)
+    finish_run(log, d, config["out_dir"])
 
 
 if __name__ == "__main__":

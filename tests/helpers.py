@@ -1,6 +1,7 @@
-"""Helpers that several test files share: the repository root, the bounding-box oracle, a run's losses, the
-torchrun launcher, and tiny OCL fixtures (a frozen VAE saved as pretrain_vae.py would, an OCL config)."""
+"""Helpers that several test files share: the repository root, the bounding-box oracle, a run's log and losses,
+the torchrun launcher, and tiny OCL fixtures (a frozen VAE saved as pretrain_vae.py would, an OCL config)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,6 @@ import torch
 import yaml
 
 import msf
-from common import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +24,12 @@ def boxes_by_loop(segment, max_objects: int) -> np.ndarray:
         if len(ys):
             boxes[k - 1] = [xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height]
     return boxes
+
+
+def read_jsonl(path) -> list:
+    """The entries of a JSON-lines log, one dict per line."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def losses(run_dir) -> dict:

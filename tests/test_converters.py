@@ -17,6 +17,7 @@ from PIL import Image
 
 import fixtures_raw
 import prepare_data
+import tfrecord_reader
 from common import UserError
 from helpers import ROOT, boxes_by_loop
 from prepare_data import load_split
@@ -75,12 +76,12 @@ def check_meta(split, dataset, name, frames, max_objects):
 
 def test_crc32c_numpy_matches_the_crc32c_package():
     rng = np.random.default_rng(0)
-    chunk = prepare_data._CRC32C_CHUNK
+    chunk = tfrecord_reader._CRC32C_CHUNK
     for length in (0, 1, 7, 8, chunk - 1, chunk, chunk + 1, 3 * chunk, 5 * chunk + 1234, 300_001):
         data = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
-        assert prepare_data.crc32c_numpy(data) == crc32c.crc32c(data), length
-        assert prepare_data.crc32c_numpy(memoryview(data)[1:]) == crc32c.crc32c(data[1:]), length
-    assert prepare_data.crc32c_numpy(b"123456789") == 0xE3069283  # the CRC-32C check value
+        assert tfrecord_reader.crc32c_numpy(data) == crc32c.crc32c(data), length
+        assert tfrecord_reader.crc32c_numpy(memoryview(data)[1:]) == crc32c.crc32c(data[1:]), length
+    assert tfrecord_reader.crc32c_numpy(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -92,7 +93,7 @@ def test_example_decoder_matches_protobuf(packed):
     data = fixtures_raw.make_example(features, packed=packed)
     reference = fixtures_raw.example_class(packed)()
     reference.ParseFromString(data)
-    decoded = prepare_data.decode_example(data)
+    decoded = tfrecord_reader.decode_example(data)
     assert set(decoded) == set(reference.features.feature) == set(features)
     for key, feature in reference.features.feature.items():
         values = list(getattr(feature, feature.WhichOneof("kind")).value)
@@ -102,41 +103,41 @@ def test_example_decoder_matches_protobuf(packed):
             assert decoded[key].dtype == (np.float32 if feature.WhichOneof("kind") == "float_list" else np.int64)
             np.testing.assert_array_equal(decoded[key], np.array(values, decoded[key].dtype))
     assert decoded["ints"].tolist() == features["ints"].tolist()
-    assert list(prepare_data.decode_example(data, keys={"ints"})) == ["ints"]
+    assert list(tfrecord_reader.decode_example(data, keys={"ints"})) == ["ints"]
 
     message = fixtures_raw.example_class(packed)()
     message.features.feature["no_kind"].SetInParent()
-    assert prepare_data.decode_example(message.SerializeToString()) == {"no_kind": []}
-    with pytest.raises(prepare_data.BadInput, match="malformed"):
-        prepare_data.decode_example(data[:-3])
+    assert tfrecord_reader.decode_example(message.SerializeToString()) == {"no_kind": []}
+    with pytest.raises(tfrecord_reader.BadRecord, match="malformed"):
+        tfrecord_reader.decode_example(data[:-3])
 
 
 def test_tfrecord_framing_crc_and_truncation(tmp_path):
     payloads = [b"first", bytes(range(256)) * 40, b""]
     path = tmp_path / "shard.tfrecord-00000-of-00001"
     fixtures_raw.write_tfrecord(path, payloads)
-    records, problem = prepare_data.index_tfrecord(str(path))
+    records, problem = tfrecord_reader.index_tfrecord(str(path))
     assert problem is None and [length for _, length in records] == [len(p) for p in payloads]
     for (offset, length), payload in zip(records, payloads):
-        assert bytes(prepare_data.read_tfrecord_record(str(path), offset, length)) == payload
+        assert bytes(tfrecord_reader.read_tfrecord_record(str(path), offset, length)) == payload
     data = path.read_bytes()
 
     path.write_bytes(data[:-3])  # the last record's data CRC is cut
-    assert prepare_data.index_tfrecord(str(path))[1].startswith("truncated")
+    assert tfrecord_reader.index_tfrecord(str(path))[1].startswith("truncated")
     path.write_bytes(data[:records[1][0] + 100])  # cut inside the second record
-    records_cut, problem = prepare_data.index_tfrecord(str(path))
+    records_cut, problem = tfrecord_reader.index_tfrecord(str(path))
     assert len(records_cut) == 1 and "truncated: record 1" in problem
     path.write_bytes(data[:records[1][0] - 5])  # cut inside the second header
-    assert "truncated" in prepare_data.index_tfrecord(str(path))[1]
+    assert "truncated" in tfrecord_reader.index_tfrecord(str(path))[1]
     damaged = bytearray(data)
     damaged[records[1][0] - 12] ^= 0x01  # the second record's length
     path.write_bytes(bytes(damaged))
-    assert "corrupt length of record 1" in prepare_data.index_tfrecord(str(path))[1]
+    assert "corrupt length of record 1" in tfrecord_reader.index_tfrecord(str(path))[1]
     damaged = bytearray(data)
     damaged[records[1][0] + 77] ^= 0x10  # one bit of the second record's data
     path.write_bytes(bytes(damaged))
-    with pytest.raises(prepare_data.BadInput, match="CRC"):
-        prepare_data.read_tfrecord_record(str(path), *records[1])
+    with pytest.raises(tfrecord_reader.BadRecord, match="CRC"):
+        tfrecord_reader.read_tfrecord_record(str(path), *records[1])
 
 
 # ------------------------------------------------------------------------------------------------ ClevrTex
@@ -445,7 +446,7 @@ def test_movi_damaged_shards_are_reported_and_numpy_crc_agrees(movi_c_raw, tmp_p
     shutil.copytree(root, raw)
     shard_dir = raw / "movi_c" / "128x128" / "1.0.0"
     first_shard = shard_dir / "movi_c-train.tfrecord-00000-of-00002"
-    records, _ = prepare_data.index_tfrecord(str(first_shard))
+    records, _ = tfrecord_reader.index_tfrecord(str(first_shard))
     damaged = bytearray(first_shard.read_bytes())
     damaged[records[1][0] + records[1][1] // 2] ^= 0x04
     first_shard.write_bytes(bytes(damaged))
@@ -454,7 +455,7 @@ def test_movi_damaged_shards_are_reported_and_numpy_crc_agrees(movi_c_raw, tmp_p
     second_shard.write_bytes(second_shard.read_bytes()[:-1000])
     validation = shard_dir / "movi_c-validation.tfrecord-00000-of-00001"
     validation.write_bytes(validation.read_bytes()[:20])
-    monkeypatch.setattr(prepare_data, "_CRC32C_FUNCTION", prepare_data.crc32c_numpy)
+    monkeypatch.setattr(tfrecord_reader, "_CRC32C_FUNCTION", tfrecord_reader.crc32c_numpy)
 
     with pytest.raises(UserError, match="none of the 1 val inputs of movi_c"):
         convert("movi_c", raw, tmp_path / "out")

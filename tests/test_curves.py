@@ -12,8 +12,7 @@ from PIL import Image
 
 import pretrain_vae
 import train_ocl
-from common import read_jsonl
-from helpers import save_vae, write_ocl_config
+from helpers import read_jsonl, save_vae, write_ocl_config
 
 
 def vae_config(tmp_path, shapes_dir, **overrides):

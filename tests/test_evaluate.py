@@ -1,5 +1,5 @@
 """evaluate.py end to end: rebuilds models from checkpoints, agrees with training-time validation, aggregates
-seeds, measures VAE separability, and fails clearly on bad checkpoints."""
+seeds, measures VAE separability, fails clearly on bad checkpoints, and loads older ones by one rule."""
 
 import json
 import math
@@ -11,8 +11,9 @@ import torch
 
 import evaluate
 import train_ocl
-from common import UserError, read_jsonl
-from helpers import save_vae, write_ocl_config
+from checkpoints import load_for_evaluation
+from common import UserError, load_config
+from helpers import read_jsonl, save_vae, write_ocl_config
 
 pytest.importorskip("sklearn")
 
@@ -105,3 +106,35 @@ def test_bad_checkpoints_fail_with_one_sentence(trained, tmp_path):
     torch.save(state, tmp_path / "old.pt")
     with pytest.raises(UserError, match="older version: its config lacks 'decoder_heads'"):
         evaluate.main([str(tmp_path / "old.pt"), "--out", str(tmp_path / "x")])
+
+
+def test_older_checkpoints_load_only_when_the_missing_keys_default_to_the_old_behaviour(trained, tmp_path):
+    root, vae, _ = trained
+    state = torch.load(os.path.join(root, "seed0", "best.pt"), weights_only=True)
+    reference, _ = load_for_evaluation(os.path.join(root, "seed0", "best.pt"), torch.device("cpu"))
+    # Keys that came later with the earlier behaviour as their default: the checkpoint loads and, the oracle, gives
+    # the same masks as the untouched checkpoint.
+    for key in ("sa_truncation", "guidance_noise", "query_sigma_anneal_fraction", "denoiser_ema"):
+        del state["config"][key]
+    for key in ("pyramid", "vae_losses", "vae_norm"):
+        del state["vae_config"][key]
+    torch.save(state, tmp_path / "older.pt")
+    older, _ = load_for_evaluation(str(tmp_path / "older.pt"), torch.device("cpu"))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    expected = reference.slots(images, 0.0)[1]
+    torch.manual_seed(0)
+    assert torch.equal(older.slots(images, 0.0)[1], expected)
+    # A key whose default changed what it controls: refused, for the OCL config, its VAE's config and a VAE alone.
+    del state["config"]["beta_start"]
+    torch.save(state, tmp_path / "refused.pt")
+    with pytest.raises(UserError, match="older version: its config lacks 'beta_start'"):
+        load_for_evaluation(str(tmp_path / "refused.pt"), torch.device("cpu"))
+    vae_state = torch.load(vae, weights_only=True)
+    del vae_state["config"]["num_scales"]
+    torch.save(vae_state, tmp_path / "vae_old.pt")
+    with pytest.raises(UserError, match="older version: its config lacks 'num_scales'"):
+        load_for_evaluation(str(tmp_path / "vae_old.pt"), torch.device("cpu"))
+    config = write_ocl_config(tmp_path, str(root), None, vae_ckpt=str(tmp_path / "vae_old.pt"))
+    with pytest.raises(UserError, match="older version: its config lacks 'num_scales'"):
+        train_ocl.load_guidance_vae(load_config(train_ocl.OPTIONS, [config]))

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 import evaluate
+import figures
 import pretrain_vae
+from checkpoints import load_for_evaluation
 from common import GRID_PADDING, labelled_grid, save_labelled_grid, setup_distributed
 from data import eval_loader, split_path
 from helpers import save_vae
@@ -55,14 +57,14 @@ def test_uniform_attention_shows_as_uniform_mask_rows(tmp_path, monkeypatch):
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     batch = {"image": images, "segment": torch.zeros(2, 16, 16, dtype=torch.long)}
     captured = {}
-    real = evaluate.save_labelled_grid
+    real = figures.save_labelled_grid
 
     def spy(rows, labels, path, margin=96):
         captured.update(rows=rows, labels=labels)
         return real(rows, labels, path, margin)
 
-    monkeypatch.setattr(evaluate, "save_labelled_grid", spy)
-    (path,) = evaluate.save_figures(UniformModel(5), batch, torch.device("cpu"), str(tmp_path / "fig"))
+    monkeypatch.setattr(figures, "save_labelled_grid", spy)
+    (path,) = figures.save_figures(UniformModel(5), batch, torch.device("cpu"), str(tmp_path / "fig"))
     assert captured["labels"] == ["input", "ground truth", "prediction (argmax of masks)", "prediction over input"] + \
         [f"slot {s} mask (0-1)" for s in range(5)]
     # Oracle: every slot owns 1/5 of every pixel, so each slot row is the same faded image 0.2·x + 0.8·grey.
@@ -82,7 +84,7 @@ def test_vae_figures_are_labelled(tmp_path, monkeypatch, shapes_dir):
     real = pretrain_vae.save_labelled_grid
     monkeypatch.setattr(pretrain_vae, "save_labelled_grid",
                         lambda rows, labels, path, margin=96: captured.append(labels) or real(rows, labels, path))
-    vae = evaluate.load_for_evaluation(save_vae(tmp_path / "vae.pt", "msf", 8), torch.device("cpu"))[0]
+    vae = load_for_evaluation(save_vae(tmp_path / "vae.pt", "msf", 8), torch.device("cpu"))[0]
     pretrain_vae.save_figure(vae, torch.rand(2, 3, 32, 32) * 2 - 1, str(tmp_path / "f.png"))
     assert captured[-1] == ["input"] + [f"reconstruction, scale {n}" for n in (1, 2, 3)] + \
         [f"code map, scale {n} (PCA)" for n in (1, 2, 3)]
@@ -93,7 +95,7 @@ def test_separability_figure_rows_are_labelled(tmp_path, monkeypatch, shapes_dir
     captured = []
     monkeypatch.setattr(evaluate, "save_labelled_grid", lambda rows, labels, path, margin=96: captured.append(
         (len(rows), labels)))
-    vae = evaluate.load_for_evaluation(save_vae(tmp_path / "vae.pt", "msf", 8), torch.device("cpu"))[0]
+    vae = load_for_evaluation(save_vae(tmp_path / "vae.pt", "msf", 8), torch.device("cpu"))[0]
     d = setup_distributed("cpu")
     loader = eval_loader(split_path(shapes_dir, "val"), 4, 0, d, 32, 4)
     evaluate.vae_separability(vae, loader, torch.device("cpu"), 4, str(tmp_path / "sep.png"))

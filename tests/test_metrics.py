@@ -1,4 +1,4 @@
-"""evaluate.py metrics against independent oracles: sklearn's adjusted_rand_score per sample, naive per-pair
+"""metrics.py against independent oracles: sklearn's adjusted_rand_score per sample, naive per-pair
 IoU loops matched by scipy's Hungarian solver (the one miou calls) and by brute force over permutations,
 hand-checked tables, the edge cases (empty foreground, single object, negative ARI, all-ignore samples), video
 flattening, and object separability on synthetic clusters."""
@@ -14,7 +14,7 @@ from scipy.special import gammaln
 from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import adjusted_rand_score
 
-from evaluate import ari, mask_entropy, mbo, mean_percent, miou, segments_at, separability, separability_batch
+from metrics import ari, mask_entropy, mbo, mean_percent, miou, segments_at, separability, separability_batch
 
 TOL = 1e-6
 

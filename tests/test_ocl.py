@@ -13,8 +13,8 @@ import model as models
 import msf
 import pretrain_vae
 import train_ocl
-from common import UserError, load_checkpoint, load_config, read_jsonl
-from helpers import ROOT, losses, save_vae, torchrun, write_ocl_config
+from common import UserError, load_checkpoint, load_config
+from helpers import ROOT, losses, read_jsonl, save_vae, torchrun, write_ocl_config
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures: tiny frozen VAEs saved as pretrain_vae.py would (tiny OCL configs: helpers.write_ocl_config).

@@ -7,8 +7,8 @@ import torch
 import yaml
 
 import pretrain_vae
-from common import UserError, read_jsonl
-from helpers import losses, torchrun, write_vae_config
+from common import UserError
+from helpers import losses, read_jsonl, torchrun, write_vae_config
 
 
 def test_run_directory_contents(tmp_path, shapes_dir):

@@ -11,8 +11,8 @@ import torch
 
 import pretrain_vae
 import train_ocl
-from common import UserError, list_checkpoints, load_checkpoint, read_jsonl
-from helpers import save_vae, write_ocl_config, write_vae_config
+from common import UserError, list_checkpoints, load_checkpoint
+from helpers import read_jsonl, save_vae, write_ocl_config, write_vae_config
 
 
 def checkpoint_names(run):
