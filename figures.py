@@ -9,6 +9,7 @@ from common import save_labelled_grid
 from metrics import IGNORE
 from model import DiffusionDecoder, masks_to_segments
 
+MIN_FIGURE_SIDE = 96  # pixels per picture in the figures, at least
 PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                         [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
                         [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
@@ -21,6 +22,13 @@ def colour_segments(segments: torch.Tensor) -> torch.Tensor:
     colours = PALETTE[ids.clamp(max=254) % len(PALETTE)]
     colours[ids == IGNORE] = 1.0
     return colours.movedim(-1, -3)
+
+
+def enlarged(rows: list, side: int = MIN_FIGURE_SIDE) -> list:
+    """Rows of (n,3,H,W) pictures repeated pixel by pixel (nearest, an integer factor) until H reaches `side`, so
+    32-pixel images stay readable; larger images are left as they are."""
+    factor = -(-side // rows[0].shape[-2])
+    return rows if factor <= 1 else [F.interpolate(row, scale_factor=factor, mode="nearest") for row in rows]
 
 
 @torch.no_grad()
@@ -61,7 +69,7 @@ def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> li
         for s in range(soft.shape[1]):
             rows.append((images * soft[:, s, None] + 0.5 * (1 - soft[:, s, None])).cpu())
             labels.append(f"slot {s} mask (0-1)")
-        paths.append(save_labelled_grid(rows, labels, prefix + ".png"))
+        paths.append(save_labelled_grid(enlarged(rows), labels, prefix + ".png"))
     else:
         for v in range(images.shape[0]):
             t = slice(0, min(frames, images.shape[1]))
@@ -73,6 +81,6 @@ def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> li
                 m = soft[v, t, s, None]
                 rows.append((frame_images * m + 0.5 * (1 - m)).cpu())
                 labels.append(f"slot {s} mask (0-1)")
-            paths.append(save_labelled_grid(rows, labels, f"{prefix}_video{v}.png"))
+            paths.append(save_labelled_grid(enlarged(rows), labels, f"{prefix}_video{v}.png"))
     model.train(was_training)
     return paths

@@ -67,15 +67,16 @@ def test_uniform_attention_shows_as_uniform_mask_rows(tmp_path, monkeypatch):
     (path,) = figures.save_figures(UniformModel(5), batch, torch.device("cpu"), str(tmp_path / "fig"))
     assert captured["labels"] == ["input", "ground truth", "prediction (argmax of masks)", "prediction over input"] + \
         [f"slot {s} mask (0-1)" for s in range(5)]
-    # Oracle: every slot owns 1/5 of every pixel, so each slot row is the same faded image 0.2·x + 0.8·grey.
+    # Oracle: every slot owns 1/5 of every pixel, so each slot row is the same faded image 0.2·x + 0.8·grey, each
+    # pixel shown as a 6x6 block (16-pixel images are enlarged to 96 so they stay readable).
     shown = images * 0.5 + 0.5
-    expected = shown * 0.2 + 0.5 * 0.8
+    expected = (shown * 0.2 + 0.5 * 0.8).repeat_interleave(6, -1).repeat_interleave(6, -2)
     for row in captured["rows"][4:]:
         assert torch.allclose(row, expected, atol=1e-6)
     picture = np.asarray(Image.open(path).convert("RGB")).astype(float)
     p = GRID_PADDING
-    top = p + 4 * (16 + p)
-    cell = picture[top:top + 16, 96 + p:96 + p + 16]
+    top = p + 4 * (96 + p)
+    cell = picture[top:top + 96, 96 + p:96 + p + 96]
     assert np.abs(cell - np.rint(expected[0].permute(1, 2, 0).numpy() * 255)).max() <= 1
 
 
