@@ -41,7 +41,7 @@ def test_labelled_grid_places_cells_and_labels(tmp_path):
 
 class UniformModel(torch.nn.Module):
     """A stand-in OCL model whose attention is uniform over its slots (what an untrained model gives)."""
-    video, vae, method, scales = False, None, "slate", [1]
+    video, vae, decoder, scales = False, None, None, [1]
 
     def __init__(self, slots: int):
         super().__init__()
