@@ -87,32 +87,39 @@ class Study:
         self.timings.append((what, time.perf_counter() - start))
 
     def run_all(self, stages: list) -> None:
-        """Independent stages [(script, args, what)], `self.jobs` at a time (one at a time: `run`). Each concurrent
-        stage writes its output to OUT/logs/WHAT.log and gets an equal share of the CPU threads. After a failure
-        no new stage starts; the running ones finish, then the study stops naming the failed stages' logs."""
+        """Independent stages [(script, args, what)], `self.jobs` at a time (one at a time: `run`). An entry may also
+        be a chain, a list of stages that run one after another in one slot (a VAE, then the model it guides), so a
+        chain that finishes early does not wait for the others. Each concurrent stage writes its output to
+        OUT/logs/WHAT.log and gets an equal share of the CPU threads. After a failure no new stage starts (nor the
+        rest of its chain); the running ones finish, then the study stops naming the failed stages' logs."""
+        chains = [list(entry) if isinstance(entry, list) else [entry] for entry in stages]
         if self.jobs == 1:
-            for stage in stages:
-                self.run(*stage)
+            for chain in chains:
+                for stage in chain:
+                    self.run(*stage)
             return
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.jobs)))
-        pending, running, failed = list(stages), [], []
-        while pending or running:
-            while pending and not failed and len(running) < self.jobs:
-                script, args, what = pending.pop(0)
-                log_path = os.path.join(self.out, "logs", what.replace(" ", "_") + ".log")
-                command = self.command(script, args)
-                print(f"=== start {what} (log: {os.path.relpath(log_path, ROOT)})\n$ {' '.join(command[1:])}",
-                      flush=True)
-                log = open(log_path, "w")
-                process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-                running.append((process, log, what, log_path, time.perf_counter()))
+        running, failed = [], []
+
+        def start(chain):
+            (script, args, what), rest = chain[0], chain[1:]
+            log_path = os.path.join(self.out, "logs", what.replace(" ", "_") + ".log")
+            command = self.command(script, args)
+            print(f"=== start {what} (log: {os.path.relpath(log_path, ROOT)})\n$ {' '.join(command[1:])}", flush=True)
+            log = open(log_path, "w")
+            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((process, log, what, log_path, time.perf_counter(), rest))
+
+        while chains or running:
+            while chains and not failed and len(running) < self.jobs:
+                start(chains.pop(0))
             if failed and not running:
                 break
             time.sleep(0.2)
             for entry in list(running):
-                process, log, what, log_path, start = entry
+                process, log, what, log_path, began, rest = entry
                 if process.poll() is None:
                     continue
                 running.remove(entry)
@@ -120,9 +127,11 @@ class Study:
                 if process.returncode:
                     failed.append(f"'{what}' (exit {process.returncode}, log {log_path})")
                     print(f"=== FAILED {what}: see {log_path}", flush=True)
-                else:
-                    self.timings.append((what, time.perf_counter() - start))
-                    print(f"=== done {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+                    continue
+                self.timings.append((what, time.perf_counter() - began))
+                print(f"=== done {what} ({time.perf_counter() - began:.0f} s)", flush=True)
+                if rest and not failed:
+                    start(rest)
         if failed:
             sys.exit(f"study: {len(failed)} stage(s) failed: {'; '.join(failed)}; fix and rerun the same command, "
                      f"finished stages are kept")
@@ -251,18 +260,14 @@ def demo(args) -> list:
     mixture decoder over each one's guidance side by side, then both evaluated together."""
     study = Study(args.out or os.path.join(ROOT, "runs", "demo"), args.device, 1.0, log_every=50, jobs=args.jobs)
     study.data("shapes_easy")
-    vaes, stages = {}, []
-    for guidance in ("vq", "msf"):
-        vaes[guidance], stage = study.vae_stage(f"vae_{guidance}", f"configs/vae_{guidance}_easy.yaml",
-                                                steps=args.vae_steps, overrides={"val_every": args.vae_steps})
-        stages.append(stage)
-    study.run_all(stages)
-    runs, stages = {}, []
-    for guidance in ("vq", "msf"):
-        runs[guidance], stage = study.ocl_stage(f"mixture_{guidance}", f"configs/mixture_{guidance}_easy.yaml",
-                                                vaes[guidance], 0, steps=args.ocl_steps)
-        stages.append(stage)
-    study.run_all(stages)
+    runs, chains = {}, []
+    for guidance in ("vq", "msf"):  # each guidance's VAE, then the model it guides: two chains side by side
+        vae, vae_stage = study.vae_stage(f"vae_{guidance}", f"configs/vae_{guidance}_easy.yaml",
+                                         steps=args.vae_steps, overrides={"val_every": args.vae_steps})
+        runs[guidance], ocl_stage = study.ocl_stage(f"mixture_{guidance}", f"configs/mixture_{guidance}_easy.yaml",
+                                                    vae, 0, steps=args.ocl_steps)
+        chains.append([vae_stage, ocl_stage])
+    study.run_all(chains)
     metrics = study.evaluate([runs["vq"], runs["msf"]], "mixture_vq_vs_msf", ["--compare", "--separability"])
     summary = demo_summary(metrics, {runs[g]: g for g in runs})
     atomic_write_text(os.path.join(study.out, "summary.json"), strict_json(summary, indent=2) + "\n")

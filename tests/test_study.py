@@ -69,3 +69,17 @@ def test_run_all_runs_stages_side_by_side_and_stops_on_a_failure(tmp_path):
         runner.run_all(failing)
     assert (tmp_path / "f1").read_text().count(" ") == 1  # the stage running beside it finished
     assert not (tmp_path / "f2").exists()  # nothing new started after the failure
+
+
+def test_run_all_runs_a_chain_in_order_without_waiting_for_the_other_chains(tmp_path):
+    script = tmp_path / "stage.py"  # writes its start time, sleeps argv[2] seconds, appends its end time
+    script.write_text("import sys, time\nopen(sys.argv[1], 'w').write(str(time.time()))\n"
+                      "time.sleep(float(sys.argv[2]))\nopen(sys.argv[1], 'a').write(' ' + str(time.time()))\n")
+    runner = study.Study(str(tmp_path / "study"), "cpu", 1.0, jobs=2)
+    first, second, slow = (tmp_path / name for name in ("first", "second", "slow"))
+    runner.run_all([[(str(script), [first, 0.1], "first"), (str(script), [second, 0.1], "second")],
+                    (str(script), [slow, 2.0], "slow")])
+    spans = {p.name: tuple(map(float, p.read_text().split())) for p in (first, second, slow)}
+    assert spans["second"][0] >= spans["first"][1]  # in order within the chain
+    assert spans["second"][1] < spans["slow"][1]  # and it did not wait for the slow chain to end
+    assert [what for what, _ in runner.timings][-1] == "slow"
