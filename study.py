@@ -34,10 +34,11 @@ import sys
 import time
 
 import torch
-import yaml
 from scipy import stats as scipy_stats
 
-from common import atomic_write_text, strict_json
+import pretrain_vae
+import train_ocl
+from common import atomic_write_text, load_config, strict_json
 from data import load_split
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -138,9 +139,9 @@ class Study:
 
     def steps(self, config: str, override: int = 0) -> list:
         steps = override
-        if not steps:
-            with open(os.path.join(ROOT, config)) as f:
-                steps = yaml.safe_load(f)["steps"]
+        if not steps:  # through the stage's own options: a config may leave steps at its default
+            options = pretrain_vae.OPTIONS if os.path.basename(config).startswith("vae_") else train_ocl.OPTIONS
+            steps = load_config(options, [os.path.join(ROOT, config)])["steps"]
         return ["--steps", max(1, int(round(steps * self.steps_scale)))]
 
     def common(self) -> list:
