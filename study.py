@@ -273,7 +273,8 @@ def demo(args) -> list:
     summary = demo_summary(metrics, {runs[g]: g for g in runs})
     atomic_write_text(os.path.join(study.out, "summary.json"), strict_json(summary, indent=2) + "\n")
     lines = ["# Demo: Slot Attention + mixture decoder over VQ vs MSF guidance on `shapes_easy`", "",
-             f"VAEs {args.vae_steps} steps, Slot Attention + mixture decoder {args.ocl_steps} steps, one seed, 32x32 "
+             f"VAEs {args.vae_steps} steps, Slot Attention + mixture decoder "
+             f"{study.steps('configs/mixture_msf_easy.yaml', args.ocl_steps)[1]} steps, one seed, 32x32 "
              f"images of large flat-colour objects, validation split of 200 images. README 'Results' has the "
              f"binding ladder this configuration comes from and what it means.", "",
              "| guidance | ARI | ARIfg | mIoU | mBO | separability inter ↑ | intra ↓ | inter/intra ↑ |",
