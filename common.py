@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -446,20 +447,75 @@ def _claim(config: dict) -> None:
         if name.startswith(".tmp-") and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     old = _run_files(out_dir)
+    if continuing and resume != "auto" and os.path.isfile(resume):
+        _branch(out_dir, resume, config.get("overwrite"))
     if continuing or not old:
         return
     if not (config.get("overwrite") or resume == "auto"):
         raise UserError(f"{out_dir} already holds a run ({', '.join(sorted(os.path.basename(p) for p in old)[:4])}"
                         f"{', ...' if len(old) > 4 else ''}); continue it with --resume auto, start afresh with "
                         f"--overwrite true (its files move to {out_dir}/old-<time>/), or choose another --out_dir")
+    aside = _aside_dir(out_dir)
+    for path in old:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+
+
+def _aside_dir(out_dir: str) -> str:
+    """A new, empty `old-<time>[-n]/` in out_dir for files that must not be overwritten."""
     aside = os.path.join(out_dir, "old-" + time.strftime("%Y%m%d-%H%M%S"))
     suffix = 0
     while os.path.exists(aside + (f"-{suffix}" if suffix else "")):
         suffix += 1
     aside += f"-{suffix}" if suffix else ""
     os.makedirs(aside)
-    for path in old:
+    return aside
+
+
+def _checkpoint_step(path: str):
+    """The step of a checkpoint file: from its name (ckpt_<step>.pt), else read from the file; None if unreadable."""
+    name = os.path.basename(path)
+    if name.startswith("ckpt_") and name.endswith(".pt") and name[len("ckpt_"):-len(".pt")].isdigit():
+        return int(name[len("ckpt_"):-len(".pt")])
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return None
+
+
+def _branch(out_dir: str, resume: str, overwrite: bool) -> None:
+    """Resuming from a checkpoint of out_dir older than its newest starts a second trajectory there: the newer
+    checkpoints would be overwritten step by step, and those not reached again would stay behind as the latest of a
+    directory mixing two runs. Refuse, or with `overwrite` move the abandoned branch aside (its later checkpoints,
+    figures and best.pt, with copies of its logs, config and frozen weights, so it stays loadable and readable)."""
+    step = _checkpoint_step(resume)
+    newer = [p for p in list_checkpoints(out_dir) if step is not None and (_checkpoint_step(p) or 0) > step]
+    if not newer:
+        return
+    names = ", ".join(os.path.basename(p) for p in newer[:3]) + (", ..." if len(newer) > 3 else "")
+    if not overwrite:
+        raise UserError(f"{resume} is step {step} but {out_dir} holds later checkpoints of the run ({names}), which a "
+                        f"run resumed there would overwrite or leave mixed with its own; resume into another "
+                        f"--out_dir, or pass --overwrite true to move the later files into {out_dir}/old-<time>/")
+    aside = _aside_dir(out_dir)
+    for path in newer:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
+    best = os.path.join(out_dir, "best.pt")
+    if os.path.isfile(best) and (_checkpoint_step(best) or 0) > step:  # a resume recreates it from the branch point
+        os.replace(best, os.path.join(aside, "best.pt"))
+    figures = os.path.join(out_dir, "figures")
+    for name in sorted(os.listdir(figures)) if os.path.isdir(figures) else []:
+        digits = re.match(r"step_(\d+)", name)
+        if digits and int(digits.group(1)) > step:
+            os.makedirs(os.path.join(aside, "figures"), exist_ok=True)
+            os.replace(os.path.join(figures, name), os.path.join(aside, "figures", name))
+    for path in _run_files(out_dir):
+        name = os.path.basename(path)
+        if name.startswith("frozen-") or name in ("config.yaml", "log.txt", "log.jsonl"):
+            shutil.copy2(path, os.path.join(aside, name))
+        elif name == "tensorboard":
+            shutil.copytree(path, os.path.join(aside, name))
+    print(f"{os.path.basename(resume)} is step {step}: the later checkpoints of {out_dir} ({names}) moved to {aside}/",
+          flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -794,6 +850,9 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
     if not resume:
         return None, 0
     state = load_checkpoint(resume, kind=kind)
+    if any(key not in state for key in TRAINING_ONLY_KEYS):
+        raise UserError(f"{state['path']} is an export for evaluation (best.pt) without the optimizer and RNG state "
+                        f"that a resume needs; resume from one of the run's ckpt_*.pt files")
     check_same_config(state["config"], config, model_keys, f"checkpoint {state['path']}")
     saved = state["config"]
     changed = [key for key in config if key not in RESUME_FREE_KEYS and key not in config["allow_changed"]

@@ -296,3 +296,43 @@ def test_evaluate_names_the_checkpoint_it_uses_when_best_is_missing(tmp_path, sh
     evaluate.main([str(tmp_path / "run"), "--device", "cpu", "--figures", "0", "--samples", "4"])
     err = capsys.readouterr().err
     assert "holds no best.pt; evaluating its latest checkpoint" in err and "ckpt_0000001.pt" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Branching: a resume from a checkpoint older than the run's newest never touches the newer files.
+
+def test_a_branch_from_an_older_checkpoint_keeps_the_newer_files(tmp_path, shapes_dir, capsys):
+    run = tmp_path / "run"
+    config = write_vae_config(tmp_path, shapes_dir, steps=4, val_every=1)
+    pretrain_vae.main([config])
+    before = {n: (run / n).read_bytes() for n in checkpoint_names(run)}
+    log_before = (run / "log.jsonl").read_bytes()
+    branch = [config, "--steps", "3", "--lr", "1e-3", "--allow_changed", "steps,lr", "--resume",
+              str(run / "ckpt_0000002.pt")]
+    with pytest.raises(UserError, match=r"ckpt_0000002.pt is step 2 but .* holds later checkpoints of the run "
+                                        r"\(ckpt_0000003.pt, ckpt_0000004.pt\).*another --out_dir.*--overwrite true"):
+        pretrain_vae.main(branch)
+    assert {n: (run / n).read_bytes() for n in checkpoint_names(run)} == before
+    assert (run / "log.jsonl").read_bytes() == log_before
+    # with --overwrite the abandoned branch moves aside whole and stays loadable; the new branch is the latest
+    pretrain_vae.main(branch + ["--overwrite", "true"])
+    (aside,) = [run / n for n in os.listdir(run) if n.startswith("old-")]
+    assert "ckpt_0000002.pt is step 2" in capsys.readouterr().out
+    assert {n: (aside / n).read_bytes() for n in checkpoint_names(aside)} == {
+        n: before[n] for n in ("ckpt_0000003.pt", "ckpt_0000004.pt")}
+    assert (aside / "log.jsonl").read_bytes() == log_before
+    assert sorted(os.listdir(aside / "figures")) == ["step_0000003.png", "step_0000004.png"]
+    assert checkpoint_names(run) == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+    assert (run / "ckpt_0000002.pt").read_bytes() == before["ckpt_0000002.pt"]
+    assert load_checkpoint(str(run / "ckpt_0000003.pt"))["config"]["lr"] == 1e-3
+    assert [e["step"] for e in read_jsonl(run / "log.jsonl") if "loss" in e] == [1, 2, 3]
+    assert load_checkpoint(str(aside / "ckpt_0000004.pt"))["config"]["lr"] == 2e-3
+
+
+def test_a_resume_from_a_slim_export_is_refused(tmp_path, shapes_dir):
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)
+    train_ocl.main([config])
+    with pytest.raises(UserError, match=r"best.pt is an export for evaluation .*resume from one of the run's ckpt_"):
+        train_ocl.main([config, "--steps", "2", "--allow_changed", "steps", "--resume",
+                        str(tmp_path / "run" / "best.pt")])
