@@ -5,14 +5,17 @@ prepare_data.py writes splits with `SplitWriter`; pretrain_vae.py, train_ocl.py,
 them through `load_split`, `OCLDataset`, `train_loader` and `eval_loader`.
 
 Every split is one LMDB file (`train.lmdb`, `val.lmdb`). Each record is raw array bytes behind a small JSON header
-(no pickle: a crafted database cannot execute code); a `__meta__` record describes the split. A split is written
-to `<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
+(no pickle: a crafted database cannot execute code) that carries a CRC-32 of the bytes; a `__meta__` record describes
+the split, with a fingerprint of all its records that checkpoints keep to know their data by. A split is written to
+`<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
 """
 
+import hashlib
 import json
 import math
 import os
 import struct
+import zlib
 
 import lmdb
 import numpy as np
@@ -30,7 +33,11 @@ REAL_DATASETS = ("clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e")
 
 
 # ================================================================================================================
-# Record encoding: 4-byte little-endian header length, JSON header {name: [dtype, shape]}, then the arrays' bytes.
+# Record encoding: 4-byte little-endian header length, JSON header {name: [dtype, shape], "#crc32": CRC-32 of the
+# array bytes}, then the arrays' bytes. Records written before the checksum have no "#crc32" and are read unchecked.
+
+CHECKSUM_KEY = "#crc32"
+
 
 def encode_record(arrays: dict) -> bytes:
     """Serialise a dict of numpy arrays without pickle."""
@@ -39,8 +46,14 @@ def encode_record(arrays: dict) -> bytes:
         array = np.ascontiguousarray(array)
         if array.dtype.kind not in "biuf":
             raise ValueError(f"array '{name}' has unsupported dtype {array.dtype}")
+        if name == CHECKSUM_KEY:
+            raise ValueError(f"array name {name!r} is reserved for the record's checksum")
         header[name] = [array.dtype.str, list(array.shape)]
         blobs.append(array.tobytes())
+    crc = 0
+    for blob in blobs:
+        crc = zlib.crc32(blob, crc)
+    header[CHECKSUM_KEY] = crc
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     return struct.pack("<I", len(header_bytes)) + header_bytes + b"".join(blobs)
 
@@ -50,6 +63,9 @@ def decode_record(value: bytes) -> dict:
     (header_length,) = struct.unpack_from("<I", value, 0)
     header = json.loads(bytes(value[4:4 + header_length]))
     offset, arrays = 4 + header_length, {}
+    crc = header.pop(CHECKSUM_KEY, None)
+    if crc is not None and zlib.crc32(memoryview(value)[offset:]) != crc:
+        raise ValueError("its bytes do not match the checksum written with them")
     for name, (dtype, shape) in header.items():
         dtype = np.dtype(dtype)
         count = math.prod(shape)
@@ -75,52 +91,123 @@ def _create_command(path: str) -> str:
     return "python prepare_data.py NAME --out DIR (see README, 'The pipeline')"
 
 
+def write_error(path: str, error: Exception) -> UserError:
+    """A failed write of a dataset file (full disk, read-only target) as one sentence."""
+    cause = getattr(error, "strerror", None) or str(error).split(": ")[-1]
+    return UserError(f"could not write {path} ({cause}); the dataset there is unchanged: free space on that disk or "
+                     f"choose a writable --out, then rerun")
+
+
 class SplitWriter:
-    """Write records to `<path>.partial`, then rename to `path` when `close()` is called with the metadata."""
+    """Write records to `<path>.partial`; `finish()` writes the metadata and flushes, `publish()` renames the file
+    to `path` (`close()` does both). A failed write drops the partial file and ends in one sentence."""
 
     def __init__(self, path: str, commit_every: int = 64):
         self.path = path
         self.partial = path + ".partial"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        for stale in (self.partial, self.partial + "-lock"):
-            if os.path.exists(stale):
-                os.remove(stale)
-        self.env = lmdb.open(self.partial, subdir=False, map_size=1 << 40, readahead=False, meminit=False,
-                             map_async=True, writemap=False)
+        self.env, self.txn = None, None
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise UserError(f"{directory} is a file, not a directory; choose another --out")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            for stale in (self.partial, self.partial + "-lock"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            self.env = lmdb.open(self.partial, subdir=False, map_size=1 << 40, readahead=False, meminit=False,
+                                 map_async=True, writemap=False)
+            self.txn = self.env.begin(write=True)
+        except (OSError, lmdb.Error) as error:
+            self.abort()
+            raise write_error(self.partial, error) from None
         self.count = 0
         self.commit_every = commit_every
-        self.txn = self.env.begin(write=True)
+        self.digest = hashlib.sha256()
 
     def add(self, arrays: dict) -> int:
         """Append one sample; returns its index."""
-        self.txn.put(b"%08d" % self.count, encode_record(arrays))
+        key, value = b"%08d" % self.count, encode_record(arrays)
+        try:
+            self.txn.put(key, value)
+            if (self.count + 1) % self.commit_every == 0:
+                self.txn.commit()
+                self.txn = self.env.begin(write=True)
+        except (OSError, lmdb.Error) as error:
+            self.abort()
+            raise write_error(self.partial, error) from None
+        self.digest.update(key + value)
         self.count += 1
-        if self.count % self.commit_every == 0:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True)
         return self.count - 1
 
+    def finish(self, meta: dict) -> None:
+        """Write the metadata record (with the records' fingerprint) last and flush the file to disk."""
+        meta = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION, count=self.count,
+                    fingerprint=self.digest.hexdigest()[:16])
+        try:
+            self.txn.put(META_KEY, json.dumps(meta).encode())
+            self.txn.commit()
+            self.env.sync(True)
+            self.env.close()
+            self.env = None
+        except (OSError, lmdb.Error) as error:
+            self.abort()
+            raise write_error(self.partial, error) from None
+
+    def publish(self) -> None:
+        """Give the finished file its final name (atomic: the old split is there until the new one takes it)."""
+        try:
+            os.replace(self.partial, self.path)
+            for stale in (self.path + "-lock", self.partial + "-lock"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        except OSError as error:
+            raise write_error(self.path, error) from None
+
     def close(self, meta: dict) -> None:
-        """Write the metadata record last, flush, and publish the file under its final name."""
-        meta = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION, count=self.count)
-        self.txn.put(META_KEY, json.dumps(meta).encode())
-        self.txn.commit()
-        self.env.sync(True)
-        self.env.close()
-        os.replace(self.partial, self.path)  # atomic: the old split is there until the new one takes its name
-        for stale in (self.path + "-lock", self.partial + "-lock"):
-            if os.path.exists(stale):
-                os.remove(stale)
+        """finish() and publish(): one split on its own."""
+        self.finish(meta)
+        self.publish()
 
     def abort(self) -> None:
         """Drop the partial file (used when generation fails)."""
         try:
-            self.txn.abort()
-            self.env.close()
+            if self.txn is not None and self.env is not None:
+                self.txn.abort()
+            if self.env is not None:
+                self.env.close()
         finally:
+            self.env = self.txn = None
             for stale in (self.partial, self.partial + "-lock"):
-                if os.path.exists(stale):
+                try:
                     os.remove(stale)
+                except OSError:  # never there, or the disk refuses: nothing to undo, and the first error matters
+                    pass
+
+
+class DatasetWriter:
+    """The splits of one dataset directory (train and val), written side by side and published together when the
+    `with` block ends: an error or Ctrl-C before drops every partial file and leaves the old dataset whole, so a
+    directory never mixes two generations. (A split not yet renamed keeps its `.partial`, which readers refuse.)"""
+
+    def __init__(self):
+        self.writers = []
+
+    def split(self, path: str, commit_every: int = 64) -> SplitWriter:
+        """A writer for one split; finish() it inside the block, the block publishes it."""
+        self.writers.append(SplitWriter(path, commit_every))
+        return self.writers[-1]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None:
+            for writer in self.writers:
+                writer.abort()
+            return False
+        for writer in self.writers:
+            writer.publish()
+        return False
 
 
 _OPEN_ENVS = {}  # real path -> (pid, file identity, environment): LMDB allows one open per file and process

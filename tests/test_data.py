@@ -1,5 +1,6 @@
 """Synthetic data generator, LMDB storage, Dataset/DataLoader behaviour and bad-database errors."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -293,3 +294,111 @@ def test_a_missing_test_split_hint_does_not_overwrite_train_and_val(tmp_path):
     message = str(caught.value)
     assert "--split test --out NEW_DIR" in message and "rewrites train/val too" in message
     assert f"--out {tmp_path / 'clevrtex'}" not in message
+
+
+# ------------------------------------------------------------------------------------------------ regeneration
+
+def make_shapes(out, seed, **kwargs):
+    prepare_data.write_synthetic("shapes", str(out), {"train": 8, "val": 4}, seed=seed, min_objects=2,
+                                 max_objects=3, frames=0, workers=1, progress=False, **kwargs)
+
+
+def directory_bytes(directory):
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def test_an_interrupted_regeneration_leaves_the_old_dataset_whole(tmp_path, monkeypatch):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    before = directory_bytes(out)
+    real_chunk = prepare_data._generate_chunk
+
+    def interrupted_in_val(job):
+        if job[2] == "val":  # train is written in full by now
+            raise KeyboardInterrupt
+        return real_chunk(job)
+
+    monkeypatch.setattr(prepare_data, "_generate_chunk", interrupted_in_val)
+    with pytest.raises(KeyboardInterrupt):
+        make_shapes(out, seed=5)
+    assert directory_bytes(out) == before  # no new train beside the old val, no partial or lock files
+    assert len(load_split(str(out / "train.lmdb"))) == 8
+
+
+class FullDiskAt:
+    """lmdb.open whose environment for a file ending in `suffix` fails its flush as a full disk does."""
+
+    def __init__(self, suffix):
+        self.suffix, self.real = suffix, lmdb.open
+
+    def __call__(self, path, **kwargs):
+        env = self.real(path, **kwargs)
+        return self.Env(env) if path.endswith(self.suffix) else env
+
+    class Env:
+        def __init__(self, env):
+            self.env = env
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+        def sync(self, force=False):
+            raise lmdb.Error(f"{self.env.path()}: No space left on device")
+
+
+def test_a_full_disk_or_a_read_only_target_ends_in_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    before = directory_bytes(out)
+    monkeypatch.setattr(data.lmdb, "open", FullDiskAt("val.lmdb.partial"))
+    with pytest.raises(UserError, match=r"could not write .*val.lmdb.partial \(No space left on device\); the "
+                                        r"dataset there is unchanged"):
+        prepare_data.main(["shapes", "--out", str(out), "--num_train", "8", "--num_val", "4", "--seed", "5",
+                           "--workers", "1"])
+    assert directory_bytes(out) == before
+    monkeypatch.undo()
+
+    def read_only(path, **kwargs):  # root ignores a directory's mode bits, so the refusal is simulated
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(data.lmdb, "open", read_only)
+    with pytest.raises(UserError, match=r"could not write .*train.lmdb.partial \(Permission denied\)"):
+        make_shapes(out, seed=5)
+    assert directory_bytes(out) == before
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"file is a file, not a directory; choose another --out"):
+        make_shapes(tmp_path / "file", seed=0)
+    with pytest.raises(UserError, match=r"--frames must be at least 1, got 0"):
+        prepare_data.main(["shapes_video", "--out", str(tmp_path / "v"), "--frames", "0", "--workers", "1"])
+
+
+def test_damaged_record_bytes_are_caught_by_their_checksum(tmp_path):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    path = out / "val.lmdb"
+    stored = bytearray(path.read_bytes())
+    with lmdb.open(str(path), subdir=False, readonly=True, lock=False) as env, env.begin() as txn:
+        record = bytes(txn.get(b"00000002"))
+    start = stored.find(record[-5000:])  # inside the image bytes, which LMDB stores verbatim
+    assert start > 0
+    stored[start + 100] ^= 0xFF
+    path.write_bytes(bytes(stored))
+    split = load_split(str(path))
+    split[1]
+    with pytest.raises(UserError, match=r"val.lmdb sample 2 is corrupt \(its bytes do not match the checksum"):
+        split[2]
+
+
+def test_a_split_fingerprint_identifies_its_records(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 5)):
+        make_shapes(tmp_path / name, seed=seed)
+    digest = hashlib.sha256()  # oracle: the hash of every record's key and bytes, in order
+    with lmdb.open(str(tmp_path / "a" / "train.lmdb"), subdir=False, readonly=True, lock=False) as env:
+        with env.begin() as txn:
+            for key, value in txn.cursor():
+                if key != b"__meta__":
+                    digest.update(key + value)
+    fingerprint = {name: load_split(str(tmp_path / name / "train.lmdb")).meta["fingerprint"] for name in "abc"}
+    assert fingerprint["a"] == digest.hexdigest()[:16]
+    assert fingerprint["a"] == fingerprint["b"] != fingerprint["c"]
