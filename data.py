@@ -294,6 +294,21 @@ class Split:
                             f"`{_create_command(self.path)}`") from None
 
 
+def check_resumed_data(state, dataset: "OCLDataset", config: dict) -> None:
+    """Refuse to resume a checkpoint on training data other than its own: a path names data, the fingerprint
+    written with the split identifies it, so a dataset regenerated in place (another seed or size) is caught.
+    Checkpoints or splits from before fingerprints are not checked; `--allow_changed data` accepts new data."""
+    saved = (state or {}).get("data", {}).get("fingerprint")
+    if not saved or not dataset.fingerprint or saved == dataset.fingerprint:
+        return
+    if {"data", "data_dir", "train_split"} & set(config["allow_changed"]):
+        return
+    raise UserError(f"checkpoint {state['path']} was trained on other data than {dataset.split.path} holds now "
+                    f"(fingerprint {saved}, now {dataset.fingerprint}: the dataset was regenerated or replaced); "
+                    f"point data_dir at the data it was trained on, accept the new data with --allow_changed data, "
+                    f"or start afresh in another --out_dir")
+
+
 def split_path(data_dir: str, split: str) -> str:
     """The file of split `split` (train, val, ...) in a dataset directory."""
     return os.path.join(data_dir, f"{split}.lmdb")
@@ -327,6 +342,7 @@ class OCLDataset:
         self.max_objects = int(self.split.meta["max_objects"])
         self.is_video = bool(self.split.meta.get("frames"))
         self.seed = seed
+        self.fingerprint = self.split.meta.get("fingerprint")  # None for splits written before fingerprints
         if self.is_video and train and self.split.meta["frames"] < num_frames:
             raise UserError(f"{path} has {self.split.meta['frames']} frames per video, fewer than num_frames={num_frames}")
 

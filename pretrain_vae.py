@@ -22,7 +22,7 @@ from common import (TRAINING_OPTIONS, RunLog, UserError, all_finite, amp_dtype, 
                     optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
                     resume_state, run_main, save_checkpoint, save_config, save_labelled_grid, set_scheduled_lr,
                     setup_distributed)
-from data import eval_loader, split_path, train_loader
+from data import check_resumed_data, eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
@@ -138,6 +138,7 @@ def main(argv=None) -> None:
     loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
                           config["num_workers"], config["seed"], d, start_step, config["resolution"],
                           config["num_frames"])
+    check_resumed_data(state, loader.dataset, config)  # the same path may hold regenerated data
     resolution = loader.dataset.resolution
     msf.check_vae_config(config, resolution)
     val_path = split_path(config["data_dir"], config["val_split"])
@@ -172,7 +173,8 @@ def main(argv=None) -> None:
         return save_checkpoint({"kind": "vae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scaler": scaler.state_dict(), "step": step, "config": config, "rng": states,
                                 "data": {"data_dir": config["data_dir"], "train": config["train_split"],
-                                         "val": config["val_split"], "resolution": resolution}},
+                                         "val": config["val_split"], "resolution": resolution,
+                                         "fingerprint": loader.dataset.fingerprint}},
                                config["out_dir"], step, config["keep_checkpoints"])
 
     # The loop: every schedule is a pure function of the step, so resume is exact.

@@ -25,7 +25,7 @@ from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, RunLog, UserError, all
                     optimizer_step, option, progress_bar, reduce_mean, release_run_dir, restore_training_state,
                     resume_state, run_main, save_checkpoint, save_config, set_scheduled_lr, setup_distributed,
                     share_frozen_weights, slim_checkpoint)
-from data import eval_loader, split_path, train_loader
+from data import check_resumed_data, eval_loader, split_path, train_loader
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
@@ -199,6 +199,7 @@ def main(argv=None) -> None:
     loader = train_loader(split_path(config["data_dir"], config["train_split"]), config["batch_size"],
                           config["num_workers"], config["seed"], d, start_step, config["resolution"],
                           config["num_frames"])
+    check_resumed_data(state, loader.dataset, config)  # the same path may hold regenerated data
     video = loader.dataset.is_video
     val_path = split_path(config["data_dir"], config["val_split"])
     val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, config["resolution"],
@@ -248,7 +249,8 @@ def main(argv=None) -> None:
                    "metrics": metrics, "video": video, "vae_config": vae.config if vae is not None else None,
                    "vae_ckpt": vae_state["path"] if vae_state else None,
                    "data": {"data_dir": config["data_dir"], "train": config["train_split"],
-                            "val": config["val_split"], "resolution": config["resolution"]}}
+                            "val": config["val_split"], "resolution": config["resolution"],
+                            "fingerprint": loader.dataset.fingerprint}}
         # best.pt first, a slim self-contained export: a kill between the two files leaves no checkpoint that counts
         # a best that best.pt lacks. Frozen weights (DINO, the guidance VAE) go to one file per run.
         if improved:

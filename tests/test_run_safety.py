@@ -336,3 +336,39 @@ def test_a_resume_from_a_slim_export_is_refused(tmp_path, shapes_dir):
     with pytest.raises(UserError, match=r"best.pt is an export for evaluation .*resume from one of the run's ckpt_"):
         train_ocl.main([config, "--steps", "2", "--allow_changed", "steps", "--resume",
                         str(tmp_path / "run" / "best.pt")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data changed under a run: a checkpoint knows its training split by the fingerprint written with the split.
+
+def test_a_resume_on_regenerated_data_is_refused(tmp_path):
+    import prepare_data
+    data_dir = tmp_path / "shapes"
+
+    def generate(seed, train=24):
+        prepare_data.write_synthetic("shapes", str(data_dir), {"train": train, "val": 8}, seed=seed, min_objects=2,
+                                     max_objects=3, frames=0, workers=1, progress=False)
+
+    generate(seed=0)
+    config = write_vae_config(tmp_path, str(data_dir), steps=2, val_every=1, val_samples=4)
+    pretrain_vae.main([config])
+    run = tmp_path / "run"
+    for seed, train in ((5, 24), (0, 16)):  # another seed, another size
+        generate(seed, train)
+        before = {n: (run / n).read_bytes() for n in checkpoint_names(run)}
+        with pytest.raises(UserError, match=r"ckpt_0000002.pt was trained on other data than .*train.lmdb holds now "
+                                            r"\(fingerprint [0-9a-f]+, now [0-9a-f]+: the dataset was regenerated "
+                                            r"or replaced\); .*--allow_changed data"):
+            pretrain_vae.main([config, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
+        assert {n: (run / n).read_bytes() for n in checkpoint_names(run)} == before
+    generate(seed=0)  # the same data again: the same fingerprint
+    pretrain_vae.main([config, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
+    generate(seed=5)
+    pretrain_vae.main([config, "--resume", "auto", "--steps", "4", "--allow_changed", "steps,data"])
+    # a checkpoint from before fingerprints is resumed unchecked
+    state = torch.load(run / "ckpt_0000004.pt", weights_only=True)
+    del state["data"]["fingerprint"]
+    torch.save(state, run / "ckpt_0000004.pt")
+    generate(seed=0)
+    pretrain_vae.main([config, "--resume", "auto", "--steps", "5", "--allow_changed", "steps"])
+    assert checkpoint_names(run)[-1] == "ckpt_0000005.pt"
