@@ -8,6 +8,7 @@ module imports no other module of the project, so every module can import it.
 import argparse
 import datetime
 import difflib
+import errno
 import fcntl
 import hashlib
 import json
@@ -36,15 +37,52 @@ class UserError(Exception):
     """An error caused by input (config, data, checkpoint) whose message says what to do."""
 
 
+# What the operating system can refuse a run for, whatever the code: each ends in one sentence, not a traceback.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+
+
+def os_error_cause(error: OSError) -> str:
+    """The cause of an OSError in a few words: "no space left on the device", "permission denied", ..."""
+    return DISK_ERRNOS.get(error.errno) or (error.strerror or str(error) or type(error).__name__).lower()
+
+
+def _worker_error(error: Exception):
+    """The sentence of a UserError raised in a DataLoader worker, which torch re-raises in the main process as
+    "Caught UserError in DataLoader worker process 0. Original Traceback ..." (the traceback's last line holds it);
+    None for any other error."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught UserError in DataLoader worker"):
+        return lines[-1].split("UserError: ", 1)[-1]
+    return None
+
+
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's main(); a UserError prints one line and exits with status 2."""
+    """Run a script's main(); a UserError (also one raised in a DataLoader worker), a refusal of the disk (full,
+    read-only) and Ctrl-C each print one line, saying where a run can continue, and exit with status 2 (130 for
+    Ctrl-C)."""
+    status = 2
     try:
         main()
+        return
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if dist.is_initialized():  # a torchrun rank leaves its process group cleanly before exiting
-            dist.destroy_process_group()
-        sys.exit(2)
+        message = _worker_error(error) or str(error)
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        message = f"the operating system refused a file operation{where} ({os_error_cause(error)})" + held_run_note()
+    except KeyboardInterrupt:
+        status = 130
+        message = "stopped by Ctrl-C" + (held_run_note() or "; every file is written atomically, so nothing "
+                                                            "half-written was left")
+    for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line, so the sentence has its own
+        bar.close()
+    print(f"error: {message}", file=sys.stderr)
+    if dist.is_initialized():  # a torchrun rank leaves its process group cleanly before exiting
+        dist.destroy_process_group()
+    sys.exit(status)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,20 +294,24 @@ def strict_json(value, **kwargs) -> str:
 def atomic_write(path: str, write: Callable, binary: bool = False) -> None:
     """Call `write(file)` on a temporary file beside `path`, flush it to disk, then rename it to `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # the mode of a file open() would create (mkstemp's is 0600)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode of a file open() would create (mkstemp's is 0600)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+            raise UserError(f"could not write {path} ({os_error_cause(error)}), and nothing half-written was left; "
+                            f"free space or make the directory writable{held_run_note() or ', then rerun'}") from None
         raise
 
 
@@ -404,6 +446,19 @@ def lock_run_dir(out_dir: str) -> None:
     _RUN_LOCKS[key] = handle
 
 
+def held_run_note() -> str:
+    """For a message about a stop the run did not choose (Ctrl-C, a full disk): where the run this process holds
+    can continue from; empty when it holds none."""
+    if not _RUN_LOCKS:
+        return ""
+    out_dir = list(_RUN_LOCKS)[-1]  # the latest claimed
+    found = list_checkpoints(out_dir)
+    if not found:
+        return f"; {out_dir} holds no checkpoint of this run yet, so rerun with --resume auto to start it again"
+    return (f"; {out_dir} keeps every checkpoint up to {os.path.basename(found[-1])} (step "
+            f"{_checkpoint_step(found[-1])}), continue from it with --resume auto")
+
+
 def release_run_dir(out_dir: str) -> None:
     """Give up this process's lock of `out_dir` (a run that ended); the lock file goes while still held."""
     handle = _RUN_LOCKS.pop(os.path.realpath(out_dir), None)
@@ -425,6 +480,10 @@ def claim_run_dir(config: dict, d: "Dist") -> None:
             _claim(config)
         except UserError as caught:
             error = str(caught)
+        except OSError as caught:  # a read-only or full disk, a path component that is a file
+            where = f" ({caught.filename})" if caught.filename else ""
+            error = (f"cannot use {config['out_dir']} as the run directory: {os_error_cause(caught)}{where}; make it "
+                     f"writable or choose another --out_dir")
     if d.enabled:  # every rank stops with rank 0's sentence, and none reads out_dir before it is settled
         shared = [error]
         dist.broadcast_object_list(shared, src=0)

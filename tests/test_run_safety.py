@@ -372,3 +372,101 @@ def test_a_resume_on_regenerated_data_is_refused(tmp_path):
     generate(seed=0)
     pretrain_vae.main([config, "--resume", "auto", "--steps", "5", "--allow_changed", "steps"])
     assert checkpoint_names(run)[-1] == "ckpt_0000005.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stops the run did not choose: each ends in one sentence (through run_main, as on the command line), loses nothing
+# and says how to continue.
+
+def run_cli(main, argv, capsys):
+    """(exit status, the last line on stderr) of `main(argv)` run as the scripts run it; no traceback above it."""
+    from common import run_main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_main(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Caught" not in err, err
+    return stopped.value.code, err[err.rindex("\n", 0, len(err) - 1) + 1:] if err.count("\n") > 1 else err
+
+
+def test_an_error_in_a_loader_worker_is_one_sentence(tmp_path, shapes_dir, capsys):
+    import numpy as np
+    data_dir = copy_with_split(tmp_path, shapes_dir, "noseg", [{"image": np.zeros((64, 64, 3), np.uint8)}])
+    status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, data_dir, val_split="noseg", num_workers=1,
+                                                               steps=1)], capsys)
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and "Caught" not in err
+    assert "noseg.lmdb sample 0 has no 'segment' array" in err
+
+
+def test_a_full_disk_at_a_checkpoint_loses_nothing(tmp_path, shapes_dir, monkeypatch, capsys):
+    import errno
+
+    import common
+    real_save = torch.save
+
+    def full_disk_at_step_2(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    config = write_vae_config(tmp_path, shapes_dir, steps=3, val_every=1)
+    monkeypatch.setattr(common.torch, "save", full_disk_at_step_2)
+    status, err = run_cli(pretrain_vae.main, [config], capsys)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert status == 2 and err.count("\n") == 1, err
+    assert "could not write " + str(run / "ckpt_0000002.pt") + " (no space left on the device)" in err
+    assert "ckpt_0000001.pt (step 1), continue from it with --resume auto" in err
+    assert checkpoint_names(run) == ["ckpt_0000001.pt"] and not [n for n in os.listdir(run) if n.startswith(".tmp")]
+    pretrain_vae.main([config, "--resume", "auto"])
+    assert checkpoint_names(run) == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+
+
+def test_a_read_only_run_directory_is_one_sentence(tmp_path, shapes_dir, monkeypatch, capsys):
+    """Root ignores a directory's mode bits (the tests run as root), so the refusal is simulated where the run
+    first writes: its lock file, then (with the lock taken) its first atomic write."""
+    import builtins
+    import errno
+
+    import common
+
+    def read_only_lock(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    config = write_vae_config(tmp_path, shapes_dir, steps=1, val_every=1)
+    monkeypatch.setattr(common, "open", read_only_lock, raising=False)
+    status, err = run_cli(pretrain_vae.main, [config], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"cannot use {tmp_path / 'run'} as the run directory: read-only file system" in err
+    monkeypatch.undo()
+
+    def no_temporary_files(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(common.tempfile, "mkstemp", no_temporary_files)
+    status, err = run_cli(pretrain_vae.main, [config], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"could not write {tmp_path / 'run' / 'config.yaml'} (permission denied)" in err
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path, shapes_dir, monkeypatch, capsys):
+    config = write_vae_config(tmp_path, shapes_dir, steps=4, val_every=1)
+    real_lr = pretrain_vae.set_scheduled_lr
+
+    def interrupted_at_step_2(optimizer, step, cfg):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_lr(optimizer, step, cfg)
+
+    monkeypatch.setattr(pretrain_vae, "set_scheduled_lr", interrupted_at_step_2)
+    status, err = run_cli(pretrain_vae.main, [config], capsys)
+    monkeypatch.undo()
+    assert status == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: stopped by Ctrl-C; ") and "ckpt_0000002.pt (step 2), continue from it with " \
+                                                          "--resume auto" in err
+    pretrain_vae.main([config, "--resume", "auto"])
+    assert checkpoint_names(tmp_path / "run")[-1] == "ckpt_0000004.pt"
