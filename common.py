@@ -833,9 +833,11 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         lines = str(error).splitlines() or [""]
-        unsafe = [line.strip() for line in lines if "Unsupported global" in line]
-        if unsafe:  # a pickle that names code to run: never suggest loading it without the warning
-            name = unsafe[0].split("GLOBAL ")[-1].split(" ")[0]
+        # Torch words a refused global in either case ("Unsupported global: GLOBAL argparse.Namespace", "unsupported
+        # GLOBAL posix.system ..."); any refusal of the safe load means the file names code to run.
+        named = re.search(r"GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+        if named or str(error).startswith("Weights only load failed"):
+            name = named.group(1) if named else "objects the safe load refuses"
             raise UserError(f"{path} holds objects beyond tensors and plain values ({name}), which the safe load "
                             f"(weights_only=True) refuses, so it is from another program or crafted; loading it with "
                             f"torch.load(weights_only=False) can execute arbitrary code, so do that only with a file "

@@ -470,3 +470,21 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path, shapes_
                                                           "--resume auto" in err
     pretrain_vae.main([config, "--resume", "auto"])
     assert checkpoint_names(tmp_path / "run")[-1] == "ckpt_0000004.pt"
+
+
+class RunsACommand:
+    """A pickle that calls os.system when loaded without weights_only (torch words its refusal in lower case)."""
+
+    def __reduce__(self):
+        return os.system, ("touch PWNED",)
+
+
+def test_every_refused_unsafe_checkpoint_says_it_could_execute_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "crafted.pt"
+    torch.save({"kind": "vae", "config": {}, "payload": RunsACommand()}, path)
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(str(path))
+    message = str(caught.value)
+    assert "(posix.system)" in message and "can execute arbitrary code" in message and "\n" not in message
+    assert not (tmp_path / "PWNED").exists()
