@@ -282,8 +282,12 @@ class Split:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {self.path} with {len(self)} samples")
-        with _open_env(self.path).begin(buffers=False) as txn:
-            value = txn.get(b"%08d" % index)
+        try:
+            with _open_env(self.path).begin(buffers=False) as txn:
+                value = txn.get(b"%08d" % index)
+        except (lmdb.Error, ValueError, OSError) as error:  # a damaged page, or a file cut short since it was opened
+            raise UserError(f"{self.path} cannot be read at sample {index} ({type(error).__name__}: {error}); the file "
+                            f"is corrupt, recreate it with `{_create_command(self.path)}`") from None
         if value is None:
             raise UserError(f"{self.path} is missing sample {index} of {len(self)}; the file is corrupt, recreate it "
                             f"with `{_create_command(self.path)}`")
@@ -367,6 +371,12 @@ class OCLDataset:
                                 f"{sorted(record)}); recreate the split with `{_create_command(self.split.path)}`")
         pixels = record["video"] if self.is_video else record["image"]
         segment = record["segment"]
+        lead = (pixels.shape[0],) if self.is_video and pixels.ndim else ()
+        if pixels.shape[:-3] != lead or pixels.shape[-1:] != (3,) or segment.shape != pixels.shape[:-1]:
+            raise UserError(f"{self.split.path} sample {index} holds {'video' if self.is_video else 'image'} "
+                            f"{tuple(pixels.shape)} and segment {tuple(segment.shape)}, not RGB "
+                            f"{'(T,H,W,3)' if self.is_video else '(H,W,3)'} with a segment of the same size; "
+                            f"recreate the split with `{_create_command(self.split.path)}`")
         bbox = record.get("bbox")
         if self.is_video:
             window = self._window(draw, pixels.shape[0])

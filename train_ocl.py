@@ -11,6 +11,7 @@ exact `--resume`, DDP with the loss computed inside the wrapped module's forward
 
 import math
 import os
+import re
 import time
 
 import torch
@@ -56,6 +57,10 @@ MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
 
 def load_guidance_vae(config: dict):
     """The frozen VAE named by `vae_ckpt`, checked against the OCL config; None for DINOSAUR."""
+    patch = re.search(r"patch(\d+)", config["dino_model"])  # timm names carry the ViT's patch size
+    if config["encoder"] == "dino_biglittle" and patch and config["resolution"] % int(patch.group(1)):
+        raise UserError(f"the DINO encoder ({config['dino_model']}) cuts images into {patch.group(1)}-pixel patches, "
+                        f"which do not divide resolution {config['resolution']}; use a multiple of {patch.group(1)}")
     if config["method"] == "dinosaur":
         if config["guidance"] != "none":
             raise UserError("DINOSAUR reconstructs DINO features and takes no VAE guidance; set guidance: none")

@@ -402,3 +402,22 @@ def test_a_split_fingerprint_identifies_its_records(tmp_path):
     fingerprint = {name: load_split(str(tmp_path / name / "train.lmdb")).meta["fingerprint"] for name in "abc"}
     assert fingerprint["a"] == digest.hexdigest()[:16]
     assert fingerprint["a"] == fingerprint["b"] != fingerprint["c"]
+
+
+def test_a_page_damaged_under_a_reader_and_grayscale_records_are_one_sentence(tmp_path):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    split = load_split(str(out / "val.lmdb"))
+    with open(out / "val.lmdb", "r+b") as f:  # damaged while a run reads the split
+        f.seek(2 * 4096 + 10)
+        assert f.read(2) == b"\x02\x00"  # P_LEAF: a small split's one leaf page follows the two meta pages
+        f.seek(2 * 4096 + 10)
+        f.write(b"\xff\x00")
+    with pytest.raises(UserError, match=r"val.lmdb cannot be read at sample 3 \(CorruptedError: .*\); the file is "
+                                        r"corrupt, recreate it"):
+        split[3]
+    writer = data.SplitWriter(str(tmp_path / "gray" / "train.lmdb"))
+    writer.add({"image": np.zeros((8, 8), np.uint8), "segment": np.zeros((8, 8), np.uint8)})
+    writer.close({"size": [8, 8], "max_objects": 2, "frames": None})
+    with pytest.raises(UserError, match=r"sample 0 holds image \(8, 8\) and segment \(8, 8\), not RGB \(H,W,3\)"):
+        OCLDataset(str(tmp_path / "gray" / "train.lmdb"), train=False)[0]

@@ -488,3 +488,17 @@ def test_every_refused_unsafe_checkpoint_says_it_could_execute_code(tmp_path, mo
     message = str(caught.value)
     assert "(posix.system)" in message and "can execute arbitrary code" in message and "\n" not in message
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_ranges_that_would_crash_later_are_refused_first(tmp_path, shapes_dir):
+    import evaluate
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)
+    with pytest.raises(UserError, match=r"config key 'num_slots' must be at least 1, got 0"):
+        train_ocl.main([config, "--num_slots", "0"])
+    with pytest.raises(UserError, match=r"8-pixel patches, which do not divide resolution 36; use a multiple of 8"):
+        train_ocl.main([config, "--method", "dinosaur", "--guidance", "none", "--encoder", "dino_biglittle",
+                        "--resolution", "36", "--out_dir", str(tmp_path / "dino")])
+    for flag, value, least in (("samples", "-3", 0), ("batch_size", "0", 1), ("num_workers", "-1", 0)):
+        with pytest.raises(UserError, match=f"--{flag} must be at least {least}, got {value}"):
+            evaluate.main([vae, "--separability", "--data_dir", shapes_dir, f"--{flag}", value])
