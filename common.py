@@ -234,6 +234,25 @@ def _config_parser(options: dict, description: str, shown: dict) -> argparse.Arg
     return parser
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, so an
+    edit near the top of a config would be overridden by a forgotten line below)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})"
+                                    f"; keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_config(options: dict, argv=None, description: str = "", config_required: bool = True) -> dict:
     """Parse `CONFIG.yaml [--key value ...]` against the declared options and return the resolved config dict.
     `--help` lists every key with the value the config file gives it (or the declared default)."""
@@ -250,7 +269,7 @@ def load_config(options: dict, argv=None, description: str = "", config_required
             raise UserError(f"config file {config_path} does not exist; pick one from configs/")
         try:
             with open(config_path) as f:
-                loaded = yaml.safe_load(f) or {}
+                loaded = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as error:
             raise UserError(f"config file {config_path} is not valid YAML: {error}") from None
         if not isinstance(loaded, dict):
@@ -419,7 +438,9 @@ def _run_files(out_dir: str) -> list:
     frozen = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if re.fullmatch(r"frozen-[0-9a-f]+\.pt", n)) \
         if os.path.isdir(out_dir) else []
     named = [os.path.join(out_dir, n) for n in RUN_FILES]
-    return [p for p in list_checkpoints(out_dir) + frozen + named if os.path.exists(p)]
+    evaluations = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("eval_")) \
+        if os.path.isdir(out_dir) else []  # evaluate.py's default output beside the run it evaluated
+    return [p for p in list_checkpoints(out_dir) + frozen + named + evaluations if os.path.exists(p)]
 
 
 def lock_run_dir(out_dir: str) -> None:
@@ -514,6 +535,12 @@ def _claim(config: dict) -> None:
         raise UserError(f"{out_dir} already holds a run ({', '.join(sorted(os.path.basename(p) for p in old)[:4])}"
                         f"{', ...' if len(old) > 4 else ''}); continue it with --resume auto, start afresh with "
                         f"--overwrite true (its files move to {out_dir}/old-<time>/), or choose another --out_dir")
+    vae = os.path.realpath(config["vae_ckpt"]) if config.get("vae_ckpt") else None
+    moved = [os.path.realpath(p) for p in old] + [os.path.realpath(out_dir)]
+    if vae and any(vae == p or vae.startswith(p + os.sep) for p in moved[:-1]) or vae == moved[-1]:
+        raise UserError(f"vae_ckpt {config['vae_ckpt']} lies in {out_dir}, whose run files move to "
+                        f"{out_dir}/old-<time>/ before the VAE is read; copy the VAE out of {out_dir} and point "
+                        f"vae_ckpt there, or choose another --out_dir")
     aside = _aside_dir(out_dir)
     for path in old:
         os.replace(path, os.path.join(aside, os.path.basename(path)))

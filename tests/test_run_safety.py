@@ -502,3 +502,22 @@ def test_ranges_that_would_crash_later_are_refused_first(tmp_path, shapes_dir):
     for flag, value, least in (("samples", "-3", 0), ("batch_size", "0", 1), ("num_workers", "-1", 0)):
         with pytest.raises(UserError, match=f"--{flag} must be at least {least}, got {value}"):
             evaluate.main([vae, "--separability", "--data_dir", shapes_dir, f"--{flag}", value])
+
+
+def test_overwrite_moves_the_old_evaluation_and_keeps_a_vae_inside_the_run_readable(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)
+    train_ocl.main([config])
+    (run / "eval_val").mkdir()
+    (run / "eval_val" / "metrics.json").write_text("{}")  # as evaluate.py RUN leaves it
+    train_ocl.main([config, "--overwrite", "true"])
+    (aside,) = [n for n in os.listdir(run) if n.startswith("old-")]
+    assert not (run / "eval_val").exists() and (run / aside / "eval_val" / "metrics.json").read_text() == "{}"
+    # a VAE kept inside the run directory (best.pt of a VAE run copied there) would move before it is read
+    os.replace(vae, run / "best.pt")
+    before = sorted(os.listdir(run))
+    with pytest.raises(UserError, match=r"vae_ckpt .*best.pt lies in .*run, whose run files move to .*before the VAE "
+                                        r"is read; copy the VAE out"):
+        train_ocl.main([config, "--overwrite", "true", "--vae_ckpt", str(run / "best.pt")])
+    assert sorted(n for n in os.listdir(run) if n != ".lock") == before
