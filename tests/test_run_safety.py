@@ -158,7 +158,7 @@ def test_the_vae_figure_of_non_finite_codes_is_drawn_without_pca(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Issue 15 item 8: every input fault ends in one sentence that says what to do.
+# Every input fault ends in one sentence that says what to do.
 
 def copy_with_split(tmp_path, shapes_dir, name, records):
     """A copy of the shapes data with one more split `name` holding `records` (meta copied from val)."""
