@@ -660,20 +660,31 @@ class RunLog:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
         if echo:
             tqdm.write(line)  # keeps an active progress bar intact
-        with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
-            f.write(line + "\n")
+        self._append("log.txt", line + "\n")
 
     def record(self, entry: dict) -> None:
         if not self.enabled:
             return
-        with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
-            f.write(strict_json(entry) + "\n")
+        self._append("log.jsonl", strict_json(entry) + "\n")
         writer = self.writer()
         if writer is not None:
             for key, value in entry.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(tensorboard_tag(key), value, entry["step"])
             writer.flush()
+
+    def _append(self, name: str, text: str) -> None:
+        """Append to a log; a full or read-only disk ends the run in one sentence (a torn last line of log.jsonl is
+        dropped on resume)."""
+        path = os.path.join(self.out_dir, name)
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+        except OSError as error:
+            if error.errno not in DISK_ERRNOS:
+                raise
+            raise UserError(f"could not write {path} ({os_error_cause(error)}); free space or make the directory "
+                            f"writable{held_run_note() or ', then rerun'}") from None
 
     def rewind(self, step: int) -> None:
         """Drop the log.jsonl entries (and TensorBoard events) after `step` completed steps: a run resumed from the

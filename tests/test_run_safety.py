@@ -521,3 +521,19 @@ def test_overwrite_moves_the_old_evaluation_and_keeps_a_vae_inside_the_run_reada
                                         r"is read; copy the VAE out"):
         train_ocl.main([config, "--overwrite", "true", "--vae_ckpt", str(run / "best.pt")])
     assert sorted(n for n in os.listdir(run) if n != ".lock") == before
+
+
+def test_a_full_disk_while_logging_names_the_log(tmp_path, shapes_dir, monkeypatch, capsys):
+    import builtins
+    import errno
+
+    import common
+
+    def full_log(path, *args, **kwargs):
+        if str(path).endswith("log.jsonl") and "a" in args:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(common, "open", full_log, raising=False)
+    status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, shapes_dir, steps=1)], capsys)
+    assert status == 2 and f"could not write {tmp_path / 'run' / 'log.jsonl'} (no space left on the device)" in err
