@@ -383,7 +383,10 @@ def run_cli(main, argv, capsys):
     from common import run_main
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
-        run_main(lambda: main(argv))
+        try:
+            run_main(lambda: main(argv))
+        except KeyboardInterrupt:  # escaping, it would stop the test session itself
+            pytest.fail("Ctrl-C came through run_main as a traceback")
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Caught" not in err, err
     return stopped.value.code, err[err.rindex("\n", 0, len(err) - 1) + 1:] if err.count("\n") > 1 else err
@@ -392,8 +395,8 @@ def run_cli(main, argv, capsys):
 def test_an_error_in_a_loader_worker_is_one_sentence(tmp_path, shapes_dir, capsys):
     import numpy as np
     data_dir = copy_with_split(tmp_path, shapes_dir, "noseg", [{"image": np.zeros((64, 64, 3), np.uint8)}])
-    status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, data_dir, val_split="noseg", num_workers=1,
-                                                               steps=1)], capsys)
+    status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, data_dir, train_split="noseg",
+                                                               num_workers=1, steps=1)], capsys)
     assert status == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and "Caught" not in err
     assert "noseg.lmdb sample 0 has no 'segment' array" in err
