@@ -275,6 +275,23 @@ class Split:
             raise UserError(f"{path} is format {meta.get('format')} version {meta.get('format_version')}, this code "
                             f"reads {FORMAT_NAME} version {FORMAT_VERSION}; recreate it with `{_create_command(path)}`")
         self.meta = meta
+        self.identity = _OPEN_ENVS[os.path.realpath(path)][1]
+
+    def _env(self):
+        """The split's environment. _open_env follows a file replaced on disk; if the new file holds other records
+        (a regeneration while a run reads), the run would go on with other data, so that is refused."""
+        env = _open_env(self.path)
+        identity = _OPEN_ENVS[os.path.realpath(self.path)][1]
+        if identity != self.identity:
+            with env.begin() as txn:
+                raw_meta = txn.get(META_KEY)
+            meta = json.loads(raw_meta) if raw_meta else {}
+            if (meta.get("fingerprint"), meta.get("count")) != (self.meta.get("fingerprint"), self.meta.get("count")):
+                raise UserError(f"{self.path} was replaced by other data while this process read it (a regeneration "
+                                f"with prepare_data.py?); rerun on one version of the dataset (a training run "
+                                f"continues from its last checkpoint with --resume auto and --allow_changed data)")
+            self.identity = identity
+        return env
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -283,7 +300,7 @@ class Split:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {self.path} with {len(self)} samples")
         try:
-            with _open_env(self.path).begin(buffers=False) as txn:
+            with self._env().begin(buffers=False) as txn:
                 value = txn.get(b"%08d" % index)
         except (lmdb.Error, ValueError, OSError) as error:  # a damaged page, or a file cut short since it was opened
             raise UserError(f"{self.path} cannot be read at sample {index} ({type(error).__name__}: {error}); the file "

@@ -421,3 +421,15 @@ def test_a_page_damaged_under_a_reader_and_grayscale_records_are_one_sentence(tm
     writer.close({"size": [8, 8], "max_objects": 2, "frames": None})
     with pytest.raises(UserError, match=r"sample 0 holds image \(8, 8\) and segment \(8, 8\), not RGB \(H,W,3\)"):
         OCLDataset(str(tmp_path / "gray" / "train.lmdb"), train=False)[0]
+
+
+def test_a_split_regenerated_while_it_is_read_is_refused(tmp_path):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    dataset = OCLDataset(str(out / "train.lmdb"), train=True)
+    first = dataset[0]["image"]
+    make_shapes(out, seed=0)  # the same records again: reading goes on
+    assert torch.equal(dataset[0]["image"], first)
+    make_shapes(out, seed=5)
+    with pytest.raises(UserError, match=r"train.lmdb was replaced by other data while this process read it"):
+        dataset[1]
