@@ -10,6 +10,7 @@ the split, with a fingerprint of all its records that checkpoints keep to know t
 `<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
 """
 
+import fcntl
 import hashlib
 import json
 import math
@@ -190,24 +191,59 @@ class DatasetWriter:
     directory never mixes two generations. (A split not yet renamed keeps its `.partial`, which readers refuse.)"""
 
     def __init__(self):
-        self.writers = []
+        self.writers, self.locks = [], {}
 
     def split(self, path: str, commit_every: int = 64) -> SplitWriter:
         """A writer for one split; finish() it inside the block, the block publishes it."""
+        self._lock(os.path.dirname(os.path.abspath(path)))
         self.writers.append(SplitWriter(path, commit_every))
         return self.writers[-1]
+
+    def _lock(self, directory: str) -> None:
+        """Hold `directory/.prepare.lock` (flock) while writing there: a second prepare_data.py into the same
+        directory would delete this one's partial files as stale."""
+        if directory in self.locks or (os.path.exists(directory) and not os.path.isdir(directory)):
+            return  # a file in the way: SplitWriter says so
+        path = os.path.join(directory, ".prepare.lock")
+        while True:
+            try:
+                os.makedirs(directory, exist_ok=True)
+                handle = open(path, "a")
+            except OSError as error:
+                raise write_error(path, error) from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise UserError(f"another prepare_data.py is writing {directory} (it holds {path}); wait for it to "
+                                f"end or choose another --out") from None
+            try:  # the holder before us may have removed the file on release: then lock the new one
+                if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        self.locks[directory] = handle
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, trace):
-        if kind is not None:
+        try:
+            if kind is not None:
+                for writer in self.writers:
+                    writer.abort()
+                return False
             for writer in self.writers:
-                writer.abort()
+                writer.publish()
             return False
-        for writer in self.writers:
-            writer.publish()
-        return False
+        finally:
+            for directory, handle in self.locks.items():  # removed while still held, as the run lock is
+                try:
+                    os.remove(os.path.join(directory, ".prepare.lock"))
+                except OSError:
+                    pass
+                handle.close()
 
 
 _OPEN_ENVS = {}  # real path -> (pid, file identity, environment): LMDB allows one open per file and process
