@@ -53,7 +53,7 @@ def _worker_error(error: Exception):
     "Caught UserError in DataLoader worker process 0. Original Traceback ..." (the traceback's last line holds it);
     None for any other error."""
     lines = str(error).strip().splitlines()
-    if len(lines) > 1 and lines[0].startswith("Caught UserError in DataLoader worker"):
+    if len(lines) > 1 and lines[0].startswith("Caught UserError in "):  # a worker, or the pin-memory thread
         return lines[-1].split("UserError: ", 1)[-1]
     return None
 
