@@ -872,17 +872,21 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
     except Exception as error:
         lines = str(error).splitlines() or [""]
         # Torch words a refused global in either case ("Unsupported global: GLOBAL argparse.Namespace", "unsupported
-        # GLOBAL posix.system ..."); any refusal of the safe load means the file names code to run.
+        # GLOBAL posix.system ..."): the file names code to run.
         named = re.search(r"GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
-        if named or str(error).startswith("Weights only load failed"):
-            name = named.group(1) if named else "objects the safe load refuses"
+        if named:
+            name = named.group(1)
             raise UserError(f"{path} holds objects beyond tensors and plain values ({name}), which the safe load "
                             f"(weights_only=True) refuses, so it is from another program or crafted; loading it with "
                             f"torch.load(weights_only=False) can execute arbitrary code, so do that only with a file "
                             f"from a source you trust") from None
         reason = next((line.strip() for line in lines if "Unsupported" in line), lines[0])
+        # A refused opcode ("Unsupported operand 149") is garbage or a crafted pickle in a form the safe load cannot
+        # parse: which one is unknowable, so the warning stays.
+        warning = ("; loading it with torch.load(weights_only=False) can execute arbitrary code, so do that only with a "
+                   "file from a source you trust") if str(error).startswith("Weights only load failed") else ""
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason[:200]}); it may be "
-                        f"truncated or from another program") from None
+                        f"truncated, from another program or crafted{warning}") from None
     if not isinstance(state, dict) or "config" not in state or "kind" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no config/kind entry)")
     missing = [key for key in ("model", "data", "step") if key not in state]

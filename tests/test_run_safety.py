@@ -482,6 +482,7 @@ class RunsACommand:
         return os.system, ("touch PWNED",)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
 def test_every_refused_unsafe_checkpoint_says_it_could_execute_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "crafted.pt"
@@ -490,6 +491,12 @@ def test_every_refused_unsafe_checkpoint_says_it_could_execute_code(tmp_path, mo
         load_checkpoint(str(path))
     message = str(caught.value)
     assert "(posix.system)" in message and "can execute arbitrary code" in message and "\n" not in message
+    import pickle
+    with open(tmp_path / "protocol4.pt", "wb") as f:  # an opcode the safe load refuses before it sees the global
+        pickle.dump({"kind": "vae", "payload": RunsACommand()}, f, protocol=4)
+    with pytest.raises(UserError, match=r"not a readable checkpoint \(UnpicklingError: Unsupported operand 149\); .*"
+                                        r"crafted; .*weights_only=False\) can execute arbitrary code"):
+        load_checkpoint(str(tmp_path / "protocol4.pt"))
     assert not (tmp_path / "PWNED").exists()
 
 
