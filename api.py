@@ -19,6 +19,33 @@ import msf
 from checkpoints import load_for_evaluation
 
 
+RANGE_SLACK = 0.05  # antialiased resizing overshoots [-1, 1] a little; pixels in 0-255 or 0-1 do not fit otherwise
+
+
+def checked_images(images, dims: int, side: int = None, multiple: int = None) -> torch.Tensor:
+    """`images` if they are what the models take, a finite float tensor (b, 3, H, W) (dims 4; videos (b, T, 3, H, W))
+    in [-1, 1], `side` x `side` or H and W multiples of `multiple`; else a ValueError that says what is expected."""
+    layout = "(b, 3, H, W)" if dims == 4 else "(b, T, 3, H, W)"
+    if not torch.is_tensor(images) or images.dim() != dims or images.shape[-3] != 3:
+        got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a tensor {layout} of RGB images, got {got}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float in [-1, 1] (pixel / 127.5 - 1), got dtype {images.dtype}")
+    height, width = images.shape[-2:]
+    if side is not None and (height, width) != (side, side):
+        raise ValueError(f"images must be {side}x{side}, the model's resolution, got {height}x{width}")
+    if multiple is not None and (height % multiple or width % multiple or min(height, width) == 0):
+        raise ValueError(f"image height and width must be multiples of {multiple} (4 x 2^(scales - 1)), got "
+                         f"{height}x{width}")
+    if images.numel() and not bool(torch.isfinite(images).all()):
+        raise ValueError("images hold NaN or infinite values")
+    if images.numel():
+        low, high = float(images.min()), float(images.max())
+        if low < -1 - RANGE_SLACK or high > 1 + RANGE_SLACK:
+            raise ValueError(f"images must be in [-1, 1] (pixel / 127.5 - 1), got values from {low:.4g} to {high:.4g}")
+    return images
+
+
 def load(path: str, device: str = "cpu"):
     """A trained model from a checkpoint file or a run directory (an OCL run: its best.pt, else the latest
     checkpoint; a VAE run: the latest checkpoint): a `VAETokenizer` for pretrain_vae.py checkpoints, an
@@ -48,19 +75,36 @@ class VAETokenizer:
         vq: G = 1 (codebook index); grouped: G = num_groups (one index per group codebook); msf: G = 2, the
         shared scale-invariant index i (into the one shared codebook) and the scale-specific index j (into scale
         n's scale-variant codebook), or G = 1 (i only) with intra_scale_fusion off. Argmax matching, no noise."""
+        images = checked_images(images, 4, multiple=4 * 2 ** (self.num_scales - 1))
         return [ids.clone() for ids in self.vae.quantize(images.to(self.device).float()).indices]
 
     def vocabulary(self) -> list:
         """Per scale, the codebook size of each group: ids[n][..., g] lies in [0, vocabulary()[n][g])."""
-        side = 4 * 2 ** (self.num_scales - 1)
-        probe = torch.zeros(1, 3, side, side, device=self.device)
-        return self.vae.quantize(probe).group_sizes
+        if getattr(self, "_vocabulary", None) is None:
+            side = 4 * 2 ** (self.num_scales - 1)
+            probe = torch.zeros(1, 3, side, side, device=self.device)
+            with torch.no_grad():
+                self._vocabulary = self.vae.quantize(probe).group_sizes
+        return [list(sizes) for sizes in self._vocabulary]
 
     @torch.no_grad()
     def vectors(self, ids: torch.Tensor, scale: int = 1) -> torch.Tensor:
         """(b, h, w, G) code indices of `scale` -> the discrete representation X_n (b, h, w, c) the decoder and the
         OCL models see. msf: X_n = concat(C_si[i], C_sv_n[j])·W (fusion concat_pinv), (C_si[i] + C_sv_n[j]) / 2
         (fusion mean) or C_si[i] (no intra-scale fusion); grouped: concat(C_1[i_1], ..., C_G[i_G])·W; vq: C[i]."""
+        if not 1 <= scale <= self.num_scales:
+            raise ValueError(f"scale must be 1 to {self.num_scales}, got {scale}")
+        sizes = self.vocabulary()[scale - 1]
+        if not torch.is_tensor(ids) or ids.is_floating_point() or ids.is_complex() or ids.dim() != 4 \
+                or ids.shape[-1] != len(sizes):
+            got = f"{ids.dtype} {tuple(ids.shape)}" if torch.is_tensor(ids) else type(ids).__name__
+            raise ValueError(f"scale {scale} ids must be an integer tensor (b, h, w, {len(sizes)}) as tokenize gives, "
+                             f"got {got}")
+        for group, size in enumerate(sizes):
+            column = ids[..., group]
+            if column.numel() and (int(column.min()) < 0 or int(column.max()) >= size):
+                raise ValueError(f"scale {scale} ids of group {group} must lie in [0, {size}), got values from "
+                                 f"{int(column.min())} to {int(column.max())}")
         ids = ids.to(self.device).long()
         q = self.vae.quantizer
         if self.vae.kind == "vq":
@@ -81,6 +125,8 @@ class VAETokenizer:
         scale 1) -> one decoded image (b, 3, 4·h_n, 4·w_n) per scale, in about [-1, 1] (not clamped)."""
         if torch.is_tensor(ids):
             ids = [ids]
+        if len(ids) > self.num_scales:
+            raise ValueError(f"ids for {len(ids)} scales given, but the VAE has {self.num_scales}")
         return [self.vae.decode(self.vectors(scale_ids, n + 1)) for n, scale_ids in enumerate(ids)]
 
 
@@ -100,7 +146,7 @@ class ObjectCentric:
         means (no sampling noise). Videos (STEVE, video checkpoints): (b, T, 3, H, W) with first-frame boxes
         (b, K, 4) -> slots (b, T, s, d), masks (b, T, s, H, W). argmax over s gives the segmentation the metrics
         score."""
-        images = images.to(self.device).float()
+        images = checked_images(images, 5 if self.model.video else 4, side=self.resolution).to(self.device).float()
         size = tuple(images.shape[-2:])
         if self.model.video and boxes is None:
             raise ValueError("a video model needs the first frame's object boxes (b, K, 4), as its data has")

@@ -8,12 +8,14 @@ module imports no other module of the project, so every module can import it.
 import argparse
 import datetime
 import difflib
+import errno
 import fcntl
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -35,15 +37,52 @@ class UserError(Exception):
     """An error caused by input (config, data, checkpoint) whose message says what to do."""
 
 
+# What the operating system can refuse a run for, whatever the code: each ends in one sentence, not a traceback.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+
+
+def os_error_cause(error: OSError) -> str:
+    """The cause of an OSError in a few words: "no space left on the device", "permission denied", ..."""
+    return DISK_ERRNOS.get(error.errno) or (error.strerror or str(error) or type(error).__name__).lower()
+
+
+def _worker_error(error: Exception):
+    """The sentence of a UserError raised in a DataLoader worker, which torch re-raises in the main process as
+    "Caught UserError in DataLoader worker process 0. Original Traceback ..." (the traceback's last line holds it);
+    None for any other error."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught UserError in "):  # a worker, or the pin-memory thread
+        return lines[-1].split("UserError: ", 1)[-1]
+    return None
+
+
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's main(); a UserError prints one line and exits with status 2."""
+    """Run a script's main(); a UserError (also one raised in a DataLoader worker), a refusal of the disk (full,
+    read-only) and Ctrl-C each print one line, saying where a run can continue, and exit with status 2 (130 for
+    Ctrl-C)."""
+    status = 2
     try:
         main()
+        return
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if dist.is_initialized():  # a torchrun rank leaves its process group cleanly before exiting
-            dist.destroy_process_group()
-        sys.exit(2)
+        message = _worker_error(error) or str(error)
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        message = f"the operating system refused a file operation{where} ({os_error_cause(error)})" + held_run_note()
+    except KeyboardInterrupt:
+        status = 130
+        message = "stopped by Ctrl-C" + (held_run_note() or "; every file is written atomically, so nothing "
+                                                            "half-written was left")
+    for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line, so the sentence has its own
+        bar.close()
+    print(f"error: {message}", file=sys.stderr)
+    if dist.is_initialized():  # a torchrun rank leaves its process group cleanly before exiting
+        dist.destroy_process_group()
+    sys.exit(status)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,6 +252,25 @@ def _config_parser(options: dict, description: str, shown: dict) -> argparse.Arg
     return parser
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, so an
+    edit near the top of a config would be overridden by a forgotten line below)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})"
+                                    f"; keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_config(options: dict, argv=None, description: str = "", config_required: bool = True) -> dict:
     """Parse `CONFIG.yaml [--key value ...]` against the declared options and return the resolved config dict.
     `--help` lists every key with the value the config file gives it (or the declared default)."""
@@ -229,7 +287,7 @@ def load_config(options: dict, argv=None, description: str = "", config_required
             raise UserError(f"config file {config_path} does not exist; pick one from configs/")
         try:
             with open(config_path) as f:
-                loaded = yaml.safe_load(f) or {}
+                loaded = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as error:
             raise UserError(f"config file {config_path} is not valid YAML: {error}") from None
         if not isinstance(loaded, dict):
@@ -273,20 +331,24 @@ def strict_json(value, **kwargs) -> str:
 def atomic_write(path: str, write: Callable, binary: bool = False) -> None:
     """Call `write(file)` on a temporary file beside `path`, flush it to disk, then rename it to `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # the mode of a file open() would create (mkstemp's is 0600)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode of a file open() would create (mkstemp's is 0600)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+            raise UserError(f"could not write {path} ({os_error_cause(error)}), and nothing half-written was left; "
+                            f"free space or make the directory writable{held_run_note() or ', then rerun'}") from None
         raise
 
 
@@ -394,7 +456,9 @@ def _run_files(out_dir: str) -> list:
     frozen = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if re.fullmatch(r"frozen-[0-9a-f]+\.pt", n)) \
         if os.path.isdir(out_dir) else []
     named = [os.path.join(out_dir, n) for n in RUN_FILES]
-    return [p for p in list_checkpoints(out_dir) + frozen + named if os.path.exists(p)]
+    evaluations = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("eval_")) \
+        if os.path.isdir(out_dir) else []  # evaluate.py's default output beside the run it evaluated
+    return [p for p in list_checkpoints(out_dir) + frozen + named + evaluations if os.path.exists(p)]
 
 
 def lock_run_dir(out_dir: str) -> None:
@@ -421,6 +485,19 @@ def lock_run_dir(out_dir: str) -> None:
     _RUN_LOCKS[key] = handle
 
 
+def held_run_note() -> str:
+    """For a message about a stop the run did not choose (Ctrl-C, a full disk): where the run this process holds
+    can continue from; empty when it holds none."""
+    if not _RUN_LOCKS:
+        return ""
+    out_dir = list(_RUN_LOCKS)[-1]  # the latest claimed
+    found = list_checkpoints(out_dir)
+    if not found:
+        return f"; {out_dir} holds no checkpoint of this run yet, so rerun with --resume auto to start it again"
+    return (f"; {out_dir} keeps every checkpoint up to {os.path.basename(found[-1])} (step "
+            f"{_checkpoint_step(found[-1])}), continue from it with --resume auto")
+
+
 def release_run_dir(out_dir: str) -> None:
     """Give up this process's lock of `out_dir` (a run that ended); the lock file goes while still held."""
     handle = _RUN_LOCKS.pop(os.path.realpath(out_dir), None)
@@ -442,6 +519,10 @@ def claim_run_dir(config: dict, d: "Dist") -> None:
             _claim(config)
         except UserError as caught:
             error = str(caught)
+        except OSError as caught:  # a read-only or full disk, a path component that is a file
+            where = f" ({caught.filename})" if caught.filename else ""
+            error = (f"cannot use {config['out_dir']} as the run directory: {os_error_cause(caught)}{where}; make it "
+                     f"writable or choose another --out_dir")
     if d.enabled:  # every rank stops with rank 0's sentence, and none reads out_dir before it is settled
         shared = [error]
         dist.broadcast_object_list(shared, src=0)
@@ -464,20 +545,81 @@ def _claim(config: dict) -> None:
         if name.startswith(".tmp-") and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     old = _run_files(out_dir)
+    if continuing and resume != "auto" and os.path.isfile(resume):
+        _branch(out_dir, resume, config.get("overwrite"))
     if continuing or not old:
         return
     if not (config.get("overwrite") or resume == "auto"):
         raise UserError(f"{out_dir} already holds a run ({', '.join(sorted(os.path.basename(p) for p in old)[:4])}"
                         f"{', ...' if len(old) > 4 else ''}); continue it with --resume auto, start afresh with "
                         f"--overwrite true (its files move to {out_dir}/old-<time>/), or choose another --out_dir")
+    vae = os.path.realpath(config["vae_ckpt"]) if config.get("vae_ckpt") else None
+    moved = [os.path.realpath(p) for p in old] + [os.path.realpath(out_dir)]
+    if vae and any(vae == p or vae.startswith(p + os.sep) for p in moved[:-1]) or vae == moved[-1]:
+        raise UserError(f"vae_ckpt {config['vae_ckpt']} lies in {out_dir}, whose run files move to "
+                        f"{out_dir}/old-<time>/ before the VAE is read; copy the VAE out of {out_dir} and point "
+                        f"vae_ckpt there, or choose another --out_dir")
+    aside = _aside_dir(out_dir)
+    for path in old:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+
+
+def _aside_dir(out_dir: str) -> str:
+    """A new, empty `old-<time>[-n]/` in out_dir for files that must not be overwritten."""
     aside = os.path.join(out_dir, "old-" + time.strftime("%Y%m%d-%H%M%S"))
     suffix = 0
     while os.path.exists(aside + (f"-{suffix}" if suffix else "")):
         suffix += 1
     aside += f"-{suffix}" if suffix else ""
     os.makedirs(aside)
-    for path in old:
+    return aside
+
+
+def _checkpoint_step(path: str):
+    """The step of a checkpoint file: from its name (ckpt_<step>.pt), else read from the file; None if unreadable."""
+    name = os.path.basename(path)
+    if name.startswith("ckpt_") and name.endswith(".pt") and name[len("ckpt_"):-len(".pt")].isdigit():
+        return int(name[len("ckpt_"):-len(".pt")])
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return None
+
+
+def _branch(out_dir: str, resume: str, overwrite: bool) -> None:
+    """Resuming from a checkpoint of out_dir older than its newest starts a second trajectory there: the newer
+    checkpoints would be overwritten step by step, and those not reached again would stay behind as the latest of a
+    directory mixing two runs. Refuse, or with `overwrite` move the abandoned branch aside (its later checkpoints,
+    figures and best.pt, with copies of its logs, config and frozen weights, so it stays loadable and readable)."""
+    step = _checkpoint_step(resume)
+    newer = [p for p in list_checkpoints(out_dir) if step is not None and (_checkpoint_step(p) or 0) > step]
+    if not newer:
+        return
+    names = ", ".join(os.path.basename(p) for p in newer[:3]) + (", ..." if len(newer) > 3 else "")
+    if not overwrite:
+        raise UserError(f"{resume} is step {step} but {out_dir} holds later checkpoints of the run ({names}), which a "
+                        f"run resumed there would overwrite or leave mixed with its own; resume into another "
+                        f"--out_dir, or pass --overwrite true to move the later files into {out_dir}/old-<time>/")
+    aside = _aside_dir(out_dir)
+    for path in newer:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
+    best = os.path.join(out_dir, "best.pt")
+    if os.path.isfile(best) and (_checkpoint_step(best) or 0) > step:  # a resume recreates it from the branch point
+        os.replace(best, os.path.join(aside, "best.pt"))
+    figures = os.path.join(out_dir, "figures")
+    for name in sorted(os.listdir(figures)) if os.path.isdir(figures) else []:
+        digits = re.match(r"step_(\d+)", name)
+        if digits and int(digits.group(1)) > step:
+            os.makedirs(os.path.join(aside, "figures"), exist_ok=True)
+            os.replace(os.path.join(figures, name), os.path.join(aside, "figures", name))
+    for path in _run_files(out_dir):
+        name = os.path.basename(path)
+        if name.startswith("frozen-") or name in ("config.yaml", "log.txt", "log.jsonl"):
+            shutil.copy2(path, os.path.join(aside, name))
+        elif name == "tensorboard":
+            shutil.copytree(path, os.path.join(aside, name))
+    print(f"{os.path.basename(resume)} is step {step}: the later checkpoints of {out_dir} ({names}) moved to {aside}/",
+          flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,20 +678,31 @@ class RunLog:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
         if echo:
             tqdm.write(line)  # keeps an active progress bar intact
-        with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
-            f.write(line + "\n")
+        self._append("log.txt", line + "\n")
 
     def record(self, entry: dict) -> None:
         if not self.enabled:
             return
-        with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
-            f.write(strict_json(entry) + "\n")
+        self._append("log.jsonl", strict_json(entry) + "\n")
         writer = self.writer()
         if writer is not None:
             for key, value in entry.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(tensorboard_tag(key), value, entry["step"])
             writer.flush()
+
+    def _append(self, name: str, text: str) -> None:
+        """Append to a log; a full or read-only disk ends the run in one sentence (a torn last line of log.jsonl is
+        dropped on resume)."""
+        path = os.path.join(self.out_dir, name)
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+        except OSError as error:
+            if error.errno not in DISK_ERRNOS:
+                raise
+            raise UserError(f"could not write {path} ({os_error_cause(error)}); free space or make the directory "
+                            f"writable{held_run_note() or ', then rerun'}") from None
 
     def rewind(self, step: int) -> None:
         """Drop the log.jsonl entries (and TensorBoard events) after `step` completed steps: a run resumed from the
@@ -731,16 +884,22 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         lines = str(error).splitlines() or [""]
-        unsafe = [line.strip() for line in lines if "Unsupported global" in line]
-        if unsafe:  # a pickle that names code to run: never suggest loading it without the warning
-            name = unsafe[0].split("GLOBAL ")[-1].split(" ")[0]
+        # Torch words a refused global in either case ("Unsupported global: GLOBAL argparse.Namespace", "unsupported
+        # GLOBAL posix.system ..."): the file names code to run.
+        named = re.search(r"GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+        if named:
+            name = named.group(1)
             raise UserError(f"{path} holds objects beyond tensors and plain values ({name}), which the safe load "
                             f"(weights_only=True) refuses, so it is from another program or crafted; loading it with "
                             f"torch.load(weights_only=False) can execute arbitrary code, so do that only with a file "
                             f"from a source you trust") from None
         reason = next((line.strip() for line in lines if "Unsupported" in line), lines[0])
+        # A refused opcode ("Unsupported operand 149") is garbage or a crafted pickle in a form the safe load cannot
+        # parse: which one is unknowable, so the warning stays.
+        warning = ("; loading it with torch.load(weights_only=False) can execute arbitrary code, so do that only with a "
+                   "file from a source you trust") if str(error).startswith("Weights only load failed") else ""
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason[:200]}); it may be "
-                        f"truncated or from another program") from None
+                        f"truncated, from another program or crafted{warning}") from None
     if not isinstance(state, dict) or "config" not in state or "kind" not in state:
         raise UserError(f"{path} is not a checkpoint of this project (no config/kind entry)")
     missing = [key for key in ("model", "data", "step") if key not in state]
@@ -807,6 +966,9 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
     if not resume:
         return None, 0
     state = load_checkpoint(resume, kind=kind)
+    if any(key not in state for key in TRAINING_ONLY_KEYS):
+        raise UserError(f"{state['path']} is an export for evaluation (best.pt) without the optimizer and RNG state "
+                        f"that a resume needs; resume from one of the run's ckpt_*.pt files")
     check_same_config(state["config"], config, model_keys, f"checkpoint {state['path']}")
     saved = state["config"]
     changed = [key for key in config if key not in RESUME_FREE_KEYS and key not in config["allow_changed"]
@@ -945,13 +1107,13 @@ def optimizer_and_rng(parameters, config: dict, d: Dist, model, state, log: RunL
 
 
 def checkpoint_payload(kind: str, model, optimizer, scaler, step: int, config: dict, rng: list,
-                       resolution: int) -> dict:
+                       resolution: int, fingerprint=None) -> dict:
     """What every checkpoint holds: the weights, the optimizer and scaler state, every rank's RNG state, the config
-    and the data it trained on."""
+    and the data it trained on (with the training split's fingerprint, which a resume checks)."""
     return {"kind": kind, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "config": config, "rng": rng,
             "data": {"data_dir": config["data_dir"], "train": config["train_split"], "val": config["val_split"],
-                     "resolution": resolution}}
+                     "resolution": resolution, "fingerprint": fingerprint}}
 
 
 def stop_on_non_finite(loss, step: int, d: Dist, out_dir: str) -> None:

@@ -5,14 +5,18 @@ prepare_data.py writes splits with `SplitWriter`; pretrain_vae.py, train_ocl.py,
 them through `load_split`, `OCLDataset`, `train_loader` and `eval_loader`.
 
 Every split is one LMDB file (`train.lmdb`, `val.lmdb`). Each record is raw array bytes behind a small JSON header
-(no pickle: a crafted database cannot execute code); a `__meta__` record describes the split. A split is written
-to `<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
+(no pickle: a crafted database cannot execute code) that carries a CRC-32 of the bytes; a `__meta__` record describes
+the split, with a fingerprint of all its records that checkpoints keep to know their data by. A split is written to
+`<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
 """
 
+import fcntl
+import hashlib
 import json
 import math
 import os
 import struct
+import zlib
 
 import lmdb
 import numpy as np
@@ -30,7 +34,11 @@ REAL_DATASETS = ("clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e")
 
 
 # ================================================================================================================
-# Record encoding: 4-byte little-endian header length, JSON header {name: [dtype, shape]}, then the arrays' bytes.
+# Record encoding: 4-byte little-endian header length, JSON header {name: [dtype, shape], "#crc32": CRC-32 of the
+# array bytes}, then the arrays' bytes. Records written before the checksum have no "#crc32" and are read unchecked.
+
+CHECKSUM_KEY = "#crc32"
+
 
 def encode_record(arrays: dict) -> bytes:
     """Serialise a dict of numpy arrays without pickle."""
@@ -39,8 +47,14 @@ def encode_record(arrays: dict) -> bytes:
         array = np.ascontiguousarray(array)
         if array.dtype.kind not in "biuf":
             raise ValueError(f"array '{name}' has unsupported dtype {array.dtype}")
+        if name == CHECKSUM_KEY:
+            raise ValueError(f"array name {name!r} is reserved for the record's checksum")
         header[name] = [array.dtype.str, list(array.shape)]
         blobs.append(array.tobytes())
+    crc = 0
+    for blob in blobs:
+        crc = zlib.crc32(blob, crc)
+    header[CHECKSUM_KEY] = crc
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     return struct.pack("<I", len(header_bytes)) + header_bytes + b"".join(blobs)
 
@@ -50,6 +64,9 @@ def decode_record(value: bytes) -> dict:
     (header_length,) = struct.unpack_from("<I", value, 0)
     header = json.loads(bytes(value[4:4 + header_length]))
     offset, arrays = 4 + header_length, {}
+    crc = header.pop(CHECKSUM_KEY, None)
+    if crc is not None and zlib.crc32(memoryview(value)[offset:]) != crc:
+        raise ValueError("its bytes do not match the checksum written with them")
     for name, (dtype, shape) in header.items():
         dtype = np.dtype(dtype)
         count = math.prod(shape)
@@ -75,52 +92,158 @@ def _create_command(path: str) -> str:
     return "python prepare_data.py NAME --out DIR (see README, 'The pipeline')"
 
 
+def write_error(path: str, error: Exception) -> UserError:
+    """A failed write of a dataset file (full disk, read-only target) as one sentence."""
+    cause = getattr(error, "strerror", None) or str(error).split(": ")[-1]
+    return UserError(f"could not write {path} ({cause}); the dataset there is unchanged: free space on that disk or "
+                     f"choose a writable --out, then rerun")
+
+
 class SplitWriter:
-    """Write records to `<path>.partial`, then rename to `path` when `close()` is called with the metadata."""
+    """Write records to `<path>.partial`; `finish()` writes the metadata and flushes, `publish()` renames the file
+    to `path` (`close()` does both). A failed write drops the partial file and ends in one sentence."""
 
     def __init__(self, path: str, commit_every: int = 64):
         self.path = path
         self.partial = path + ".partial"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        for stale in (self.partial, self.partial + "-lock"):
-            if os.path.exists(stale):
-                os.remove(stale)
-        self.env = lmdb.open(self.partial, subdir=False, map_size=1 << 40, readahead=False, meminit=False,
-                             map_async=True, writemap=False)
+        self.env, self.txn = None, None
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise UserError(f"{directory} is a file, not a directory; choose another --out")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            for stale in (self.partial, self.partial + "-lock"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            self.env = lmdb.open(self.partial, subdir=False, map_size=1 << 40, readahead=False, meminit=False,
+                                 map_async=True, writemap=False)
+            self.txn = self.env.begin(write=True)
+        except (OSError, lmdb.Error) as error:
+            self.abort()
+            raise write_error(self.partial, error) from None
         self.count = 0
         self.commit_every = commit_every
-        self.txn = self.env.begin(write=True)
+        self.digest = hashlib.sha256()
 
     def add(self, arrays: dict) -> int:
         """Append one sample; returns its index."""
-        self.txn.put(b"%08d" % self.count, encode_record(arrays))
+        key, value = b"%08d" % self.count, encode_record(arrays)
+        try:
+            self.txn.put(key, value)
+            if (self.count + 1) % self.commit_every == 0:
+                self.txn.commit()
+                self.txn = self.env.begin(write=True)
+        except (OSError, lmdb.Error) as error:
+            self.abort()
+            raise write_error(self.partial, error) from None
+        self.digest.update(key + value)
         self.count += 1
-        if self.count % self.commit_every == 0:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True)
         return self.count - 1
 
+    def finish(self, meta: dict) -> None:
+        """Write the metadata record (with the records' fingerprint) last and flush the file to disk."""
+        meta = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION, count=self.count,
+                    fingerprint=self.digest.hexdigest()[:16])
+        try:
+            self.txn.put(META_KEY, json.dumps(meta).encode())
+            self.txn.commit()
+            self.env.sync(True)
+            self.env.close()
+            self.env = None
+        except (OSError, lmdb.Error) as error:
+            self.abort()
+            raise write_error(self.partial, error) from None
+
+    def publish(self) -> None:
+        """Give the finished file its final name (atomic: the old split is there until the new one takes it)."""
+        try:
+            os.replace(self.partial, self.path)
+            for stale in (self.path + "-lock", self.partial + "-lock"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        except OSError as error:
+            raise write_error(self.path, error) from None
+
     def close(self, meta: dict) -> None:
-        """Write the metadata record last, flush, and publish the file under its final name."""
-        meta = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION, count=self.count)
-        self.txn.put(META_KEY, json.dumps(meta).encode())
-        self.txn.commit()
-        self.env.sync(True)
-        self.env.close()
-        os.replace(self.partial, self.path)  # atomic: the old split is there until the new one takes its name
-        for stale in (self.path + "-lock", self.partial + "-lock"):
-            if os.path.exists(stale):
-                os.remove(stale)
+        """finish() and publish(): one split on its own."""
+        self.finish(meta)
+        self.publish()
 
     def abort(self) -> None:
         """Drop the partial file (used when generation fails)."""
         try:
-            self.txn.abort()
-            self.env.close()
+            if self.txn is not None and self.env is not None:
+                self.txn.abort()
+            if self.env is not None:
+                self.env.close()
         finally:
+            self.env = self.txn = None
             for stale in (self.partial, self.partial + "-lock"):
-                if os.path.exists(stale):
+                try:
                     os.remove(stale)
+                except OSError:  # never there, or the disk refuses: nothing to undo, and the first error matters
+                    pass
+
+
+class DatasetWriter:
+    """The splits of one dataset directory (train and val), written side by side and published together when the
+    `with` block ends: an error or Ctrl-C before drops every partial file and leaves the old dataset whole, so a
+    directory never mixes two generations. (A split not yet renamed keeps its `.partial`, which readers refuse.)"""
+
+    def __init__(self):
+        self.writers, self.locks = [], {}
+
+    def split(self, path: str, commit_every: int = 64) -> SplitWriter:
+        """A writer for one split; finish() it inside the block, the block publishes it."""
+        self._lock(os.path.dirname(os.path.abspath(path)))
+        self.writers.append(SplitWriter(path, commit_every))
+        return self.writers[-1]
+
+    def _lock(self, directory: str) -> None:
+        """Hold `directory/.prepare.lock` (flock) while writing there: a second prepare_data.py into the same
+        directory would delete this one's partial files as stale."""
+        if directory in self.locks or (os.path.exists(directory) and not os.path.isdir(directory)):
+            return  # a file in the way: SplitWriter says so
+        path = os.path.join(directory, ".prepare.lock")
+        while True:
+            try:
+                os.makedirs(directory, exist_ok=True)
+                handle = open(path, "a")
+            except OSError as error:
+                raise write_error(path, error) from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise UserError(f"another prepare_data.py is writing {directory} (it holds {path}); wait for it to "
+                                f"end or choose another --out") from None
+            try:  # the holder before us may have removed the file on release: then lock the new one
+                if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        self.locks[directory] = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        try:
+            if kind is not None:
+                for writer in self.writers:
+                    writer.abort()
+                return False
+            for writer in self.writers:
+                writer.publish()
+            return False
+        finally:
+            for directory, handle in self.locks.items():  # removed while still held, as the run lock is
+                try:
+                    os.remove(os.path.join(directory, ".prepare.lock"))
+                except OSError:
+                    pass
+                handle.close()
 
 
 _OPEN_ENVS = {}  # real path -> (pid, file identity, environment): LMDB allows one open per file and process
@@ -188,6 +311,23 @@ class Split:
             raise UserError(f"{path} is format {meta.get('format')} version {meta.get('format_version')}, this code "
                             f"reads {FORMAT_NAME} version {FORMAT_VERSION}; recreate it with `{_create_command(path)}`")
         self.meta = meta
+        self.identity = _OPEN_ENVS[os.path.realpath(path)][1]
+
+    def _env(self):
+        """The split's environment. _open_env follows a file replaced on disk; if the new file holds other records
+        (a regeneration while a run reads), the run would go on with other data, so that is refused."""
+        env = _open_env(self.path)
+        identity = _OPEN_ENVS[os.path.realpath(self.path)][1]
+        if identity != self.identity:
+            with env.begin() as txn:
+                raw_meta = txn.get(META_KEY)
+            meta = json.loads(raw_meta) if raw_meta else {}
+            if (meta.get("fingerprint"), meta.get("count")) != (self.meta.get("fingerprint"), self.meta.get("count")):
+                raise UserError(f"{self.path} was replaced by other data while this process read it (a regeneration "
+                                f"with prepare_data.py?); rerun on one version of the dataset (a training run "
+                                f"continues from its last checkpoint with --resume auto and --allow_changed data)")
+            self.identity = identity
+        return env
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -195,8 +335,12 @@ class Split:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {self.path} with {len(self)} samples")
-        with _open_env(self.path).begin(buffers=False) as txn:
-            value = txn.get(b"%08d" % index)
+        try:
+            with self._env().begin(buffers=False) as txn:
+                value = txn.get(b"%08d" % index)
+        except (lmdb.Error, ValueError, OSError) as error:  # a damaged page, or a file cut short since it was opened
+            raise UserError(f"{self.path} cannot be read at sample {index} ({type(error).__name__}: {error}); the file "
+                            f"is corrupt, recreate it with `{_create_command(self.path)}`") from None
         if value is None:
             raise UserError(f"{self.path} is missing sample {index} of {len(self)}; the file is corrupt, recreate it "
                             f"with `{_create_command(self.path)}`")
@@ -205,6 +349,21 @@ class Split:
         except Exception as error:
             raise UserError(f"{self.path} sample {index} is corrupt ({error}); recreate it with "
                             f"`{_create_command(self.path)}`") from None
+
+
+def check_resumed_data(state, dataset: "OCLDataset", config: dict) -> None:
+    """Refuse to resume a checkpoint on training data other than its own: a path names data, the fingerprint
+    written with the split identifies it, so a dataset regenerated in place (another seed or size) is caught.
+    Checkpoints or splits from before fingerprints are not checked; `--allow_changed data` accepts new data."""
+    saved = (state or {}).get("data", {}).get("fingerprint")
+    if not saved or not dataset.fingerprint or saved == dataset.fingerprint:
+        return
+    if {"data", "data_dir", "train_split"} & set(config["allow_changed"]):
+        return
+    raise UserError(f"checkpoint {state['path']} was trained on other data than {dataset.split.path} holds now "
+                    f"(fingerprint {saved}, now {dataset.fingerprint}: the dataset was regenerated or replaced); "
+                    f"point data_dir at the data it was trained on, accept the new data with --allow_changed data, "
+                    f"or start afresh in another --out_dir")
 
 
 def split_path(data_dir: str, split: str) -> str:
@@ -240,6 +399,7 @@ class OCLDataset:
         self.max_objects = int(self.split.meta["max_objects"])
         self.is_video = bool(self.split.meta.get("frames"))
         self.seed = seed
+        self.fingerprint = self.split.meta.get("fingerprint")  # None for splits written before fingerprints
         if self.is_video and train and self.split.meta["frames"] < num_frames:
             raise UserError(f"{path} has {self.split.meta['frames']} frames per video, fewer than num_frames={num_frames}")
 
@@ -264,6 +424,12 @@ class OCLDataset:
                                 f"{sorted(record)}); recreate the split with `{_create_command(self.split.path)}`")
         pixels = record["video"] if self.is_video else record["image"]
         segment = record["segment"]
+        lead = (pixels.shape[0],) if self.is_video and pixels.ndim else ()
+        if pixels.shape[:-3] != lead or pixels.shape[-1:] != (3,) or segment.shape != pixels.shape[:-1]:
+            raise UserError(f"{self.split.path} sample {index} holds {'video' if self.is_video else 'image'} "
+                            f"{tuple(pixels.shape)} and segment {tuple(segment.shape)}, not RGB "
+                            f"{'(T,H,W,3)' if self.is_video else '(H,W,3)'} with a segment of the same size; "
+                            f"recreate the split with `{_create_command(self.split.path)}`")
         bbox = record.get("bbox")
         if self.is_video:
             window = self._window(draw, pixels.shape[0])

@@ -177,6 +177,10 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", action="store_true", help="one table row per checkpoint instead of mean ± std")
     parser.add_argument("--figures", type=int, default=8, help="samples drawn in the figures (0 = none)")
     args = parser.parse_args(argv)
+    for flag, value, least in (("samples", args.samples, 0), ("batch_size", args.batch_size, 1),
+                               ("num_workers", args.num_workers, 0), ("figures", args.figures, 0)):
+        if value < least:
+            raise UserError(f"--{flag} must be at least {least}, got {value}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("evaluate.py runs in one process: start it with python, not torchrun")
     d = setup_distributed(args.device)

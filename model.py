@@ -1129,9 +1129,9 @@ OCL_OPTIONS = {
     "cnn_channels": option(64, "channels of the naive CNN branch"),
     "encoder_stride": option(1, "feature-map downsampling before Slot Attention (1 = full resolution, paper)",
                              choices=(1, 2, 4, 8)),
-    "num_slots": option(11, "slots (max objects + 1)"),
-    "slot_dim": option(256, "slot and feature dimension"),
-    "sa_iterations": option(3, "Slot Attention iterations (videos: on the first frame; later frames use 1)"),
+    "num_slots": option(11, "slots (max objects + 1)", min=1),
+    "slot_dim": option(256, "slot and feature dimension", min=1),
+    "sa_iterations": option(3, "Slot Attention iterations (videos: on the first frame; later frames use 1)", min=1),
     "sa_mlp_dim": option(0, "hidden size of the slot MLP (0 = 2 x slot_dim)"),
     "sa_truncation": option("none", "gradient through the Slot Attention iterations: all of them (paper), or bi-level "
                             "(BO-QSA, the MSF release: the last iteration only, straight through to the queries)",
@@ -1140,9 +1140,9 @@ OCL_OPTIONS = {
     "query_sigma_anneal_fraction": option(1.0, "fraction of training over which sigma reaches 0 (paper: 1); below 1 "
                                                "the rest trains at sigma 0, as mid-run validations see"),
     "single_object": option(False, "single-object data: sigma 0 throughout"),
-    "decoder_dim": option(256, "transformer decoder width"),
+    "decoder_dim": option(256, "transformer decoder width", min=1),
     "decoder_layers": option(4, "transformer decoder layers"),
-    "decoder_heads": option(4, "attention heads (decoder, predictor, UNet)"),
+    "decoder_heads": option(4, "attention heads (decoder, predictor, UNet)", min=1),
     "decoder_dropout": option(0.1, "transformer decoder dropout"),
     "guidance_noise": option(0.0, "Gumbel temperature of the frozen VAE's matching while training (0 = argmax); "
                                   "the release uses 0.2 (its std 5) with matching: official"),

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 from functools import partial
 from multiprocessing import Pool
@@ -26,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import UserError, run_main
-from data import REAL_DATASETS, SYNTHETIC_DATASETS, SplitWriter, resize_sample
+from data import REAL_DATASETS, SYNTHETIC_DATASETS, DatasetWriter, resize_sample
 from data import load_split  # noqa: F401 -- re-exported: users' scripts read splits with prepare_data.load_split
 from tfrecord_reader import BadRecord, decode_example, index_tfrecord, read_tfrecord_record
 
@@ -277,15 +278,18 @@ def _generate_chunk(job):
 
 def write_synthetic(kind: str, out_dir: str, counts: dict, seed: int, min_objects: int, max_objects: int,
                     frames: int, workers: int, progress: bool = True, style: dict = STYLES["multiscale"]) -> dict:
-    """Generate every split of `shapes` / `shapes_video` in parallel and write them atomically."""
+    """Generate every split of `shapes` / `shapes_video` in parallel and write them atomically, as a whole (the
+    splits are published together once all are written)."""
     if not 1 <= min_objects <= max_objects <= 254:
         raise UserError(f"need 1 <= min_objects <= max_objects <= 254, got {min_objects}, {max_objects}")
+    if kind == "shapes_video" and frames < 1:
+        raise UserError(f"--frames must be at least 1, got {frames}")
     paths = {}
     chunk = 8 if kind == "shapes" else 1
-    with Pool(workers) if workers > 1 else _InlinePool() as pool:
+    with DatasetWriter() as dataset, Pool(workers, initializer=_init_worker) if workers > 1 else _InlinePool() as pool:
         for split, count in counts.items():
             path = os.path.join(out_dir, f"{split}.lmdb")
-            writer = SplitWriter(path)
+            writer = dataset.split(path)
             jobs = [(kind, seed, split, range(start, min(start + chunk, count)), min_objects, max_objects, frames,
                      style) for start in range(0, count, chunk)]
             try:
@@ -298,7 +302,7 @@ def write_synthetic(kind: str, out_dir: str, counts: dict, seed: int, min_object
             except BaseException:
                 writer.abort()
                 raise
-            writer.close({"dataset": kind, "split": split, "size": [RESOLUTION, RESOLUTION],
+            writer.finish({"dataset": kind, "split": split, "size": [RESOLUTION, RESOLUTION],
                           "frames": frames if kind == "shapes_video" else None, "max_objects": max_objects,
                           "min_objects": min_objects, "seed": seed, "ignore_label": 255, "style": style})
             paths[split] = path
@@ -760,6 +764,7 @@ def _convert_item(kind: str, settings: dict, item: dict):
 
 def _init_worker():
     torch.set_num_threads(1)  # one process per core already
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: one message, no traces
 
 
 def _summary_line(name: str, split: str, summary: dict) -> str:
@@ -789,7 +794,7 @@ def convert_real(name: str, root: str, out_dir: str, options: dict, workers: int
                 "crop_fraction": options["crop_fraction"]}
     unit = "video" if kind == "movi" else "img"
     results = {}
-    with Pool(workers, initializer=_init_worker) if workers > 1 else _InlinePool() as pool:
+    with DatasetWriter() as dataset, Pool(workers, initializer=_init_worker) if workers > 1 else _InlinePool() as pool:
         for split, items in splits.items():
             path = os.path.join(out_dir, f"{split}.lmdb")
             summary = {"kept": 0, "filtered": {reason: 0 for reason in FILTER_REASONS}, "object_histogram": {},
@@ -797,7 +802,7 @@ def convert_real(name: str, root: str, out_dir: str, options: dict, workers: int
             if kind == "movi":
                 summary.update(dropped_instances=0, samples_with_dropped_instances=0)
             histogram = {}
-            writer = SplitWriter(path, commit_every=8 if kind == "movi" else 64)
+            writer = dataset.split(path, commit_every=8 if kind == "movi" else 64)
             try:
                 with tqdm(total=len(items), desc=f"{name}/{split}", unit=unit, disable=not progress,
                           dynamic_ncols=True) as bar:
@@ -829,7 +834,7 @@ def convert_real(name: str, root: str, out_dir: str, options: dict, workers: int
             except BaseException:
                 writer.abort()
                 raise
-            writer.close({"dataset": name, "split": split, "size": [RESOLUTION, RESOLUTION],
+            writer.finish({"dataset": name, "split": split, "size": [RESOLUTION, RESOLUTION],
                           "frames": MOVI_FRAMES if kind == "movi" else None, "max_objects": max_objects,
                           "ignore_label": IGNORE_LABEL, "source": os.path.abspath(root),
                           "options": {key: value for key, value in options.items() if key != "max_objects"},

@@ -21,7 +21,7 @@ from common import (TRAINING_OPTIONS, autocast, check_finite_state, checkpoint_p
                     load_config, optimizer_and_rng, optimizer_step, option, progress_bar, record_training,
                     record_validation, run_main, save_checkpoint, save_config, save_labelled_grid, schedule_options,
                     set_scheduled_lr, start_run, stop_on_non_finite)
-from data import eval_loader, training_loaders
+from data import check_resumed_data, eval_loader, training_loaders
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").
@@ -120,6 +120,7 @@ def main(argv=None) -> None:
     # DDP, the run directory and the checkpoint to resume from (None for a fresh start) with its step.
     d, log, state, start_step = start_run(config, "vae", MODEL_KEYS)
     loader, val, val_path = training_loaders(config, d, start_step)
+    check_resumed_data(state, loader.dataset, config)  # the same path may hold regenerated data
     resolution = loader.dataset.resolution  # resolution 0 trains at the stored size
     msf.check_vae_config(config, resolution)
 
@@ -143,7 +144,8 @@ def main(argv=None) -> None:
         states = gather_rng_states(d)
         if not d.is_main:
             return ""
-        return save_checkpoint(checkpoint_payload("vae", model, optimizer, scaler, step, config, states, resolution),
+        return save_checkpoint(checkpoint_payload("vae", model, optimizer, scaler, step, config, states, resolution,
+                                                  loader.dataset.fingerprint),
                                config["out_dir"], step, config["keep_checkpoints"])
 
     # The loop: every schedule is a pure function of the step, so resume is exact.

@@ -11,6 +11,7 @@ exact `--resume`, DDP with the loss computed inside the wrapped module's forward
 
 import math
 import os
+import re
 import time
 
 import torch
@@ -24,7 +25,7 @@ from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, UserError, atomic_torc
                     optimizer_and_rng, optimizer_step, option, progress_bar, record_training, record_validation,
                     run_main, save_checkpoint, save_config, schedule_options, set_scheduled_lr, share_frozen_weights,
                     slim_checkpoint, start_run, stop_on_non_finite)
-from data import eval_loader, training_loaders
+from data import check_resumed_data, eval_loader, training_loaders
 from figures import save_figures
 from metrics import IGNORE, score_batch, segments_at
 
@@ -49,6 +50,10 @@ MODEL_KEYS = list(models.OCL_OPTIONS) + ["resolution"]
 
 def load_guidance_vae(config: dict):
     """The frozen VAE named by `vae_ckpt`, checked against the OCL config; None for DINOSAUR."""
+    patch = re.search(r"patch(\d+)", config["dino_model"])  # timm names carry the ViT's patch size
+    if config["encoder"] == "dino_biglittle" and patch and config["resolution"] % int(patch.group(1)):
+        raise UserError(f"the DINO encoder ({config['dino_model']}) cuts images into {patch.group(1)}-pixel patches, "
+                        f"which do not divide resolution {config['resolution']}; use a multiple of {patch.group(1)}")
     if config["method"] == "dinosaur":
         if config["guidance"] != "none":
             raise UserError("DINOSAUR reconstructs DINO features and takes no VAE guidance; set guidance: none")
@@ -176,6 +181,7 @@ def main(argv=None) -> None:
     # scale is measured, not chosen, so it may differ.
     d, log, state, start_step = start_run(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
     loader, val, val_path = training_loaders(config, d, start_step)
+    check_resumed_data(state, loader.dataset, config)  # the same path may hold regenerated data
     video = loader.dataset.is_video
 
     # Model: the global seed gives every rank, whatever the world size, the same initial weights.
@@ -211,7 +217,8 @@ def main(argv=None) -> None:
             best, best_step = value, step
         if not d.is_main:
             return
-        payload = {**checkpoint_payload("ocl", model, optimizer, scaler, step, config, states, config["resolution"]),
+        payload = {**checkpoint_payload("ocl", model, optimizer, scaler, step, config, states,
+                                        config["resolution"], loader.dataset.fingerprint),
                    "best": best, "best_step": best_step, "metrics": metrics, "video": video,
                    "vae_config": vae.config if vae is not None else None,
                    "vae_ckpt": vae_state["path"] if vae_state else None}

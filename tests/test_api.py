@@ -111,6 +111,36 @@ def test_detokenize_of_tokenize_is_quantise_then_decode(tmp_path, quantizer, ove
     assert all(torch.equal(a, b) for a, b in zip(ids, quantized.indices))
 
 
+def test_the_api_says_what_it_expects_instead_of_computing_on_wrong_input(runs, tmp_path):
+    vae, ocl = api.load(str(runs / "runs" / "vae_msf_shapes")), api.load(str(runs / "runs" / "slate_msf_shapes"))
+    torch.manual_seed(0)
+    good = torch.rand(2, 3, 32, 32) * 2 - 1
+    wrong = {"must be 32x32, the model's resolution, got 48x48": torch.rand(2, 3, 48, 48) * 2 - 1,
+             r"must be in \[-1, 1\] \(pixel / 127.5 - 1\), got values from \d+ to 25\d": good.add(1).mul(127.5).round(),
+             "dtype torch.uint8": good.add(1).mul(127.5).to(torch.uint8),
+             "NaN or infinite": good.clone().index_fill_(0, torch.tensor([1]), float("nan")),
+             r"tensor \(b, 3, H, W\) of RGB images, got \(3, 32, 32\)": good[0]}
+    for message, images in wrong.items():
+        with pytest.raises(ValueError, match=message):
+            ocl.slots_and_masks(images)
+        if "resolution" not in message:
+            with pytest.raises(ValueError, match=message):
+                vae.tokenize(images)
+    with pytest.raises(ValueError, match=r"multiples of 16 \(4 x 2\^\(scales - 1\)\), got 40x40"):
+        vae.tokenize(torch.zeros(1, 3, 40, 40))
+    ids = vae.tokenize(good)
+    sizes = vae.vocabulary()
+    for bad, value in ((-1, -1), (sizes[0][1], sizes[0][1])):  # -1 would wrap to the last code
+        broken = ids[0].clone()
+        broken[0, 0, 0, 1] = bad
+        with pytest.raises(ValueError, match=f"scale 1 ids of group 1 must lie in \\[0, {sizes[0][1]}\\), got "
+                                             f"values from {min(0, value)} to"):
+            vae.detokenize([broken])
+    with pytest.raises(ValueError, match=r"integer tensor \(b, h, w, 2\)"):
+        vae.detokenize(ids[0].float())
+    assert [r.shape for r in vae.detokenize(ids)] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]
+
+
 def test_stored_paths_resolve_against_the_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "project" / "data" / "shapes").mkdir(parents=True)
     (tmp_path / "project" / "runs" / "a").mkdir(parents=True)

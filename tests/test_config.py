@@ -79,6 +79,16 @@ def test_missing_or_malformed_file(tmp_path):
         load_config(OPTIONS, [str(listing)])
 
 
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("steps: 5\nlr: 0.1\nname: a\nsteps: 9\n")
+    with pytest.raises(UserError, match=r"twice.yaml is not valid YAML: key 'steps' is given twice \(lines 1 and 4\); "
+                                        r"keep one"):
+        load_config(OPTIONS, [str(path)])
+    path.write_text("steps: 5\nscales: [1, 2]\n")  # distinct keys, nested values: loaded as before
+    assert load_config(OPTIONS, [str(path)])["scales"] == [1, 2]
+
+
 def test_resolved_config_round_trips(tmp_path):
     config = load_config(OPTIONS, [write(tmp_path, {"steps": 3})])
     save_config(config, str(tmp_path / "run" / "config.yaml"))

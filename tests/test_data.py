@@ -1,5 +1,6 @@
 """Synthetic data generator, LMDB storage, Dataset/DataLoader behaviour and bad-database errors."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -293,3 +294,162 @@ def test_a_missing_test_split_hint_does_not_overwrite_train_and_val(tmp_path):
     message = str(caught.value)
     assert "--split test --out NEW_DIR" in message and "rewrites train/val too" in message
     assert f"--out {tmp_path / 'clevrtex'}" not in message
+
+
+# ------------------------------------------------------------------------------------------------ regeneration
+
+def make_shapes(out, seed, **kwargs):
+    prepare_data.write_synthetic("shapes", str(out), {"train": 8, "val": 4}, seed=seed, min_objects=2,
+                                 max_objects=3, frames=0, workers=1, progress=False, **kwargs)
+
+
+def directory_bytes(directory):
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def test_an_interrupted_regeneration_leaves_the_old_dataset_whole(tmp_path, monkeypatch):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    before = directory_bytes(out)
+    real_chunk = prepare_data._generate_chunk
+
+    def interrupted_in_val(job):
+        if job[2] == "val":  # train is written in full by now
+            raise KeyboardInterrupt
+        return real_chunk(job)
+
+    monkeypatch.setattr(prepare_data, "_generate_chunk", interrupted_in_val)
+    with pytest.raises(KeyboardInterrupt):
+        make_shapes(out, seed=5)
+    assert directory_bytes(out) == before  # no new train beside the old val, no partial or lock files
+    assert len(load_split(str(out / "train.lmdb"))) == 8
+
+
+class FullDiskAt:
+    """lmdb.open whose environment for a file ending in `suffix` fails its flush as a full disk does."""
+
+    def __init__(self, suffix):
+        self.suffix, self.real = suffix, lmdb.open
+
+    def __call__(self, path, **kwargs):
+        env = self.real(path, **kwargs)
+        return self.Env(env) if path.endswith(self.suffix) else env
+
+    class Env:
+        def __init__(self, env):
+            self.env = env
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+        def sync(self, force=False):
+            raise lmdb.Error(f"{self.env.path()}: No space left on device")
+
+
+def test_a_full_disk_or_a_read_only_target_ends_in_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    before = directory_bytes(out)
+    monkeypatch.setattr(data.lmdb, "open", FullDiskAt("val.lmdb.partial"))
+    with pytest.raises(UserError, match=r"could not write .*val.lmdb.partial \(No space left on device\); the "
+                                        r"dataset there is unchanged"):
+        prepare_data.main(["shapes", "--out", str(out), "--num_train", "8", "--num_val", "4", "--seed", "5",
+                           "--workers", "1"])
+    assert directory_bytes(out) == before
+    monkeypatch.undo()
+
+    def read_only(path, **kwargs):  # root ignores a directory's mode bits, so the refusal is simulated
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(data.lmdb, "open", read_only)
+    with pytest.raises(UserError, match=r"could not write .*train.lmdb.partial \(Permission denied\)"):
+        make_shapes(out, seed=5)
+    assert directory_bytes(out) == before
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"file is a file, not a directory; choose another --out"):
+        make_shapes(tmp_path / "file", seed=0)
+    with pytest.raises(UserError, match=r"--frames must be at least 1, got 0"):
+        prepare_data.main(["shapes_video", "--out", str(tmp_path / "v"), "--frames", "0", "--workers", "1"])
+
+
+def test_damaged_record_bytes_are_caught_by_their_checksum(tmp_path):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    path = out / "val.lmdb"
+    stored = bytearray(path.read_bytes())
+    with lmdb.open(str(path), subdir=False, readonly=True, lock=False) as env, env.begin() as txn:
+        record = bytes(txn.get(b"00000002"))
+    start = stored.find(record[-5000:])  # inside the image bytes, which LMDB stores verbatim
+    assert start > 0
+    stored[start + 100] ^= 0xFF
+    path.write_bytes(bytes(stored))
+    split = load_split(str(path))
+    split[1]
+    with pytest.raises(UserError, match=r"val.lmdb sample 2 is corrupt \(its bytes do not match the checksum"):
+        split[2]
+
+
+def test_a_split_fingerprint_identifies_its_records(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 5)):
+        make_shapes(tmp_path / name, seed=seed)
+    digest = hashlib.sha256()  # oracle: the hash of every record's key and bytes, in order
+    with lmdb.open(str(tmp_path / "a" / "train.lmdb"), subdir=False, readonly=True, lock=False) as env:
+        with env.begin() as txn:
+            for key, value in txn.cursor():
+                if key != b"__meta__":
+                    digest.update(key + value)
+    fingerprint = {name: load_split(str(tmp_path / name / "train.lmdb")).meta["fingerprint"] for name in "abc"}
+    assert fingerprint["a"] == digest.hexdigest()[:16]
+    assert fingerprint["a"] == fingerprint["b"] != fingerprint["c"]
+
+
+def test_a_page_damaged_under_a_reader_and_grayscale_records_are_one_sentence(tmp_path):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    split = load_split(str(out / "val.lmdb"))
+    with open(out / "val.lmdb", "r+b") as f:  # damaged while a run reads the split
+        f.seek(2 * 4096 + 10)
+        assert f.read(2) == b"\x02\x00"  # P_LEAF: a small split's one leaf page follows the two meta pages
+        f.seek(2 * 4096 + 10)
+        f.write(b"\xff\x00")
+    with pytest.raises(UserError, match=r"val.lmdb cannot be read at sample 3 \(CorruptedError: .*\); the file is "
+                                        r"corrupt, recreate it"):
+        split[3]
+    writer = data.SplitWriter(str(tmp_path / "gray" / "train.lmdb"))
+    writer.add({"image": np.zeros((8, 8), np.uint8), "segment": np.zeros((8, 8), np.uint8)})
+    writer.close({"size": [8, 8], "max_objects": 2, "frames": None})
+    with pytest.raises(UserError, match=r"sample 0 holds image \(8, 8\) and segment \(8, 8\), not RGB \(H,W,3\)"):
+        OCLDataset(str(tmp_path / "gray" / "train.lmdb"), train=False)[0]
+
+
+def test_a_split_regenerated_while_it_is_read_is_refused(tmp_path):
+    out = tmp_path / "shapes"
+    make_shapes(out, seed=0)
+    dataset = OCLDataset(str(out / "train.lmdb"), train=True)
+    first = dataset[0]["image"]
+    make_shapes(out, seed=0)  # the same records again: reading goes on
+    assert torch.equal(dataset[0]["image"], first)
+    make_shapes(out, seed=5)
+    with pytest.raises(UserError, match=r"train.lmdb was replaced by other data while this process read it"):
+        dataset[1]
+
+
+def test_a_second_generation_into_the_same_directory_is_refused(tmp_path):
+    out = tmp_path / "shapes"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, time\n"
+                               f"f = open({str(out / '.prepare.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (out / "train.lmdb.partial").write_bytes(b"the other generation's split")
+        with pytest.raises(UserError, match=r"another prepare_data.py is writing .*shapes .*; wait for it"):
+            make_shapes(out, seed=0)
+        assert (out / "train.lmdb.partial").read_bytes() == b"the other generation's split"
+    finally:
+        holder.kill()
+        holder.wait()
+    os.remove(out / "train.lmdb.partial")
+    make_shapes(out, seed=0)
+    assert sorted(os.listdir(out)) == ["train.lmdb", "val.lmdb"]

@@ -158,7 +158,7 @@ def test_the_vae_figure_of_non_finite_codes_is_drawn_without_pca(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Issue 15 item 8: every input fault ends in one sentence that says what to do.
+# Every input fault ends in one sentence that says what to do.
 
 def copy_with_split(tmp_path, shapes_dir, name, records):
     """A copy of the shapes data with one more split `name` holding `records` (meta copied from val)."""
@@ -296,3 +296,254 @@ def test_evaluate_names_the_checkpoint_it_uses_when_best_is_missing(tmp_path, sh
     evaluate.main([str(tmp_path / "run"), "--device", "cpu", "--figures", "0", "--samples", "4"])
     err = capsys.readouterr().err
     assert "holds no best.pt; evaluating its latest checkpoint" in err and "ckpt_0000001.pt" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Branching: a resume from a checkpoint older than the run's newest never touches the newer files.
+
+def test_a_branch_from_an_older_checkpoint_keeps_the_newer_files(tmp_path, shapes_dir, capsys):
+    run = tmp_path / "run"
+    config = write_vae_config(tmp_path, shapes_dir, steps=4, val_every=1)
+    pretrain_vae.main([config])
+    before = {n: (run / n).read_bytes() for n in checkpoint_names(run)}
+    log_before = (run / "log.jsonl").read_bytes()
+    branch = [config, "--steps", "3", "--lr", "1e-3", "--allow_changed", "steps,lr", "--resume",
+              str(run / "ckpt_0000002.pt")]
+    with pytest.raises(UserError, match=r"ckpt_0000002.pt is step 2 but .* holds later checkpoints of the run "
+                                        r"\(ckpt_0000003.pt, ckpt_0000004.pt\).*another --out_dir.*--overwrite true"):
+        pretrain_vae.main(branch)
+    assert {n: (run / n).read_bytes() for n in checkpoint_names(run)} == before
+    assert (run / "log.jsonl").read_bytes() == log_before
+    # with --overwrite the abandoned branch moves aside whole and stays loadable; the new branch is the latest
+    pretrain_vae.main(branch + ["--overwrite", "true"])
+    (aside,) = [run / n for n in os.listdir(run) if n.startswith("old-")]
+    assert "ckpt_0000002.pt is step 2" in capsys.readouterr().out
+    assert {n: (aside / n).read_bytes() for n in checkpoint_names(aside)} == {
+        n: before[n] for n in ("ckpt_0000003.pt", "ckpt_0000004.pt")}
+    assert (aside / "log.jsonl").read_bytes() == log_before
+    assert sorted(os.listdir(aside / "figures")) == ["step_0000003.png", "step_0000004.png"]
+    assert checkpoint_names(run) == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+    assert (run / "ckpt_0000002.pt").read_bytes() == before["ckpt_0000002.pt"]
+    assert load_checkpoint(str(run / "ckpt_0000003.pt"))["config"]["lr"] == 1e-3
+    assert [e["step"] for e in read_jsonl(run / "log.jsonl") if "loss" in e] == [1, 2, 3]
+    assert load_checkpoint(str(aside / "ckpt_0000004.pt"))["config"]["lr"] == 2e-3
+
+
+def test_a_resume_from_a_slim_export_is_refused(tmp_path, shapes_dir):
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)
+    train_ocl.main([config])
+    with pytest.raises(UserError, match=r"best.pt is an export for evaluation .*resume from one of the run's ckpt_"):
+        train_ocl.main([config, "--steps", "2", "--allow_changed", "steps", "--resume",
+                        str(tmp_path / "run" / "best.pt")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data changed under a run: a checkpoint knows its training split by the fingerprint written with the split.
+
+def test_a_resume_on_regenerated_data_is_refused(tmp_path):
+    import prepare_data
+    data_dir = tmp_path / "shapes"
+
+    def generate(seed, train=24):
+        prepare_data.write_synthetic("shapes", str(data_dir), {"train": train, "val": 8}, seed=seed, min_objects=2,
+                                     max_objects=3, frames=0, workers=1, progress=False)
+
+    generate(seed=0)
+    config = write_vae_config(tmp_path, str(data_dir), steps=2, val_every=1, val_samples=4)
+    pretrain_vae.main([config])
+    run = tmp_path / "run"
+    for seed, train in ((5, 24), (0, 16)):  # another seed, another size
+        generate(seed, train)
+        before = {n: (run / n).read_bytes() for n in checkpoint_names(run)}
+        with pytest.raises(UserError, match=r"ckpt_0000002.pt was trained on other data than .*train.lmdb holds now "
+                                            r"\(fingerprint [0-9a-f]+, now [0-9a-f]+: the dataset was regenerated "
+                                            r"or replaced\); .*--allow_changed data"):
+            pretrain_vae.main([config, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
+        assert {n: (run / n).read_bytes() for n in checkpoint_names(run)} == before
+    generate(seed=0)  # the same data again: the same fingerprint
+    pretrain_vae.main([config, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
+    generate(seed=5)
+    pretrain_vae.main([config, "--resume", "auto", "--steps", "4", "--allow_changed", "steps,data"])
+    # a checkpoint from before fingerprints is resumed unchecked
+    state = torch.load(run / "ckpt_0000004.pt", weights_only=True)
+    del state["data"]["fingerprint"]
+    torch.save(state, run / "ckpt_0000004.pt")
+    generate(seed=0)
+    pretrain_vae.main([config, "--resume", "auto", "--steps", "5", "--allow_changed", "steps"])
+    assert checkpoint_names(run)[-1] == "ckpt_0000005.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stops the run did not choose: each ends in one sentence (through run_main, as on the command line), loses nothing
+# and says how to continue.
+
+def run_cli(main, argv, capsys):
+    """(exit status, the last line on stderr) of `main(argv)` run as the scripts run it; no traceback above it."""
+    from common import run_main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        try:
+            run_main(lambda: main(argv))
+        except KeyboardInterrupt:  # escaping, it would stop the test session itself
+            pytest.fail("Ctrl-C came through run_main as a traceback")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Caught" not in err, err
+    return stopped.value.code, err[err.rindex("\n", 0, len(err) - 1) + 1:] if err.count("\n") > 1 else err
+
+
+def test_an_error_in_a_loader_worker_is_one_sentence(tmp_path, shapes_dir, capsys):
+    import numpy as np
+    data_dir = copy_with_split(tmp_path, shapes_dir, "noseg", [{"image": np.zeros((64, 64, 3), np.uint8)}])
+    status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, data_dir, train_split="noseg",
+                                                               num_workers=1, steps=1)], capsys)
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and "Caught" not in err
+    assert "noseg.lmdb sample 0 has no 'segment' array" in err
+
+
+def test_a_full_disk_at_a_checkpoint_loses_nothing(tmp_path, shapes_dir, monkeypatch, capsys):
+    import errno
+
+    import common
+    real_save = torch.save
+
+    def full_disk_at_step_2(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    config = write_vae_config(tmp_path, shapes_dir, steps=3, val_every=1)
+    monkeypatch.setattr(common.torch, "save", full_disk_at_step_2)
+    status, err = run_cli(pretrain_vae.main, [config], capsys)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert status == 2 and err.count("\n") == 1, err
+    assert "could not write " + str(run / "ckpt_0000002.pt") + " (no space left on the device)" in err
+    assert "ckpt_0000001.pt (step 1), continue from it with --resume auto" in err
+    assert checkpoint_names(run) == ["ckpt_0000001.pt"] and not [n for n in os.listdir(run) if n.startswith(".tmp")]
+    pretrain_vae.main([config, "--resume", "auto"])
+    assert checkpoint_names(run) == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+
+
+def test_a_read_only_run_directory_is_one_sentence(tmp_path, shapes_dir, monkeypatch, capsys):
+    """Root ignores a directory's mode bits (the tests run as root), so the refusal is simulated where the run
+    first writes: its lock file, then (with the lock taken) its first atomic write."""
+    import builtins
+    import errno
+
+    import common
+
+    def read_only_lock(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    config = write_vae_config(tmp_path, shapes_dir, steps=1, val_every=1)
+    monkeypatch.setattr(common, "open", read_only_lock, raising=False)
+    status, err = run_cli(pretrain_vae.main, [config], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"cannot use {tmp_path / 'run'} as the run directory: read-only file system" in err
+    monkeypatch.undo()
+
+    def no_temporary_files(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(common.tempfile, "mkstemp", no_temporary_files)
+    status, err = run_cli(pretrain_vae.main, [config], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"could not write {tmp_path / 'run' / 'config.yaml'} (permission denied)" in err
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path, shapes_dir, monkeypatch, capsys):
+    config = write_vae_config(tmp_path, shapes_dir, steps=4, val_every=1)
+    real_lr = pretrain_vae.set_scheduled_lr
+
+    def interrupted_at_step_2(optimizer, step, cfg):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_lr(optimizer, step, cfg)
+
+    monkeypatch.setattr(pretrain_vae, "set_scheduled_lr", interrupted_at_step_2)
+    status, err = run_cli(pretrain_vae.main, [config], capsys)
+    monkeypatch.undo()
+    assert status == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: stopped by Ctrl-C; ") and "ckpt_0000002.pt (step 2), continue from it with " \
+                                                          "--resume auto" in err
+    pretrain_vae.main([config, "--resume", "auto"])
+    assert checkpoint_names(tmp_path / "run")[-1] == "ckpt_0000004.pt"
+
+
+class RunsACommand:
+    """A pickle that calls os.system when loaded without weights_only (torch words its refusal in lower case)."""
+
+    def __reduce__(self):
+        return os.system, ("touch PWNED",)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_every_refused_unsafe_checkpoint_says_it_could_execute_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "crafted.pt"
+    torch.save({"kind": "vae", "config": {}, "payload": RunsACommand()}, path)
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(str(path))
+    message = str(caught.value)
+    assert "(posix.system)" in message and "can execute arbitrary code" in message and "\n" not in message
+    import pickle
+    with open(tmp_path / "protocol4.pt", "wb") as f:  # an opcode the safe load refuses before it sees the global
+        pickle.dump({"kind": "vae", "payload": RunsACommand()}, f, protocol=4)
+    with pytest.raises(UserError, match=r"not a readable checkpoint \(UnpicklingError: Unsupported operand 149\); .*"
+                                        r"crafted; .*weights_only=False\) can execute arbitrary code"):
+        load_checkpoint(str(tmp_path / "protocol4.pt"))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_ranges_that_would_crash_later_are_refused_first(tmp_path, shapes_dir):
+    import evaluate
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)
+    with pytest.raises(UserError, match=r"config key 'num_slots' must be at least 1, got 0"):
+        train_ocl.main([config, "--num_slots", "0"])
+    with pytest.raises(UserError, match=r"8-pixel patches, which do not divide resolution 36; use a multiple of 8"):
+        train_ocl.main([config, "--method", "dinosaur", "--guidance", "none", "--encoder", "dino_biglittle",
+                        "--resolution", "36", "--out_dir", str(tmp_path / "dino")])
+    for flag, value, least in (("samples", "-3", 0), ("batch_size", "0", 1), ("num_workers", "-1", 0)):
+        with pytest.raises(UserError, match=f"--{flag} must be at least {least}, got {value}"):
+            evaluate.main([vae, "--separability", "--data_dir", shapes_dir, f"--{flag}", value])
+
+
+def test_overwrite_moves_the_old_evaluation_and_keeps_a_vae_inside_the_run_readable(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)
+    train_ocl.main([config])
+    (run / "eval_val").mkdir()
+    (run / "eval_val" / "metrics.json").write_text("{}")  # as evaluate.py RUN leaves it
+    train_ocl.main([config, "--overwrite", "true"])
+    (aside,) = [n for n in os.listdir(run) if n.startswith("old-")]
+    assert not (run / "eval_val").exists() and (run / aside / "eval_val" / "metrics.json").read_text() == "{}"
+    # a VAE kept inside the run directory (best.pt of a VAE run copied there) would move before it is read
+    os.replace(vae, run / "best.pt")
+    before = sorted(os.listdir(run))
+    with pytest.raises(UserError, match=r"vae_ckpt .*best.pt lies in .*run, whose run files move to .*before the VAE "
+                                        r"is read; copy the VAE out"):
+        train_ocl.main([config, "--overwrite", "true", "--vae_ckpt", str(run / "best.pt")])
+    assert sorted(n for n in os.listdir(run) if n != ".lock") == before
+
+
+def test_a_full_disk_while_logging_names_the_log(tmp_path, shapes_dir, monkeypatch, capsys):
+    import builtins
+    import errno
+
+    import common
+
+    def full_log(path, *args, **kwargs):
+        if str(path).endswith("log.jsonl") and "a" in args:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(common, "open", full_log, raising=False)
+    status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, shapes_dir, steps=1)], capsys)
+    assert status == 2 and f"could not write {tmp_path / 'run' / 'log.jsonl'} (no space left on the device)" in err
