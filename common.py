@@ -468,21 +468,26 @@ def lock_run_dir(out_dir: str) -> None:
     if key in _RUN_LOCKS:  # the same process starts another run here (tests, study scripts): the old one ended
         _RUN_LOCKS.pop(key).close()
     path = os.path.join(out_dir, ".lock")
+    _RUN_LOCKS[key] = exclusive_lock(path, f"another process is running in {out_dir} (it holds {path}); wait for it "
+                                           f"to end or choose another --out_dir")
+
+
+def exclusive_lock(path: str, busy: str):
+    """An open handle holding the exclusive flock of the file `path` (created if missing); UserError(busy) when
+    another process holds it. OSErrors of opening the file propagate to the caller."""
     while True:
         handle = open(path, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
-            raise UserError(f"another process is running in {out_dir} (it holds {path}); wait for it to end or "
-                            f"choose another --out_dir") from None
+            raise UserError(busy) from None
         try:  # the holder before us may have removed the file on release: then lock the new one
             if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
-                break
+                return handle
         except FileNotFoundError:
             pass
         handle.close()
-    _RUN_LOCKS[key] = handle
 
 
 def held_run_note() -> str:

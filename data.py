@@ -10,7 +10,6 @@ the split, with a fingerprint of all its records that checkpoints keep to know t
 `<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
 """
 
-import fcntl
 import hashlib
 import json
 import math
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import Dist, UserError
+from common import Dist, UserError, exclusive_lock
 
 FORMAT_NAME = "msf-lmdb"
 FORMAT_VERSION = 1
@@ -205,24 +204,12 @@ class DatasetWriter:
         if directory in self.locks or (os.path.exists(directory) and not os.path.isdir(directory)):
             return  # a file in the way: SplitWriter says so
         path = os.path.join(directory, ".prepare.lock")
-        while True:
-            try:
-                os.makedirs(directory, exist_ok=True)
-                handle = open(path, "a")
-            except OSError as error:
-                raise write_error(path, error) from None
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                raise UserError(f"another prepare_data.py is writing {directory} (it holds {path}); wait for it to "
-                                f"end or choose another --out") from None
-            try:  # the holder before us may have removed the file on release: then lock the new one
-                if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            handle.close()
+        try:
+            os.makedirs(directory, exist_ok=True)
+            handle = exclusive_lock(path, f"another prepare_data.py is writing {directory} (it holds {path}); wait for "
+                                          f"it to end or choose another --out")
+        except OSError as error:
+            raise write_error(path, error) from None
         self.locks[directory] = handle
 
     def __enter__(self):
