@@ -18,7 +18,7 @@ PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25],
 
 def colour_segments(segments: torch.Tensor) -> torch.Tensor:
     """(..., H, W) ids -> (..., 3, H, W) colours in [0, 1]; id 0 black, 255 (ignore) white."""
-    ids = segments.long()
+    ids = segments.long().cpu()  # the palette lives on the CPU; figures are drawn there
     colours = PALETTE[ids.clamp(max=254) % len(PALETTE)]
     colours[ids == IGNORE] = 1.0
     return colours.movedim(-1, -3)
