@@ -255,7 +255,9 @@ def ocl_step(guidance: str, device, full: bool):
         ocl = models.OCLModel(config, vae).to(device)
     images = torch.rand(32 if full else 16, 3, config["resolution"], config["resolution"], device=device) * 2 - 1
     trainable = [p for p in ocl.parameters() if p.requires_grad]
-    return training_step(lambda: ocl({"image": images}, 0.5)[0], trainable, device, amp_dtype("auto", device))
+    target = ocl.target(images) if cached_target else None
+    return training_step(lambda: ocl({"image": images}, 0.5, target=target)[0], trainable, device,
+                         amp_dtype("auto", device))
 
 
 @figure
@@ -273,9 +275,11 @@ def ocl_step_ratio_msf_vs_vq(args):
     return dict(result, **peak_memory(ocl_step, ("vq", "msf"), device, args.full, "ocl"))
 
 
-def config_step(name: str, device, **overrides):
+def config_step(name: str, device, cached_target: bool = False, **overrides):
     """One training step of the OCL config configs/NAME.yaml as it trains (its batch, resolution and widths, with
-    `overrides`), guided by an untrained VAE of its VAE config's kind and size (configs/vae_<guidance>_<data>.yaml)."""
+    `overrides`), guided by an untrained VAE of its VAE config's kind and size (configs/vae_<guidance>_<data>.yaml);
+    `cached_target`: with the decoder's target computed beforehand, as train_ocl.TargetCache gives it after the
+    first epoch."""
     root = os.path.dirname(os.path.abspath(__file__))
     config = load_config(train_ocl.OPTIONS, [os.path.join(root, "configs", name + ".yaml")])
     config.update(overrides)
@@ -285,20 +289,28 @@ def config_step(name: str, device, **overrides):
     ocl = models.OCLModel(config, vae).to(device)
     images = torch.rand(config["batch_size"], 3, config["resolution"], config["resolution"], device=device) * 2 - 1
     trainable = [p for p in ocl.parameters() if p.requires_grad]
-    return training_step(lambda: ocl({"image": images}, 0.5)[0], trainable, device, amp_dtype("auto", device))
+    target = ocl.target(images) if cached_target else None
+    return training_step(lambda: ocl({"image": images}, 0.5, target=target)[0], trainable, device,
+                         amp_dtype("auto", device))
 
 
 @figure
 def ocl_steps_per_s(args):
     """Training steps per second of the binding configuration (mixture_msf_easy: Slot Attention + the CNN mixture
-    decoder over MSF guidance, 32 px, batch 32) and of SLATE + MSF at the shapes config (64 px, batch 16), with the
-    speed-up of SLATE's decoder_dropout 0.0 over 0.1 (measured side by side)."""
+    decoder over MSF guidance, 32 px, batch 16), the speed-up of train_ocl's target cache on it (MSF and VQ
+    guidance), and of SLATE + MSF at the shapes config (64 px, batch 16) with the speed-up of SLATE's
+    decoder_dropout 0.0 over 0.1 (all measured side by side)."""
     steps = {"mixture": config_step("mixture_msf_easy", args.device),
+             "mixture_cached": config_step("mixture_msf_easy", args.device, cached_target=True),
+             "mixture_vq": config_step("mixture_vq_easy", args.device),
+             "mixture_vq_cached": config_step("mixture_vq_easy", args.device, cached_target=True),
              "mixture_mlp": config_step("mixture_msf_easy", args.device, mixture_decoder="mlp", mixture_hidden=256),
              0.0: config_step("slate_msf_shapes", args.device, decoder_dropout=0.0),
              0.1: config_step("slate_msf_shapes", args.device, decoder_dropout=0.1)}
     timings = time_interleaved(steps, repeats=5, sync=_sync(args.device))
     return {"mixture_msf_easy_steps_per_s": round(1 / timings["mixture"], 3),
+            "mixture_msf_easy_target_cache_speedup": round(timings["mixture"] / timings["mixture_cached"], 3),
+            "mixture_vq_easy_target_cache_speedup": round(timings["mixture_vq"] / timings["mixture_vq_cached"], 3),
             "mixture_msf_easy_mlp_decoder_steps_per_s": round(1 / timings["mixture_mlp"], 3),
             "ocl_steps_per_s": round(1 / timings[0.0], 3),
             "ocl_step_speedup_dropout_0_vs_0.1": round(timings[0.1] / timings[0.0], 3)}

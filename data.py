@@ -426,7 +426,7 @@ class OCLDataset:
         segment = torch.from_numpy(np.array(segment))
         if self.resolution != self.stored_resolution:
             pixels, segment = resize_sample(pixels, segment, self.resolution)
-        sample = {"video" if self.is_video else "image": pixels, "segment": segment}
+        sample = {"video" if self.is_video else "image": pixels, "segment": segment, "index": index}
         sample["bbox"] = pad_boxes(bbox, self.max_objects, frames=pixels.shape[0] if self.is_video else None)
         return sample
 

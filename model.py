@@ -981,12 +981,20 @@ class OCLModel(nn.Module):
             return frames
         return dino_features
 
+    def target_is_cacheable(self) -> bool:
+        """Whether `target` of a training image is a pure function of that image, so it can be computed once and
+        kept: the frozen VAE's guidance vectors matched by argmax (the mixture decoder over the guidance; no
+        guidance noise, no data augmentation in this repository), not a video clip (its frames are drawn anew)."""
+        return self.decoder.reads == "guidance_vectors" and not self.video and self.config["guidance_noise"] == 0
+
     def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The reconstruction loss of (n,3,H,W) frames from their slots (n,s,d)."""
         return self.decoder.decode_loss(self.target(frames), slots)[0]
 
-    def forward(self, batch: dict, sigma: float = 0.0, shuffled_slots: bool = False) -> tuple:
-        """Training / validation pass: (loss, stats, masks). `shuffled_slots` adds stats["loss_shuffled_slots"]: the
+    def forward(self, batch: dict, sigma: float = 0.0, shuffled_slots: bool = False, target=None) -> tuple:
+        """Training / validation pass: (loss, stats, masks). `target`: what the decoder reconstructs of these
+        images when the caller has it already (`self.target` of them, e.g. kept from an earlier epoch when
+        `target_is_cacheable`). `shuffled_slots` adds stats["loss_shuffled_slots"]: the
         same loss with every image's slots swapped for the next image's (the batch rolled by one), so its gap to
         the loss shows how much the decoder relies on the slots rather than on its autoregressive context or its
         prior; decoders whose loss draws noise (diffusion) leave it out. Token decoders also give
@@ -1005,7 +1013,9 @@ class OCLModel(nn.Module):
             slots, masks = self.slots(frames, sigma, dino_features=dino_features)
             other = slots.roll(1, 0)
         shuffle = shuffled_slots and not isinstance(self.decoder, DiffusionDecoder) and frames.shape[0] > 1
-        loss, stats, decoder_masks = self.decoder.decode_loss(self.target(frames, dino_features), slots,
+        if target is None:
+            target = self.target(frames, dino_features)
+        loss, stats, decoder_masks = self.decoder.decode_loss(target, slots,
                                                               other if shuffle else None)
         return loss, stats, masks if decoder_masks is None else decoder_masks
 

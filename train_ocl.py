@@ -100,6 +100,48 @@ def measure_latent_scale(model: models.OCLModel, dataset, device, samples: int =
     return float(latent.float().std().clamp_min(1e-6))
 
 
+TARGET_CACHE_MIB = 1024  # the most memory kept for the training images' targets (TargetCache)
+
+
+class TargetCache:
+    """What the decoder reconstructs of each training image, kept once computed: the frozen VAE's guidance of an
+    image does not change, yet an epoch-based loop would recompute it every epoch (the binding configuration sees
+    each of its 4000 images 20 times). Only for models whose `target_is_cacheable`; a sample's target is computed
+    the first time it is drawn, in the batch it is drawn in, so training draws the same random numbers as without
+    the cache. Per process: each DDP rank keeps the samples it draws."""
+
+    def __init__(self, model: models.OCLModel, num_samples: int, example: torch.Tensor):
+        self.model = model
+        self.store = example.new_zeros((num_samples,) + tuple(example.shape[1:]))
+        self.known = torch.zeros(num_samples, dtype=torch.bool, device=example.device)
+
+    @classmethod
+    def for_training(cls, model: models.OCLModel, dataset, device, log):
+        """A cache for `dataset`'s targets, or None when they are not a pure function of the image or would take
+        more than TARGET_CACHE_MIB."""
+        if not model.target_is_cacheable():
+            return None
+        with torch.no_grad():
+            example = model.target(dataset[(0, 0)]["image"][None].to(device))
+        mib = len(dataset) * example[0].numel() * example.element_size() / 2 ** 20
+        if mib > TARGET_CACHE_MIB:
+            log.info(f"not caching the training targets: {mib:.0f} MiB > {TARGET_CACHE_MIB} MiB")
+            return None
+        log.info(f"caching the frozen VAE's guidance of the {len(dataset)} training images as they are first drawn "
+                 f"({mib:.1f} MiB)")
+        return cls(model, len(dataset), example)
+
+    @torch.no_grad()
+    def __call__(self, frames: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The targets of (b,3,H,W) training frames with dataset indices (b,)."""
+        missing = ~self.known[indices]
+        if missing.any():
+            chosen = indices[missing]
+            self.store[chosen] = self.model.target(frames[missing])
+            self.known[chosen] = True
+        return self.store[indices]
+
+
 def restore_best(out_dir: str, best_step, d, log) -> None:
     """On resume, recreate a missing best.pt from the checkpoint of the stored best step (kept from pruning)."""
     best_path = os.path.join(out_dir, "best.pt")
@@ -207,6 +249,7 @@ def main(argv=None) -> None:
              f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, {len(loader.dataset)} "
              f"{'videos' if video else 'images'} at {config['resolution']}px, {d.world_size} process(es) on {d.device}")
     figure_batch = next(iter(eval_loader(val_path, 4, 0, d, config["resolution"], 4)))
+    target_cache = TargetCache.for_training(model, loader.dataset, d.device, log)
 
     def checkpoint(step: int, metrics: dict) -> None:
         nonlocal best, best_step
@@ -239,8 +282,9 @@ def main(argv=None) -> None:
         lr = set_scheduled_lr(optimizer, step, config)
         sigma = models.query_sigma(step, steps, config)
         batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
+        target = target_cache(batch["image"], batch["index"]) if target_cache else None
         with autocast(d.device, dtype):
-            loss, stats, _ = ddp_model(batch, sigma)
+            loss, stats, _ = ddp_model(batch, sigma, target=target)
         stop_on_non_finite(loss, step, d, config["out_dir"])
         grad_norm = optimizer_step(loss, trainable, optimizer, scaler, config["grad_clip"])
         model.update_ema()

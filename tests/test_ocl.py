@@ -266,6 +266,55 @@ def test_mixture_method_reconstructs_the_guidance_vectors(tmp_path, vaes):
     torch.testing.assert_close(stats["loss_shuffled_slots"], shuffled)
 
 
+def test_target_cache_gives_each_images_guidance_computing_it_once(tmp_path, vaes):
+    config = load_config(train_ocl.OPTIONS, [write_ocl_config(tmp_path, "unused", vaes, method="mixture",
+                                                               mixture_decoder="cnn", mixture_hidden=4)])
+    vae, _ = train_ocl.load_guidance_vae(config)
+    torch.manual_seed(0)
+    model = models.build_model(config, False, vae).train()
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+
+    class Images:  # what TargetCache reads of a training dataset: its length and sample["image"] by (index, draw)
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, key):
+            return {"image": images[key[0]]}
+
+    class Log:
+        def info(self, message):
+            pass
+
+    computed, target = [], model.target
+    model.target = lambda frames, *rest: computed.append(len(frames)) or target(frames, *rest)
+    cache = train_ocl.TargetCache.for_training(model, Images(), "cpu", Log())
+    expected = vae.guidance(images, [1])["vectors"][0].permute(0, 3, 1, 2)  # the frozen VAE's argmax guidance
+    for batch in ([0, 3], [3, 5, 1], [5, 0, 2, 4], [4, 1]):  # batches of an epoch, then of the next
+        indices = torch.tensor(batch)
+        torch.testing.assert_close(cache(images[indices], indices), expected[indices], rtol=0, atol=1e-6)
+    assert sum(computed) == 1 + len(images)  # the set-up's example, then every image once
+    # not a pure function of the image: Gumbel-noised guidance, SLATE's token targets
+    for overrides in ({"guidance_noise": 0.5}, {"method": "slate"}):
+        other = models.build_model({**config, **overrides}, False, vae)
+        assert train_ocl.TargetCache.for_training(other, Images(), "cpu", Log()) is None
+
+
+def test_training_with_the_target_cache_matches_training_without_it(tmp_path, shapes_dir, vaes, monkeypatch):
+    """48 training images, batch 4: steps 13-16 take every target from the cache."""
+    runs = {}
+    for name, limit in (("cached", train_ocl.TARGET_CACHE_MIB), ("recomputed", 0)):
+        monkeypatch.setattr(train_ocl, "TARGET_CACHE_MIB", limit)
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, name=f"{name}.yaml", method="mixture",
+                                         mixture_decoder="cnn", mixture_hidden=4, steps=16, val_every=100,
+                                         out_dir=str(tmp_path / name))])
+        runs[name] = losses(tmp_path / name)
+        log = (tmp_path / name / "log.txt").read_text()
+        assert ("caching the frozen VAE's guidance" in log) == (name == "cached")
+    assert sorted(runs["cached"]) == list(range(1, 17))
+    for step, loss in runs["recomputed"].items():
+        assert runs["cached"][step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+
+
 def test_decoder_is_causal():
     torch.manual_seed(0)
     decoder = models.TransformerDecoder(6, 8, 16, 2, 2, 0.0, [12], [[5, 7]]).eval()
