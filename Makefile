@@ -17,11 +17,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# The whole job on the synthetic data, CPU-sized: data, VQ and MSF VAEs, SLATE with each, evaluation table.
+# The whole job on the synthetic data, CPU-sized (about 20 minutes on 2 cores): easy data, VQ and MSF VAEs, Slot
+# Attention with the mixture decoder over each one's guidance, evaluation table and runs/demo/summary.json.
 demo: $(VENV)/.installed
 	$(PY) study.py demo
 
-# The study (SLATE VQ/grouped/MSF x 3 seeds, separability, Table 5 ablations, STEVE); GPU-sized.
+# The study (VQ/grouped/MSF guidance x 3 seeds, separability, Table 5 ablations, STEVE): hours on a CPU.
 study: $(VENV)/.installed
 	$(PY) study.py full
 

@@ -67,8 +67,8 @@ SETTINGS = {
 
 
 class Study:
-    def __init__(self, out: str, device: str, steps_scale: float, log_every: int = 0, jobs: int = 1):
-        self.out, self.device, self.steps_scale, self.log_every = out, device, steps_scale, log_every
+    def __init__(self, out: str, device: str, steps_scale: float, log_every: int = 0, jobs: int = 1, amp: str = ""):
+        self.out, self.device, self.steps_scale, self.log_every, self.amp = out, device, steps_scale, log_every, amp
         self.jobs = max(1, jobs)
         self.timings = []
 
@@ -146,6 +146,7 @@ class Study:
 
     def common(self) -> list:
         args = ["--device", self.device, "--resume", "auto"]
+        args += ["--amp", self.amp] if self.amp else []  # else each config's (auto: bf16 on a GPU, off on a CPU)
         return args + (["--log_every", self.log_every] if self.log_every else [])
 
     def data(self, name: str) -> str:
@@ -241,6 +242,41 @@ def separability_table(metrics: dict) -> list:
     return lines
 
 
+# A run counts as bound from its first validation (every `val_every` steps, on the validation split) with ARIfg at or
+# above this many percent: uniform or blob-like masks stay far below it (README 'Results', the binding ladder).
+BOUND_ARI_FG = 50.0
+
+
+def validation_curve(run_dir: str) -> list:
+    """The validation rows of a run's log.jsonl, in step order."""
+    rows = []
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                entry = json.loads(line)
+                if "val_ari_fg" in entry:
+                    rows.append(entry)
+    return sorted(rows, key=lambda entry: entry["step"])
+
+
+def binding_table(runs: list) -> list:
+    """When each run's slots bound (first validation with ARIfg >= BOUND_ARI_FG) and where its last validation
+    stood."""
+    lines = [f"| run | bound at step (first validation with ARIfg ≥ {BOUND_ARI_FG:.0f}) | last validation step | "
+             "ARIfg | mBO | mask entropy (% of ln slots) |", "|---|---|---|---|---|---|"]
+    for run_dir in runs:
+        curve = validation_curve(run_dir)
+        if not curve:
+            lines.append(f"| {os.path.basename(run_dir)} | no validation logged | | | | |")
+            continue
+        bound = next((entry["step"] for entry in curve if (entry["val_ari_fg"] or 0) >= BOUND_ARI_FG), None)
+        last = curve[-1]
+        lines.append(f"| {os.path.basename(run_dir)} | {bound if bound is not None else 'not bound'} | "
+                     f"{last['step']} | {number(last['val_ari_fg'])} | {number(last.get('val_mbo'))} | "
+                     f"{number(last.get('val_mask_entropy'))} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 def demo_summary(metrics: dict, guidance_of: dict) -> dict:
@@ -291,7 +327,8 @@ def demo(args) -> list:
 
 
 def full(args) -> list:
-    study = Study(args.out or os.path.join(ROOT, "runs", "study"), args.device, args.steps_scale, jobs=args.jobs)
+    study = Study(args.out or os.path.join(ROOT, "runs", "study"), args.device, args.steps_scale, jobs=args.jobs,
+                  amp=args.amp)
     seeds, parts, setting = args.seeds, args.parts, SETTINGS[args.setting]
     method = setting["method"]
     lines = ["# Study: multi-scale fusion on the synthetic data", "",
@@ -370,6 +407,10 @@ def full(args) -> list:
     if "ablations" in parts:
         lines += ["", f"## Ablations on {method} + MSF (paper Table 5)", ""] + metric_header("variant")
         lines += [mean_std_row(label, evaluated(part, label)) for part, label in groups if part == "ablations"]
+    if "main" in parts or "ablations" in parts:
+        trained = [run for (part, _), (runs, _) in groups.items() if part != "video" for run in runs]
+        lines += ["", "## When the slots bound", "", "From each run's validation curve (log.jsonl, every `val_every` "
+                  "steps on the validation split).", ""] + binding_table(list(dict.fromkeys(trained)))
     if "video" in parts:
         lines += ["", "## STEVE on `shapes_video`: VQ vs MSF guidance (one score per 24-frame video)", ""]
         lines += metric_header("guidance")
@@ -439,6 +480,8 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=None,
                         help="independent stages run at once (e.g. 12 on one GPU; 1 = one after another; default: "
                              "demo 2, the VQ and MSF pipelines side by side, full 1)")
+    parser.add_argument("--amp", default="", choices=("", "auto", "bf16", "fp16", "off"),
+                        help="full: mixed precision of every stage (default: each config's, i.e. bf16 on a GPU)")
     parser.add_argument("--vae_steps", type=int, default=1000, help="demo: VAE pretraining steps")
     parser.add_argument("--ocl_steps", type=int, default=0, help="demo: Slot Attention training steps (default: the "
                         "config's)")

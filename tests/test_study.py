@@ -1,5 +1,6 @@
 """study.py: the demo's summary.json is read off evaluate.py's metrics.json, one entry per guidance."""
 
+import json
 import math
 import os
 
@@ -83,3 +84,24 @@ def test_run_all_runs_a_chain_in_order_without_waiting_for_the_other_chains(tmp_
     assert spans["second"][0] >= spans["first"][1]  # in order within the chain
     assert spans["second"][1] < spans["slow"][1]  # and it did not wait for the slow chain to end
     assert [what for what, _ in runner.timings][-1] == "slow"
+
+
+def test_binding_table_names_the_first_validation_at_or_above_the_threshold(tmp_path):
+    def write_log(name, rows):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(run)
+
+    train_row = {"step": 600, "loss": 0.1, "lr": 1e-4}  # training rows carry no validation metrics
+    bound = write_log("bound", [  # out of order, as a resumed run may leave none but a reader must not assume it
+        {"step": 1500, "val_ari_fg": 61.0, "val_mbo": 31.0, "val_mask_entropy": 40.0},
+        {"step": 500, "val_ari_fg": None, "val_mbo": 20.0, "val_mask_entropy": 100.0},
+        train_row,
+        {"step": 1000, "val_ari_fg": 50.0, "val_mbo": 25.0, "val_mask_entropy": 60.0}])
+    unbound = write_log("unbound", [{"step": 500, "val_ari_fg": 49.9, "val_mbo": 10.0, "val_mask_entropy": 99.0}])
+    empty = write_log("empty", [train_row])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in study.binding_table([bound, unbound, empty])[2:]]
+    assert rows[0] == ["bound", "1000", "1500", "61.0", "31.0", "40.0"]  # 50.0 counts: "at or above"
+    assert rows[1] == ["unbound", "not bound", "500", "49.9", "10.0", "99.0"]
+    assert rows[2][:2] == ["empty", "no validation logged"]
