@@ -247,13 +247,19 @@ def decode_one(decoder, slot):
     return out.flatten(1).T
 
 
-def test_mixture_method_reconstructs_the_guidance_vectors(tmp_path, vaes):
-    """The loss is the mean squared error between the slot mixture and the frozen VAE's scale-1 guidance vectors."""
+def tiny_mixture_model(tmp_path, vaes):
+    """(config, frozen VAE, model) of a tiny mixture model over the tiny MSF VAE's guidance."""
     config = load_config(train_ocl.OPTIONS, [write_ocl_config(tmp_path, "unused", vaes, method="mixture",
                                                                mixture_decoder="cnn", mixture_hidden=4)])
     vae, _ = train_ocl.load_guidance_vae(config)
     torch.manual_seed(0)
-    model = models.build_model(config, False, vae).eval()
+    return config, vae, models.build_model(config, False, vae)
+
+
+def test_mixture_method_reconstructs_the_guidance_vectors(tmp_path, vaes):
+    """The loss is the mean squared error between the slot mixture and the frozen VAE's scale-1 guidance vectors."""
+    config, vae, model = tiny_mixture_model(tmp_path, vaes)
+    model.eval()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     loss, stats, masks = model({"image": images}, shuffled_slots=True)
     vectors = vae.guidance(images, [1])["vectors"][0]  # (b, 8, 8, c)
@@ -267,11 +273,8 @@ def test_mixture_method_reconstructs_the_guidance_vectors(tmp_path, vaes):
 
 
 def test_target_cache_gives_each_images_guidance_computing_it_once(tmp_path, vaes):
-    config = load_config(train_ocl.OPTIONS, [write_ocl_config(tmp_path, "unused", vaes, method="mixture",
-                                                               mixture_decoder="cnn", mixture_hidden=4)])
-    vae, _ = train_ocl.load_guidance_vae(config)
-    torch.manual_seed(0)
-    model = models.build_model(config, False, vae).train()
+    config, vae, model = tiny_mixture_model(tmp_path, vaes)
+    model.train()
     images = torch.rand(6, 3, 32, 32) * 2 - 1
 
     class Images:  # what TargetCache reads of a training dataset: its length and sample["image"] by (index, draw)
