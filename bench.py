@@ -255,9 +255,7 @@ def ocl_step(guidance: str, device, full: bool):
         ocl = models.OCLModel(config, vae).to(device)
     images = torch.rand(32 if full else 16, 3, config["resolution"], config["resolution"], device=device) * 2 - 1
     trainable = [p for p in ocl.parameters() if p.requires_grad]
-    target = ocl.target(images) if cached_target else None
-    return training_step(lambda: ocl({"image": images}, 0.5, target=target)[0], trainable, device,
-                         amp_dtype("auto", device))
+    return training_step(lambda: ocl({"image": images}, 0.5)[0], trainable, device, amp_dtype("auto", device))
 
 
 @figure

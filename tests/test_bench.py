@@ -30,3 +30,16 @@ def test_cpu_peak_memory_matches_known_allocations():
         measured_mib = result[f"test_peak_gib_{name}"] * 1024
         assert mib - 4 <= measured_mib <= mib + 48, (name, measured_mib)
     assert result["test_peak_memory_ratio"] == pytest.approx(320 / 96, rel=0.15)
+
+
+def test_each_training_step_a_figure_times_runs_and_changes_the_weights():
+    """The figures time closures; a closure that raises (a renamed option, a stale variable) would only show when
+    someone runs bench.py. One Adam step of each must move the model's weights."""
+    cpu = torch.device("cpu")
+    for step in (bench.ocl_step("msf", cpu, False), bench.config_step("mixture_msf_easy", cpu),
+                 bench.config_step("mixture_msf_easy", cpu, cached_target=True)):
+        optimizer = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.optim.Adam))
+        before = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+        step()
+        after = [p.detach() for group in optimizer.param_groups for p in group["params"]]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))
