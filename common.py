@@ -564,19 +564,19 @@ def _claim(config: dict) -> None:
         raise UserError(f"vae_ckpt {config['vae_ckpt']} lies in {out_dir}, whose run files move to "
                         f"{out_dir}/old-<time>/ before the VAE is read; copy the VAE out of {out_dir} and point "
                         f"vae_ckpt there, or choose another --out_dir")
-    aside = _aside_dir(out_dir)
-    for path in old:
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    _move_aside(out_dir, old)
 
 
-def _aside_dir(out_dir: str) -> str:
-    """A new, empty `old-<time>[-n]/` in out_dir for files that must not be overwritten."""
+def _move_aside(out_dir: str, paths: list) -> str:
+    """Move `paths` into a new, empty `old-<time>[-n]/` of out_dir, files that must not be overwritten; returns it."""
     aside = os.path.join(out_dir, "old-" + time.strftime("%Y%m%d-%H%M%S"))
     suffix = 0
     while os.path.exists(aside + (f"-{suffix}" if suffix else "")):
         suffix += 1
     aside += f"-{suffix}" if suffix else ""
     os.makedirs(aside)
+    for path in paths:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
     return aside
 
 
@@ -605,9 +605,7 @@ def _branch(out_dir: str, resume: str, overwrite: bool) -> None:
         raise UserError(f"{resume} is step {step} but {out_dir} holds later checkpoints of the run ({names}), which a "
                         f"run resumed there would overwrite or leave mixed with its own; resume into another "
                         f"--out_dir, or pass --overwrite true to move the later files into {out_dir}/old-<time>/")
-    aside = _aside_dir(out_dir)
-    for path in newer:
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    aside = _move_aside(out_dir, newer)
     best = os.path.join(out_dir, "best.pt")
     if os.path.isfile(best) and (_checkpoint_step(best) or 0) > step:  # a resume recreates it from the branch point
         os.replace(best, os.path.join(aside, "best.pt"))
