@@ -1,6 +1,7 @@
 """Helpers that several test files share: the repository root, the bounding-box oracle, a run's log and losses,
 the torchrun launcher, and tiny OCL fixtures (a frozen VAE saved as pretrain_vae.py would, an OCL config)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -80,3 +81,18 @@ def write_vae_config(tmp_path, shapes_dir, name="vae.yaml", **overrides):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+@contextlib.contextmanager
+def hold_flock(path):
+    """Another process holding an exclusive flock on `path` (as a concurrent run or generation would) while the
+    block runs."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, time\n"
+                               f"f = open({str(path)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -15,7 +15,7 @@ import data
 import prepare_data
 from common import UserError
 from data import OCLDataset, StepSampler, decode_record, encode_record, load_split
-from helpers import ROOT, boxes_by_loop
+from helpers import ROOT, boxes_by_loop, hold_flock
 
 
 # ------------------------------------------------------------------------------------------------ generator
@@ -438,18 +438,11 @@ def test_a_split_regenerated_while_it_is_read_is_refused(tmp_path):
 def test_a_second_generation_into_the_same_directory_is_refused(tmp_path):
     out = tmp_path / "shapes"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, time\n"
-                               f"f = open({str(out / '.prepare.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with hold_flock(out / ".prepare.lock"):
         (out / "train.lmdb.partial").write_bytes(b"the other generation's split")
         with pytest.raises(UserError, match=r"another prepare_data.py is writing .*shapes .*; wait for it"):
             make_shapes(out, seed=0)
         assert (out / "train.lmdb.partial").read_bytes() == b"the other generation's split"
-    finally:
-        holder.kill()
-        holder.wait()
     os.remove(out / "train.lmdb.partial")
     make_shapes(out, seed=0)
     assert sorted(os.listdir(out)) == ["train.lmdb", "val.lmdb"]

@@ -3,8 +3,6 @@ resume, and one sentence for every input fault."""
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 import pretrain_vae
 import train_ocl
 from common import UserError, list_checkpoints, load_checkpoint
-from helpers import read_jsonl, save_vae, write_ocl_config, write_vae_config
+from helpers import hold_flock, read_jsonl, save_vae, write_ocl_config, write_vae_config
 
 
 def checkpoint_names(run):
@@ -49,17 +47,10 @@ def test_pruning_orders_checkpoints_by_step_not_name(tmp_path, shapes_dir):
 def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path, shapes_dir):
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
-                               f"f = open({str(run / '.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with hold_flock(run / ".lock"):
         with pytest.raises(UserError, match="another process is running in .*; wait for it"):
             pretrain_vae.main([write_vae_config(tmp_path, shapes_dir, steps=2, val_every=1)])
         assert checkpoint_names(run) == []
-    finally:
-        holder.kill()
-        holder.wait()
     pretrain_vae.main([write_vae_config(tmp_path, shapes_dir, steps=2, val_every=1)])  # free again
     assert checkpoint_names(run) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
 
