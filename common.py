@@ -582,9 +582,9 @@ def _move_aside(out_dir: str, paths: list) -> str:
 
 def _checkpoint_step(path: str):
     """The step of a checkpoint file: from its name (ckpt_<step>.pt), else read from the file; None if unreadable."""
-    name = os.path.basename(path)
-    if name.startswith("ckpt_") and name.endswith(".pt") and name[len("ckpt_"):-len(".pt")].isdigit():
-        return int(name[len("ckpt_"):-len(".pt")])
+    step = step_in_name(os.path.basename(path))
+    if step is not None:
+        return step
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
     except Exception:
@@ -781,14 +781,19 @@ def save_labelled_grid(rows: list, labels: list, path: str, margin: int = 96) ->
 CHECKPOINT_PATTERN = "ckpt_{step:07d}.pt"
 
 
+def step_in_name(name: str):
+    """The step of a checkpoint file name ckpt_<step>.pt (any zero padding); None for any other name."""
+    if name.startswith("ckpt_") and name.endswith(".pt") and name[len("ckpt_"):-len(".pt")].isdigit():
+        return int(name[len("ckpt_"):-len(".pt")])
+    return None
+
+
 def list_checkpoints(out_dir: str) -> list:
     """Checkpoint paths in `out_dir`, oldest first."""
     if not os.path.isdir(out_dir):
         return []
-    steps = {}
-    for name in os.listdir(out_dir):
-        if name.startswith("ckpt_") and name.endswith(".pt") and name[len("ckpt_"):-len(".pt")].isdigit():
-            steps[name] = int(name[len("ckpt_"):-len(".pt")])
+    steps = {name: step_in_name(name) for name in os.listdir(out_dir)}
+    steps = {name: step for name, step in steps.items() if step is not None}
     return [os.path.join(out_dir, n) for n in sorted(steps, key=lambda n: (steps[n], n))]
 
 
