@@ -39,7 +39,7 @@ from scipy import stats as scipy_stats
 
 import pretrain_vae
 import train_ocl
-from common import atomic_write_text, load_config, strict_json
+from common import atomic_write_text, list_checkpoints, load_config, strict_json
 from data import load_split
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -192,7 +192,11 @@ class Study:
         self.run(*stage)
         return out
 
-    def evaluate(self, runs: list, name: str, extra: list = ()) -> dict:
+    def evaluate(self, runs: list, name: str, extra: list = (), final: bool = False) -> dict:
+        """evaluate.py on run directories (each one's best.pt), or with `final` on each run's last checkpoint: the
+        full study scores the last one, since best.pt is chosen on the validation images its tables score."""
+        if final:
+            runs = [(list_checkpoints(run) or [run])[-1] for run in runs]
         out = os.path.join(self.out, "eval", name)
         self.run("evaluate.py", list(runs) + ["--out", out, "--device", self.device] + list(extra),
                  f"evaluate {name}")
@@ -337,7 +341,8 @@ def full(args) -> list:
              f"setting `{args.setting}`: {setting['ocl'].format('*')} guided by {setting['vae'].format('*')}; "
              f"steps x{args.steps_scale} of the configs; "
              f"device: {device_name(args.device)}; {study.jobs} stage(s) at a time. "
-             f"Metrics in percent, mean ± std over seeds, background counted as a segment.", ""]
+             f"Metrics in percent, mean ± std over seeds, background counted as a segment, of each run's final "
+             f"checkpoint on the validation split (not best.pt, which is chosen on the same images).", ""]
     if "main" in parts or "ablations" in parts:
         lines += [study.data(setting["data"]), ""]
     if "video" in parts:
@@ -390,7 +395,7 @@ def full(args) -> list:
     study.run_all(stages)
 
     def evaluated(part, label):
-        return study.evaluate(*groups[part, label])
+        return study.evaluate(*groups[part, label], final=True)
 
     if "main" in parts:
         lines += [f"## {method} on `{setting['data']}`: VQ vs grouped vs MSF guidance", ""] + metric_header("guidance")

@@ -105,3 +105,26 @@ def test_binding_table_names_the_first_validation_at_or_above_the_threshold(tmp_
     assert rows[0] == ["bound", "1000", "1500", "61.0", "31.0", "40.0"]  # 50.0 counts: "at or above"
     assert rows[1] == ["unbound", "not bound", "500", "49.9", "10.0", "99.0"]
     assert rows[2][:2] == ["empty", "no validation logged"]
+
+
+def test_the_full_study_scores_each_runs_last_checkpoint_not_its_best(tmp_path, monkeypatch):
+    runs = [tmp_path / "run_s0", tmp_path / "run_s1"]
+    for run, steps in zip(runs, ([100, 900, 1000], [50, 200])):
+        run.mkdir()
+        for name in [f"ckpt_{step:07d}.pt" for step in steps] + ["best.pt"]:
+            (run / name).write_bytes(b"")
+    runner = study.Study(str(tmp_path / "study"), "cpu", 1.0)
+    given = []
+
+    def fake_run(script, args, what):  # stands in for evaluate.py: records its inputs, writes its metrics.json
+        given.append(args[:args.index("--out")])
+        out = args[args.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump({"runs": []}, f)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    runner.evaluate([str(r) for r in runs], "final", final=True)
+    runner.evaluate([str(r) for r in runs], "best")
+    assert given[0] == [str(runs[0] / "ckpt_0001000.pt"), str(runs[1] / "ckpt_0000200.pt")]
+    assert given[1] == [str(r) for r in runs]  # a run directory: evaluate.py takes its best.pt
