@@ -39,7 +39,7 @@ from scipy import stats as scipy_stats
 
 import pretrain_vae
 import train_ocl
-from common import atomic_write_text, list_checkpoints, load_config, strict_json
+from common import atomic_write_text, load_config, resolve_checkpoint, strict_json
 from data import load_split
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -196,7 +196,7 @@ class Study:
         """evaluate.py on run directories (each one's best.pt), or with `final` on each run's last checkpoint: the
         full study scores the last one, since best.pt is chosen on the validation images its tables score."""
         if final:
-            runs = [(list_checkpoints(run) or [run])[-1] for run in runs]
+            runs = [resolve_checkpoint(run) for run in runs]
         out = os.path.join(self.out, "eval", name)
         self.run("evaluate.py", list(runs) + ["--out", out, "--device", self.device] + list(extra),
                  f"evaluate {name}")
@@ -484,8 +484,8 @@ def main(argv=None) -> None:
                         help="full: the main and ablation parts on easy (the mixture configuration that binds on a "
                              "CPU) or shapes (SLATE on the multi-scale data)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="independent stages run at once (e.g. 2 on 2 CPU cores, 8 on one GPU; 1 = one after another; default: "
-                             "demo 2, the VQ and MSF pipelines side by side, full 1)")
+                        help="independent stages run at once (e.g. 2 on 2 CPU cores, 8 on one GPU; 1 = one after "
+                             "another; default: demo 2, the VQ and MSF pipelines side by side, full 1)")
     parser.add_argument("--amp", default="", choices=("", "auto", "bf16", "fp16", "off"),
                         help="full: mixed precision of every stage (default: each config's, i.e. bf16 on a GPU)")
     parser.add_argument("--vae_steps", type=int, default=1000, help="demo: VAE pretraining steps")
