@@ -158,7 +158,8 @@ def _format_table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-TABLE_KEYS = ("ari", "ari_fg", "miou", "mbo", "miou_fg", "mbo_fg", "mask_entropy")
+TABLE_KEYS = ("ari", "ari_fg", "miou", "mbo", "miou_fg", "mbo_fg", "bg_iou", "bg_slots", "mask_entropy")
+PLAIN_MEANS = ("bg_slots",)  # averaged as they are; the other segmentation metrics are fractions shown in percent
 
 
 def main(argv=None) -> None:
@@ -214,7 +215,8 @@ def main(argv=None) -> None:
         else:
             scores = evaluate_ocl(model, loader, d.device, args.separability, f"evaluate {name}")
             for key, values in scores.items():
-                entry[key] = mean_percent(values) if not key.startswith("sep_") else float(np.nanmean(values))
+                plain = key.startswith("sep_") or key in PLAIN_MEANS
+                entry[key] = float(np.nanmean(values)) if plain else mean_percent(values)
                 entry[f"{key}_count"] = int(np.sum(~np.isnan(values)))
             if args.figures:
                 figure_loader = eval_loader(split_path, args.figures if not state["video"] else 2, 0, d,
@@ -252,7 +254,9 @@ def _report(results: list, compare: bool) -> dict:
             payload.update({k: ocl_runs[0][k] for k in keys})
         lines.append(_format_table(["run"] + keys, rows))
         lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (README, 'Evaluation "
-                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); mask_entropy: "
+                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); bg_iou: the "
+                     "background's best IoU with one slot, %; bg_slots: slots holding >= 10 % of the background; "
+                     "mask_entropy: "
                      "entropy of the soft masks over slots, % of ln(slots), 100 = uniform" +
                      ("; sep_*: KMeans inter/intra-cluster distance of the scale-1 guidance" if "sep_inter" in keys
                       else ""))

@@ -6,6 +6,7 @@ neither needs the other.
   miou(pred, true, ignore_background=False)  mean IoU under the Hungarian matching of segments
   mbo(pred, true, ignore_background=False)   mean best overlap
   mask_entropy(masks)                        how undecided the soft slot masks are
+  background_split(pred, true)               where the background went: its best IoU and the slots sharing it
   separability(vectors, k)                   KMeans inter/intra-cluster distances of guidance vectors (Table 4)
   score_batch(model, batch, device)          every metric of one batch run through an OCL model
 
@@ -184,6 +185,30 @@ def mbo(pred: torch.Tensor, true: torch.Tensor, ignore_background: bool = False)
     return torch.where(num_scored > 0, total / num_scored.clamp(min=1), torch.full_like(total, math.nan))
 
 
+def background_split(pred: torch.Tensor, true: torch.Tensor, share: float = 0.1) -> dict:
+    """Where the background went, per sample (B,) float64:
+      bg_iou:    the best IoU of the background segment with one predicted segment (1 = one slot is exactly the
+                 background);
+      bg_slots:  how many predicted segments hold at least `share` of the background's pixels (1 = one slot took
+                 it, 3 = cut into three large pieces).
+    ARI with the background counted and mBO reward a background kept in one slot; these two say whether a low score
+    comes from the background being split. Same pixel conventions as `mbo`; NaN where a sample has no background
+    pixel to score."""
+    counts, true_ids = contingency(pred, true)  # (B, T, P)
+    nan = torch.full(counts.shape[:1], math.nan, dtype=torch.float64, device=counts.device)
+    row = (true_ids == BACKGROUND).nonzero().flatten()
+    if len(row) == 0 or counts.shape[2] == 0:  # no background pixel in the whole batch, or no pixel at all
+        return {"bg_iou": nan, "bg_slots": nan.clone()}
+    background = counts[:, row[0]]  # (B, P): background pixels in each predicted segment
+    area = background.sum(1)  # (B,)
+    union = area[:, None] + counts.sum(1) - background
+    iou = torch.where(union > 0, background / union.clamp(min=1), torch.zeros_like(background))
+    slots = (background >= share * area[:, None]).sum(1).double()
+    present = area > 0
+    return {"bg_iou": torch.where(present, iou.max(1).values, nan),
+            "bg_slots": torch.where(present, slots, nan)}
+
+
 def mask_entropy(masks: torch.Tensor) -> torch.Tensor:
     """How undecided the soft slot masks (B, [T,] S, h, w) are: per sample (B,) float64, the entropy over the S slots
     at each position, averaged over positions (and frames), as a fraction of ln S. 1 = every position shared
@@ -264,12 +289,14 @@ def separability_batch(vectors, ks, seed: int = 0, return_labels: bool = False) 
 
 def segmentation_scores(pred: torch.Tensor, true: torch.Tensor, extended: bool = False) -> dict:
     """Every reported metric of one batch: (B,) float64 per key. `extended` adds mIoU / mBO without the
-    background segment (DINOSAUR's convention), for comparison with numbers reported that way."""
+    background segment (DINOSAUR's convention), for comparison with numbers reported that way, and where the
+    background went (`background_split`)."""
     scores = {"ari": ari(pred, true), "ari_fg": ari(pred, true, foreground_only=True),
               "miou": miou(pred, true), "mbo": mbo(pred, true)}
     if extended:
         scores["miou_fg"] = miou(pred, true, ignore_background=True)
         scores["mbo_fg"] = mbo(pred, true, ignore_background=True)
+        scores.update(background_split(pred, true))
     return scores
 
 

@@ -208,6 +208,7 @@ class Study:
 # Report tables.
 
 METRICS = ("ari", "ari_fg", "miou", "mbo")
+COLUMNS = METRICS + ("bg_iou", "bg_slots")  # the tables add where the background went (metrics.background_split)
 
 
 def number(value, digits: int = 1) -> str:
@@ -219,16 +220,18 @@ def ratio(numerator, denominator):
     return None if numerator is None or not denominator else numerator / denominator
 
 
-def mean_std_row(label: str, metrics: dict, keys=METRICS) -> str:
+def mean_std_row(label: str, metrics: dict, keys=COLUMNS) -> str:
+    """One table row of `keys` from evaluate.py's metrics.json; a metric missing or undefined (null) shows n/a."""
     runs = metrics["runs"]
     if len(runs) == 1:
-        cells = [number(runs[0][k]) for k in keys]
+        cells = [number(runs[0].get(k)) for k in keys]
     else:
-        cells = [f"{number(metrics[k])} ± {number(metrics[k + '_std'])}" for k in keys]
+        cells = ["n/a" if metrics.get(k) is None else f"{number(metrics[k])} ± {number(metrics.get(k + '_std'))}"
+                 for k in keys]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def metric_header(first: str, keys=METRICS) -> list:
+def metric_header(first: str, keys=COLUMNS) -> list:
     return [f"| {first} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
 
 
@@ -342,7 +345,9 @@ def full(args) -> list:
              f"steps x{args.steps_scale} of the configs; "
              f"device: {device_name(args.device)}; {study.jobs} stage(s) at a time. "
              f"Metrics in percent, mean ± std over seeds, background counted as a segment, of each run's final "
-             f"checkpoint on the validation split (not best.pt, which is chosen on the same images).", ""]
+             f"checkpoint on the validation split (not best.pt, which is chosen on the same images). bg_iou: "
+             f"the background's best IoU with one slot; bg_slots: how many slots hold >= 10 % of the background "
+             f"(a count).", ""]
     if "main" in parts or "ablations" in parts:
         lines += [study.data(setting["data"]), ""]
     if "video" in parts:

@@ -40,6 +40,8 @@ def test_one_checkpoint_matches_training_validation(trained, tmp_path):
     for key in ("ari", "ari_fg", "miou", "mbo"):  # the whole split both times, through different code paths
         assert metrics[key] == pytest.approx(validation[f"val_{key}"], abs=1e-9), key
     assert 0 <= metrics["miou_fg"] <= 100 and metrics["runs"][0]["miou_count"] == 16
+    # bg_slots is a mean count of slots (at least one slot holds >= 10 % of the background), not a percent
+    assert 0 <= metrics["bg_iou"] <= 100 and 1 <= metrics["bg_slots"] <= 4  # write_ocl_config: 4 slots
     figures = [n for n in os.listdir(tmp_path / "eval") if n.endswith(".png")]
     assert figures and (tmp_path / "eval" / "table.md").exists()
 

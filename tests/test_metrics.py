@@ -14,7 +14,7 @@ from scipy.special import gammaln
 from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import adjusted_rand_score
 
-from metrics import ari, mask_entropy, mbo, mean_percent, miou, segments_at, separability, separability_batch
+from metrics import ari, background_split, mask_entropy, mbo, mean_percent, miou, segments_at, separability, separability_batch
 
 TOL = 1e-6
 
@@ -86,6 +86,21 @@ def brute_force_miou(pred_row, true_row, ignore_background=False) -> float:
 def naive_mbo(pred_row, true_row, ignore_background=False) -> float:
     table = naive_iou_table(pred_row, true_row, ignore_background)
     return table.max(1).mean() if table.shape[0] else math.nan
+
+
+def naive_background_split(pred_row, true_row, share=0.1) -> tuple:
+    """Best IoU of the background with one predicted segment and the number of segments holding >= `share` of
+    it, by a loop over sets of pixel positions (ignore pixels dropped)."""
+    kept = [i for i in range(len(true_row)) if true_row[i] != 255]
+    background = {i for i in kept if true_row[i] == 0}
+    if not background:
+        return math.nan, math.nan
+    best, slots = 0.0, 0
+    for segment_id in {pred_row[i] for i in kept}:
+        segment = {i for i in kept if pred_row[i] == segment_id}
+        best = max(best, len(segment & background) / len(segment | background))
+        slots += len(segment & background) >= share * len(background)
+    return best, slots
 
 
 def assert_close(got: torch.Tensor, expected) -> None:
@@ -241,6 +256,28 @@ def test_miou_and_mbo_match_naive_loops(ignore_background):
                  [scipy_miou(p, t, ignore_background) for p, t in zip(pred_rows, true_rows)])
     assert_close(mbo(pred, true, ignore_background=ignore_background),
                  [naive_mbo(p, t, ignore_background) for p, t in zip(pred_rows, true_rows)])
+
+
+def test_background_split_matches_a_naive_loop():
+    generator = np.random.default_rng(12)
+    for pixels in (1, 3, 40, 300):
+        pred, true = random_batch(generator, 20, pixels, TRUE_CHOICES, PRED_CHOICES)
+        for share in (0.1, 0.4):
+            expected = [naive_background_split(p, t, share) for p, t in zip(pred.tolist(), true.tolist())]
+            got = background_split(pred, true, share)
+            assert_close(got["bg_iou"], [e[0] for e in expected])
+            assert_close(got["bg_slots"], [e[1] for e in expected])
+
+
+def test_background_split_by_hand():
+    # background (4 pixels) in slot 5 exactly / split 3:1 between slots 5 and 6 / ignored pixels left out
+    true = ids([[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1], [0, 0, 255, 255, 1, 1]])
+    pred = ids([[5, 5, 5, 5, 6, 6], [5, 5, 5, 6, 6, 6], [5, 6, 6, 6, 5, 5]])
+    got = background_split(pred, true)
+    assert_close(got["bg_iou"], [1.0, 3 / 4, 1 / 2])  # third: background {0, 1}, slot 6 {1} among scored
+    assert_close(got["bg_slots"], [1, 2, 2])
+    nothing = background_split(ids([[3, 4], [3, 3]]), ids([[1, 2], [255, 255]]))
+    assert torch.isnan(nothing["bg_iou"]).all() and torch.isnan(nothing["bg_slots"]).all()
 
 
 @pytest.mark.parametrize("ignore_background", [False, True])
