@@ -20,6 +20,10 @@ def test_demo_summary_maps_each_guidance_to_its_runs_metrics(tmp_path):
     summary = study.demo_summary(metrics, {path: guidance for guidance, path in runs.items()})
     assert summary == {"vq": {"ari": 10.0, "ari_fg": 20.0, "miou": 30.0, "mbo": 40.0},
                        "msf": {"ari": 11.0, "ari_fg": 55.5, "miou": 31.0, "mbo": 33.0}}
+    final = {"runs": [{"checkpoint": os.path.join(runs["msf"], "ckpt_0005500.pt"), "ari": 1.0, "ari_fg": 2.0,
+                       "miou": 3.0, "mbo": 4.0}]}  # the demo scores each run's final checkpoint
+    assert study.demo_summary(final, {path: g for g, path in runs.items()}) == {
+        "msf": {"ari": 1.0, "ari_fg": 2.0, "miou": 3.0, "mbo": 4.0}}
     with pytest.raises(ValueError, match="none of the demo's runs"):
         study.demo_summary({"runs": [{"checkpoint": str(tmp_path / "other" / "best.pt")}]},
                            {runs["vq"]: "vq"})
