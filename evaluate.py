@@ -256,8 +256,7 @@ def _report(results: list, compare: bool) -> dict:
         lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (README, 'Evaluation "
                      "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); bg_iou: the "
                      "background's best IoU with one slot, %; bg_slots: slots holding >= 10 % of the background; "
-                     "mask_entropy: "
-                     "entropy of the soft masks over slots, % of ln(slots), 100 = uniform" +
+                     "mask_entropy: entropy of the soft masks over slots, % of ln(slots), 100 = uniform" +
                      ("; sep_*: KMeans inter/intra-cluster distance of the scale-1 guidance" if "sep_inter" in keys
                       else ""))
     for run in vae_runs:

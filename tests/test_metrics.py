@@ -14,7 +14,8 @@ from scipy.special import gammaln
 from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import adjusted_rand_score
 
-from metrics import ari, background_split, mask_entropy, mbo, mean_percent, miou, segments_at, separability, separability_batch
+from metrics import (ari, background_split, mask_entropy, mbo, mean_percent, miou, segments_at, separability,
+                     separability_batch)
 
 TOL = 1e-6
 
