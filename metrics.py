@@ -131,6 +131,12 @@ def ari(pred: torch.Tensor, true: torch.Tensor, foreground_only: bool = False,
 # ================================================================================================================
 # IoU-based metrics: mIoU (Hungarian matching) and mBO (best overlap).
 
+def _iou_of_counts(counts: torch.Tensor) -> torch.Tensor:
+    """IoU of every (true, predicted) segment pair (B, T, P) from a contingency table; 0 where the union is empty."""
+    union = counts.sum(2, keepdim=True) + counts.sum(1, keepdim=True) - counts
+    return torch.where(union > 0, counts / union.clamp(min=1), torch.zeros_like(counts))
+
+
 def _iou_table(pred: torch.Tensor, true: torch.Tensor, ignore_background: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IoU of every (true, predicted) segment pair (B, T, P), which true segments are scored (B, T) and which
@@ -138,8 +144,7 @@ def _iou_table(pred: torch.Tensor, true: torch.Tensor, ignore_background: bool
     counts, true_ids = contingency(pred, true)  # background pixels always kept: predictions are never filtered
     true_area = counts.sum(2)  # (B, T)
     pred_area = counts.sum(1)  # (B, P)
-    union = true_area[:, :, None] + pred_area[:, None, :] - counts  # (B, T, P)
-    iou = torch.where(union > 0, counts / union.clamp(min=1), torch.zeros_like(counts))
+    iou = _iou_of_counts(counts)
     scored = true_area > 0
     if ignore_background:
         scored &= (true_ids != BACKGROUND)[None]
@@ -201,8 +206,7 @@ def background_split(pred: torch.Tensor, true: torch.Tensor, share: float = 0.1)
         return {"bg_iou": nan, "bg_slots": nan.clone()}
     background = counts[:, row[0]]  # (B, P): background pixels in each predicted segment
     area = background.sum(1)  # (B,)
-    union = area[:, None] + counts.sum(1) - background
-    iou = torch.where(union > 0, background / union.clamp(min=1), torch.zeros_like(background))
+    iou = _iou_of_counts(counts)[:, row[0]]  # (B, P)
     slots = (background >= share * area[:, None]).sum(1).double()
     present = area > 0
     return {"bg_iou": torch.where(present, iou.max(1).values, nan),
