@@ -24,8 +24,11 @@ import msf
 import prepare_data
 import pretrain_vae
 import train_ocl
-from common import (UserError, amp_dtype, autocast, load_config, pick_device, rng_state, run_main, share_frozen_weights,
-                    slim_checkpoint)
+from config import load_config
+from devices import amp_dtype, autocast, pick_device
+from errors import UserError, run_main
+from runs import share_frozen_weights, slim_checkpoint
+from training import rng_state
 
 FIGURES = {}
 

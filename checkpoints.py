@@ -6,8 +6,9 @@ import sys
 import warnings
 
 import msf
-from common import UserError, load_checkpoint, load_weights, resolve_stored_path
+from errors import UserError
 from model import OCL_OPTIONS, build_model
+from runs import load_checkpoint, load_weights, resolve_stored_path
 
 # Options added after checkpoints of this project existed whose defaults are what the code did before them, so a
 # checkpoint without one was trained with its default. Any other key a checkpoint lacks is refused, because its

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import Dist, UserError, exclusive_lock
+from devices import Dist
+from errors import UserError
+from files import exclusive_lock
 
 FORMAT_NAME = "msf-lmdb"
 FORMAT_VERSION = 1

@@ -18,11 +18,14 @@ import torch.nn.functional as F
 
 import msf
 from checkpoints import load_for_evaluation
-from common import (UserError, atomic_write_text, progress_bar, run_main, save_labelled_grid, setup_distributed,
-                    strict_json)
 from data import eval_loader, split_path
+from devices import setup_distributed
+from errors import UserError, run_main
 from figures import save_figures
+from files import atomic_write_text, strict_json
+from grids import save_labelled_grid
 from metrics import IGNORE, ari, mean_percent, score_batch, segments_at, separability_batch
+from runs import progress_bar
 
 # ================================================================================================================
 # Checkpoints and their data.

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import msf
-from common import save_labelled_grid
+from grids import save_labelled_grid
 from metrics import IGNORE
 from model import DiffusionDecoder, masks_to_segments
 

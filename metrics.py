@@ -7,6 +7,7 @@ neither needs the other.
   mbo(pred, true, ignore_background=False)   mean best overlap
   mask_entropy(masks)                        how undecided the soft slot masks are
   background_split(pred, true)               where the background went: its best IoU and the slots sharing it
+  mbo_by_size(pred, true, edges)             mBO of small / medium / large objects (area as a share of the image)
   separability(vectors, k)                   KMeans inter/intra-cluster distances of guidance vectors (Table 4)
   score_batch(model, batch, device)          every metric of one batch run through an OCL model
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
-from common import autocast
+from devices import autocast
 from model import masks_to_segments
 
 BACKGROUND = 0

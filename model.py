@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
-from common import UserError, cosine_anneal, option
+from config import option
+from errors import UserError
+from schedules import cosine_anneal
 
 
 # ================================================================================================================

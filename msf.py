@@ -19,7 +19,9 @@ import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, cosine_anneal, option
+from config import option
+from errors import UserError
+from schedules import cosine_anneal
 
 
 # ================================================================================================================

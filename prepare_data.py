@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, run_main
 from data import REAL_DATASETS, SYNTHETIC_DATASETS, DatasetWriter, resize_sample
 from data import load_split  # noqa: F401 -- re-exported: users' scripts read splits with prepare_data.load_split
+from errors import UserError, run_main
 from tfrecord_reader import BadRecord, decode_example, index_tfrecord, read_tfrecord_record
 
 RESOLUTION = 128

@@ -17,11 +17,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
-from common import (TRAINING_OPTIONS, autocast, check_finite_state, checkpoint_payload, finish_run, gather_rng_states,
-                    load_config, optimizer_and_rng, optimizer_step, option, progress_bar, record_training,
-                    record_validation, run_main, save_checkpoint, save_config, save_labelled_grid, schedule_options,
-                    set_scheduled_lr, start_run, stop_on_non_finite)
+from config import TRAINING_OPTIONS, load_config, option, save_config, schedule_options
 from data import check_resumed_data, eval_loader, training_loaders
+from devices import autocast
+from errors import run_main
+from grids import save_labelled_grid
+from runs import check_finite_state, progress_bar, save_checkpoint
+from schedules import set_scheduled_lr
+from training import (checkpoint_payload, finish_run, gather_rng_states, optimizer_and_rng, optimizer_step,
+                      record_training, record_validation, start_run, stop_on_non_finite)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the VAE's keys (msf.VAE_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").

@@ -11,8 +11,9 @@ separability), and writes OUT/summary.json ({"vq": {...}, "msf": {...}} with "ar
 percent on the validation split); it is sized to finish within 20 minutes on a 2-core CPU, install included.
 
 `full` runs the study the README's Results section describes. `--setting easy` (default): the mixture configuration
-that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting shapes`: SLATE on the multi-scale data
-(`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
+that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting multisize`: the same on objects of many
+sizes (`shapes --style multisize`, radius 4-40 px at 128, `mixture_*_multisize.yaml`), scored per object size;
+`--setting shapes`: SLATE on the multi-scale data (`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
   main       VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
              (paper Table 4 form: before / after inter-scale fusion, scale-variant part, final; every scale);
   ablations  paper Table 5 with MSF guidance: no inter-scale fusion, no intra-scale fusion, shared scale-variant
@@ -39,8 +40,10 @@ from scipy import stats as scipy_stats
 
 import pretrain_vae
 import train_ocl
-from common import atomic_write_text, load_config, resolve_checkpoint, strict_json
+from config import load_config
 from data import load_split
+from files import atomic_write_text, strict_json
+from runs import resolve_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -20,14 +20,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import model as models
 import msf
 from checkpoints import complete_config
-from common import (CHECKPOINT_PATTERN, TRAINING_OPTIONS, UserError, atomic_torch_save, autocast, check_finite_state,
-                    checkpoint_payload, finish_run, gather_rng_states, load_checkpoint, load_config, load_weights,
-                    optimizer_and_rng, optimizer_step, option, progress_bar, record_training, record_validation,
-                    run_main, save_checkpoint, save_config, schedule_options, set_scheduled_lr, share_frozen_weights,
-                    slim_checkpoint, start_run, stop_on_non_finite)
+from config import TRAINING_OPTIONS, load_config, option, save_config, schedule_options
 from data import check_resumed_data, eval_loader, training_loaders
+from devices import autocast
+from errors import UserError, run_main
 from figures import save_figures
+from files import atomic_torch_save
 from metrics import IGNORE, score_batch, segments_at
+from runs import (CHECKPOINT_PATTERN, check_finite_state, load_checkpoint, load_weights, progress_bar, save_checkpoint,
+                  share_frozen_weights, slim_checkpoint)
+from schedules import set_scheduled_lr
+from training import (checkpoint_payload, finish_run, gather_rng_states, optimizer_and_rng, optimizer_step,
+                      record_training, record_validation, start_run, stop_on_non_finite)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the model's keys (model.OCL_OPTIONS) plus these. Defaults are the paper's schedule (README, "Configs").

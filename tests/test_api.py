@@ -13,8 +13,8 @@ import evaluate
 import msf
 import pretrain_vae
 import train_ocl
-from common import resolve_stored_path
 from helpers import ROOT, save_vae, write_ocl_config
+from runs import resolve_stored_path
 
 
 def readme_api_example() -> str:

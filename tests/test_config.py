@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from common import UserError, load_config, option, save_config, strict_json
+from config import load_config, option, save_config
+from errors import UserError
+from files import strict_json
 
 OPTIONS = {
     "steps": option(100, "training steps"),

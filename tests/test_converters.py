@@ -18,7 +18,7 @@ from PIL import Image
 import fixtures_raw
 import prepare_data
 import tfrecord_reader
-from common import UserError
+from errors import UserError
 from helpers import ROOT, boxes_by_loop
 from prepare_data import load_split
 

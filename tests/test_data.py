@@ -13,8 +13,8 @@ import torch
 
 import data
 import prepare_data
-from common import UserError
 from data import OCLDataset, StepSampler, decode_record, encode_record, load_split
+from errors import UserError
 from helpers import ROOT, boxes_by_loop, hold_flock
 
 

@@ -9,8 +9,9 @@ import torch
 
 import api
 import train_ocl
-from common import UserError, load_checkpoint, slim_checkpoint
+from errors import UserError
 from helpers import save_vae, write_ocl_config
+from runs import load_checkpoint, slim_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:DINO is RANDOMLY")
 

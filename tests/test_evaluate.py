@@ -12,7 +12,8 @@ import torch
 import evaluate
 import train_ocl
 from checkpoints import load_for_evaluation
-from common import UserError, load_config
+from config import load_config
+from errors import UserError
 from helpers import read_jsonl, save_vae, write_ocl_config
 
 pytest.importorskip("sklearn")

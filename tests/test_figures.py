@@ -10,8 +10,9 @@ import evaluate
 import figures
 import pretrain_vae
 from checkpoints import load_for_evaluation
-from common import GRID_PADDING, labelled_grid, save_labelled_grid, setup_distributed
 from data import eval_loader, split_path
+from devices import setup_distributed
+from grids import GRID_PADDING, labelled_grid, save_labelled_grid
 from helpers import save_vae
 
 

@@ -15,7 +15,12 @@ MODULES = sorted(name[:-len(".py")] for name in os.listdir(ROOT) if name.endswit
 SCRIPTS = {"prepare_data", "pretrain_vae", "train_ocl", "evaluate"}
 RUNNERS = {"study", "bench"}
 # Modules the scripts share, which the test expects to find.
-LIBRARY = {"common", "data", "model", "msf", "metrics", "figures", "checkpoints", "api", "tfrecord_reader"}
+LIBRARY = {"errors", "files", "config", "schedules", "devices", "grids", "runs", "training", "data", "model", "msf",
+           "metrics", "figures", "checkpoints", "api", "tfrecord_reader"}
+# The run plumbing, lowest first: each module imports, of the project, only modules before it, so the graph is one-way
+# and every module above can import them (errors, files and config, which all the others use, stay below the torch
+# machinery of runs and training).
+PLUMBING = ["errors", "files", "config", "schedules", "devices", "grids", "runs", "training"]
 
 
 def parse(module: str) -> ast.Module:
@@ -84,7 +89,15 @@ def test_the_import_graph_has_no_cycle():
         visit(module, [])
 
 
+def test_the_run_plumbing_is_layered():
+    for index, module in enumerate(PLUMBING):
+        below = set(PLUMBING[:index])
+        assert project_imports(module) - {module} <= below, (module, project_imports(module) - below)
+    assert project_imports("errors") == set() and project_imports("schedules") == set()
+    assert project_imports("files") == {"errors"} and project_imports("config") <= {"errors", "files"}
+
+
 def test_no_module_but_the_runners_imports_a_stage_script():
-    assert project_imports("common") == set() and project_imports("tfrecord_reader") == set()
+    assert project_imports("tfrecord_reader") == set()
     for module in set(MODULES) - RUNNERS:
         assert not project_imports(module) & SCRIPTS, (module, project_imports(module) & SCRIPTS)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import msf
-from common import UserError, cosine_anneal, warmup_cosine
+from errors import UserError
+from schedules import cosine_anneal, warmup_cosine
 
 TINY = dict({k: o.default for k, o in msf.VAE_OPTIONS.items()}, code_dim=8, vae_width=8, codebook_size=64)
 

@@ -13,8 +13,10 @@ import model as models
 import msf
 import pretrain_vae
 import train_ocl
-from common import UserError, load_checkpoint, load_config
+from config import load_config
+from errors import UserError
 from helpers import ROOT, losses, read_jsonl, save_vae, torchrun, write_ocl_config
+from runs import load_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures: tiny frozen VAEs saved as pretrain_vae.py would (tiny OCL configs: helpers.write_ocl_config).

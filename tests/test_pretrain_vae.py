@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import pretrain_vae
-from common import UserError
+from errors import UserError
 from helpers import losses, read_jsonl, torchrun, write_vae_config
 
 

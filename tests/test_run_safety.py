@@ -9,8 +9,9 @@ import torch
 
 import pretrain_vae
 import train_ocl
-from common import UserError, list_checkpoints, load_checkpoint
+from errors import UserError
 from helpers import hold_flock, read_jsonl, save_vae, write_ocl_config, write_vae_config
+from runs import list_checkpoints, load_checkpoint
 
 
 def checkpoint_names(run):
@@ -241,7 +242,7 @@ def test_damaged_vae_checkpoints_are_refused_in_one_sentence(tmp_path, shapes_di
 def test_an_unsafe_checkpoint_is_refused_with_the_warning_kept(tmp_path):
     import argparse
 
-    from common import load_checkpoint
+    from runs import load_checkpoint
     path = tmp_path / "crafted.pt"
     torch.save({"kind": "vae", "config": argparse.Namespace(steps=1)}, path)  # a class a safe load refuses
     with pytest.raises(UserError) as caught:
@@ -268,14 +269,15 @@ def test_orphaned_temporary_files_go_and_run_files_get_the_umask_mode(tmp_path, 
 def test_the_process_group_gets_the_configured_timeout(monkeypatch):
     import datetime
 
-    import common
+    import config
+    import devices
     seen = {}
-    monkeypatch.setattr(common.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(devices.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
     for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)
-    d = common.setup_distributed("cpu", 7)
+    d = devices.setup_distributed("cpu", 7)
     assert d.enabled and seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=7)}
-    assert common.TRAINING_OPTIONS["ddp_timeout_minutes"].default in range(10, 31)
+    assert config.TRAINING_OPTIONS["ddp_timeout_minutes"].default in range(10, 31)
 
 
 def test_evaluate_names_the_checkpoint_it_uses_when_best_is_missing(tmp_path, shapes_dir, capsys):
@@ -371,7 +373,7 @@ def test_a_resume_on_regenerated_data_is_refused(tmp_path):
 
 def run_cli(main, argv, capsys):
     """(exit status, the last line on stderr) of `main(argv)` run as the scripts run it; no traceback above it."""
-    from common import run_main
+    from errors import run_main
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
         try:
@@ -396,7 +398,7 @@ def test_an_error_in_a_loader_worker_is_one_sentence(tmp_path, shapes_dir, capsy
 def test_a_full_disk_at_a_checkpoint_loses_nothing(tmp_path, shapes_dir, monkeypatch, capsys):
     import errno
 
-    import common
+    import files
     real_save = torch.save
 
     def full_disk_at_step_2(obj, f, *args, **kwargs):
@@ -406,7 +408,7 @@ def test_a_full_disk_at_a_checkpoint_loses_nothing(tmp_path, shapes_dir, monkeyp
         real_save(obj, f, *args, **kwargs)
 
     config = write_vae_config(tmp_path, shapes_dir, steps=3, val_every=1)
-    monkeypatch.setattr(common.torch, "save", full_disk_at_step_2)
+    monkeypatch.setattr(files.torch, "save", full_disk_at_step_2)
     status, err = run_cli(pretrain_vae.main, [config], capsys)
     monkeypatch.undo()
     run = tmp_path / "run"
@@ -424,7 +426,7 @@ def test_a_read_only_run_directory_is_one_sentence(tmp_path, shapes_dir, monkeyp
     import builtins
     import errno
 
-    import common
+    import files
 
     def read_only_lock(path, *args, **kwargs):
         if str(path).endswith(".lock"):
@@ -432,7 +434,7 @@ def test_a_read_only_run_directory_is_one_sentence(tmp_path, shapes_dir, monkeyp
         return builtins.open(path, *args, **kwargs)
 
     config = write_vae_config(tmp_path, shapes_dir, steps=1, val_every=1)
-    monkeypatch.setattr(common, "open", read_only_lock, raising=False)
+    monkeypatch.setattr(files, "open", read_only_lock, raising=False)  # exclusive_lock opens the lock file
     status, err = run_cli(pretrain_vae.main, [config], capsys)
     assert status == 2 and err.count("\n") == 1, err
     assert f"cannot use {tmp_path / 'run'} as the run directory: read-only file system" in err
@@ -441,7 +443,7 @@ def test_a_read_only_run_directory_is_one_sentence(tmp_path, shapes_dir, monkeyp
     def no_temporary_files(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(common.tempfile, "mkstemp", no_temporary_files)
+    monkeypatch.setattr(files.tempfile, "mkstemp", no_temporary_files)
     status, err = run_cli(pretrain_vae.main, [config], capsys)
     assert status == 2 and err.count("\n") == 1, err
     assert f"could not write {tmp_path / 'run' / 'config.yaml'} (permission denied)" in err
@@ -528,13 +530,13 @@ def test_a_full_disk_while_logging_names_the_log(tmp_path, shapes_dir, monkeypat
     import builtins
     import errno
 
-    import common
+    import runs
 
     def full_log(path, *args, **kwargs):
         if str(path).endswith("log.jsonl") and "a" in args:
             raise OSError(errno.ENOSPC, "No space left on device")
         return builtins.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(common, "open", full_log, raising=False)
+    monkeypatch.setattr(runs, "open", full_log, raising=False)  # RunLog appends to its logs
     status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, shapes_dir, steps=1)], capsys)
     assert status == 2 and f"could not write {tmp_path / 'run' / 'log.jsonl'} (no space left on the device)" in err
