@@ -24,7 +24,8 @@ from errors import UserError, run_main
 from figures import save_figures
 from files import atomic_write_text, strict_json
 from grids import save_labelled_grid
-from metrics import IGNORE, ari, mean_percent, score_batch, segments_at, separability_batch
+from metrics import (IGNORE, SIZE_GROUPS, ari, mean_percent, objects_by_size, score_batch, segments_at,
+                     separability_batch)
 from runs import progress_bar
 
 # ================================================================================================================
@@ -56,6 +57,8 @@ def evaluate_ocl(model, loader, device, separability_of_guidance: bool = False, 
     for batch in loader:
         scores, _, batch = score_batch(model, batch, device, extended=True)
         truth = batch["segment"].long()
+        scores.update({f"objects_{group}": number for group, number in
+                       objects_by_size(truth.flatten(1).cpu()).items()})
         if separability_of_guidance and model.vae is not None and not model.video:
             vectors = model.guidance(batch["image"])["vectors"][0]
             scores.update(_guidance_separability(vectors, truth))
@@ -161,7 +164,8 @@ def _format_table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-TABLE_KEYS = ("ari", "ari_fg", "miou", "mbo", "miou_fg", "mbo_fg", "bg_iou", "bg_slots", "mask_entropy")
+TABLE_KEYS = ("ari", "ari_fg", "miou", "mbo", "miou_fg", "mbo_fg", "mbo_small", "mbo_medium", "mbo_large", "bg_iou",
+              "bg_slots", "mask_entropy")
 PLAIN_MEANS = ("bg_slots",)  # averaged as they are; the other segmentation metrics are fractions shown in percent
 
 
@@ -218,6 +222,9 @@ def main(argv=None) -> None:
         else:
             scores = evaluate_ocl(model, loader, d.device, args.separability, f"evaluate {name}")
             for key, values in scores.items():
+                if key.startswith("objects_"):  # how many objects each size group's mBO averages over
+                    entry[key] = int(values.sum())
+                    continue
                 plain = key.startswith("sep_") or key in PLAIN_MEANS
                 entry[key] = float(np.nanmean(values)) if plain else mean_percent(values)
                 entry[f"{key}_count"] = int(np.sum(~np.isnan(values)))
@@ -257,7 +264,10 @@ def _report(results: list, compare: bool) -> dict:
             payload.update({k: ocl_runs[0][k] for k in keys})
         lines.append(_format_table(["run"] + keys, rows))
         lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (README, 'Evaluation "
-                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); bg_iou: the "
+                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); mbo_small / medium / large: "
+                     "mBO of the objects under 1 %, from 1 to under 5 %, and 5 % or more of the image (" +
+                     ", ".join(f"{ocl_runs[0].get('objects_' + g, 0)} {g}" for g in SIZE_GROUPS) +
+                     " objects in the first run); bg_iou: the "
                      "background's best IoU with one slot, %; bg_slots: slots holding >= 10 % of the background; "
                      "mask_entropy: entropy of the soft masks over slots, % of ln(slots), 100 = uniform" +
                      ("; sep_*: KMeans inter/intra-cluster distance of the scale-1 guidance" if "sep_inter" in keys

@@ -191,6 +191,48 @@ def mbo(pred: torch.Tensor, true: torch.Tensor, ignore_background: bool = False)
     return torch.where(num_scored > 0, total / num_scored.clamp(min=1), torch.full_like(total, math.nan))
 
 
+SIZE_GROUPS = ("small", "medium", "large")
+
+
+def _object_groups(counts: torch.Tensor, true_ids: torch.Tensor, num_pixels: int, edges: tuple) -> torch.Tensor:
+    """The size group of every (sample, true segment) of a contingency table (B, T, P): 0 / 1 / 2 for small /
+    medium / large by the object's pixel count as a fraction of the row's `num_pixels`, -1 where the segment is
+    the background or absent from the sample."""
+    low, high = edges
+    if not 0 < low < high:
+        raise ValueError(f"edges must be two increasing fractions of the image, got {edges}")
+    area = counts.sum(2) / max(num_pixels, 1)  # (B, T)
+    group = (area >= low).long() + (area >= high).long()
+    absent = (counts.sum(2) == 0) | (true_ids == BACKGROUND)[None]
+    return group.masked_fill(absent, -1)
+
+
+def mbo_by_size(pred: torch.Tensor, true: torch.Tensor, edges: tuple = (0.01, 0.05)) -> dict:
+    """mBO of the objects grouped by size: {"small", "medium", "large"} -> (B,) float64, each the mean best-overlap
+    IoU (as in `mbo`) of a sample's ground-truth objects whose area, as a fraction of the row's N pixels, is below
+    edges[0] (small), from edges[0] to below edges[1] (medium), or edges[1] and above (large). The background is
+    not an object here; its pixels stay in the predicted segments, so a slot spilling onto it loses IoU. NaN where
+    a sample has no object in the group. `objects_by_size` counts the objects behind each mean."""
+    counts, true_ids = contingency(pred, true)  # (B, T, P)
+    group = _object_groups(counts, true_ids, pred.shape[1], edges)  # (B, T)
+    best = _iou_of_counts(counts).max(2).values if counts.shape[2] else torch.zeros(group.shape, dtype=torch.float64)
+    scores = {}
+    for index, name in enumerate(SIZE_GROUPS):
+        member = group == index
+        number = member.sum(1)
+        total = torch.where(member, best, torch.zeros_like(best)).sum(1)
+        scores[name] = torch.where(number > 0, total / number.clamp(min=1), torch.full_like(total, math.nan))
+    return scores
+
+
+def objects_by_size(true: torch.Tensor, edges: tuple = (0.01, 0.05)) -> dict:
+    """How many ground-truth objects of each sample fall in each size group of `mbo_by_size`: {"small", "medium",
+    "large"} -> (B,) int64."""
+    counts, true_ids = contingency(torch.zeros_like(true), true)
+    group = _object_groups(counts, true_ids, true.shape[1], edges)
+    return {name: (group == index).sum(1) for index, name in enumerate(SIZE_GROUPS)}
+
+
 def background_split(pred: torch.Tensor, true: torch.Tensor, share: float = 0.1) -> dict:
     """Where the background went, per sample (B,) float64:
       bg_iou:    the best IoU of the background segment with one predicted segment (1 = one slot is exactly the
@@ -302,6 +344,7 @@ def segmentation_scores(pred: torch.Tensor, true: torch.Tensor, extended: bool =
         scores["miou_fg"] = miou(pred, true, ignore_background=True)
         scores["mbo_fg"] = mbo(pred, true, ignore_background=True)
         scores.update(background_split(pred, true))
+        scores.update({f"mbo_{name}": value for name, value in mbo_by_size(pred, true).items()})
     return scores
 
 

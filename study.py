@@ -11,9 +11,8 @@ separability), and writes OUT/summary.json ({"vq": {...}, "msf": {...}} with "ar
 percent on the validation split); it is sized to finish within 20 minutes on a 2-core CPU, install included.
 
 `full` runs the study the README's Results section describes. `--setting easy` (default): the mixture configuration
-that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting multisize`: the same on objects of many
-sizes (`shapes --style multisize`, radius 4-40 px at 128, `mixture_*_multisize.yaml`), scored per object size;
-`--setting shapes`: SLATE on the multi-scale data (`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
+that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting shapes`: SLATE on the multi-scale data
+(`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
   main       VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
              (paper Table 4 form: before / after inter-scale fusion, scale-variant part, final; every scale);
   ablations  paper Table 5 with MSF guidance: no inter-scale fusion, no intra-scale fusion, shared scale-variant
@@ -211,7 +210,9 @@ class Study:
 # Report tables.
 
 METRICS = ("ari", "ari_fg", "miou", "mbo")
-COLUMNS = METRICS + ("bg_iou", "bg_slots")  # the tables add where the background went (metrics.background_split)
+SIZE_COLUMNS = ("mbo_small", "mbo_medium", "mbo_large")  # mBO of objects under 1 %, 1-5 %, 5 % and more of the image
+# The tables add mBO per object size (metrics.mbo_by_size) and where the background went (metrics.background_split).
+COLUMNS = METRICS + SIZE_COLUMNS + ("bg_iou", "bg_slots")
 
 
 def number(value, digits: int = 1) -> str:
@@ -352,7 +353,8 @@ def full(args) -> list:
              f"Metrics in percent, mean ± std over seeds, background counted as a segment, of each run's final "
              f"checkpoint on the validation split (not best.pt, which is chosen on the same images). bg_iou: "
              f"the background's best IoU with one slot; bg_slots: how many slots hold >= 10 % of the background "
-             f"(a count).", ""]
+             f"(a count); mbo_small / medium / large: mBO of the objects under 1 %, from 1 to under 5 %, and 5 % or "
+             f"more of the image (n/a where a split has no such object).", ""]
     if "main" in parts or "ablations" in parts:
         lines += [study.data(setting["data"]), ""]
     if "video" in parts:
@@ -413,7 +415,8 @@ def full(args) -> list:
         lines += [mean_std_row(guidance, metrics) for guidance, metrics in main.items()]
         for guidance in ("msf", "grouped"):
             lines += ["", f"Paired by seed, {guidance} minus VQ (same seed, same data; t-test on the per-seed "
-                          f"differences):", ""] + paired_table(main["vq"], main[guidance], seeds)
+                          f"differences):", ""] + paired_table(main["vq"], main[guidance], seeds,
+                                                               METRICS + SIZE_COLUMNS)
         separability = study.evaluate([vaes[f"vae_{g}"] for g in ("vq", "grouped", "msf")], "separability",
                                       ["--separability", "--samples", 200])
         lines += ["", "## Object separability of the guidance (paper Table 4 form)", "",
@@ -444,8 +447,8 @@ def paired_table(baseline: dict, other: dict, seeds: list, keys=METRICS) -> list
     header = "| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | paired t-test p |"
     lines = [header, "|---" * (len(seeds) + 3) + "|"]
     for key in keys:
-        a = [run[key] for run in baseline["runs"]]
-        b = [run[key] for run in other["runs"]]
+        a = [run.get(key) for run in baseline["runs"]]
+        b = [run.get(key) for run in other["runs"]]
         if len(a) != len(seeds) or len(b) != len(seeds):
             raise ValueError(f"{len(a)} and {len(b)} runs for {len(seeds)} seeds")
         if any(v is None for v in a + b):

@@ -13,6 +13,7 @@ import evaluate
 import train_ocl
 from checkpoints import load_for_evaluation
 from config import load_config
+from data import OCLDataset
 from errors import UserError
 from helpers import read_jsonl, save_vae, write_ocl_config
 
@@ -33,7 +34,7 @@ def trained(tmp_path_factory, shapes_dir):
     return root, vae, runs
 
 
-def test_one_checkpoint_matches_training_validation(trained, tmp_path):
+def test_one_checkpoint_matches_training_validation(trained, tmp_path, shapes_dir):
     _, _, runs = trained
     evaluate.main([runs[0], "--out", str(tmp_path / "eval"), "--device", "cpu", "--num_workers", "0"])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -43,6 +44,17 @@ def test_one_checkpoint_matches_training_validation(trained, tmp_path):
     assert 0 <= metrics["miou_fg"] <= 100 and metrics["runs"][0]["miou_count"] == 16
     # bg_slots is a mean count of slots (at least one slot holds >= 10 % of the background), not a percent
     assert 0 <= metrics["bg_iou"] <= 100 and 1 <= metrics["bg_slots"] <= 4  # write_ocl_config: 4 slots
+    # per-size mBO: the object counts behind each group, counted here by a plain loop over the split's segments
+    expected = {"small": 0, "medium": 0, "large": 0}
+    dataset = OCLDataset(os.path.join(shapes_dir, "val.lmdb"), train=False, resolution=32)  # write_ocl_config's
+    for index in range(len(dataset)):
+        segment = np.asarray(dataset[index]["segment"])
+        for object_id in set(segment.ravel().tolist()) - {0, 255}:
+            share = (segment == object_id).sum() / segment.size
+            expected["small" if share < 0.01 else "medium" if share < 0.05 else "large"] += 1
+    assert {g: metrics["runs"][0][f"objects_{g}"] for g in expected} == expected
+    for group, number in expected.items():
+        assert (metrics[f"mbo_{group}"] is None) == (number == 0) or 0 <= metrics[f"mbo_{group}"] <= 100
     figures = [n for n in os.listdir(tmp_path / "eval") if n.endswith(".png")]
     assert figures and (tmp_path / "eval" / "table.md").exists()
 

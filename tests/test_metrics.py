@@ -14,8 +14,8 @@ from scipy.special import gammaln
 from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import adjusted_rand_score
 
-from metrics import (ari, background_split, mask_entropy, mbo, mean_percent, miou, segments_at, separability,
-                     separability_batch)
+from metrics import (ari, background_split, mask_entropy, mbo, mbo_by_size, mean_percent, miou, objects_by_size,
+                     segments_at, separability, separability_batch)
 
 TOL = 1e-6
 
@@ -102,6 +102,22 @@ def naive_background_split(pred_row, true_row, share=0.1) -> tuple:
         best = max(best, len(segment & background) / len(segment | background))
         slots += len(segment & background) >= share * len(background)
     return best, slots
+
+
+def naive_mbo_by_size(pred_row, true_row, edges=(0.01, 0.05)) -> tuple:
+    """Per size group (small, medium, large): the mean over the row's objects (true ids other than 0 and 255) of
+    the best IoU with one predicted segment, each object grouped by its pixel count over the row's length, by a loop
+    over sets of pixel positions; and the number of objects in each group."""
+    kept = [i for i in range(len(true_row)) if true_row[i] != 255]
+    segments = {s: {i for i in kept if pred_row[i] == s} for s in {pred_row[i] for i in kept}}
+    groups = {"small": [], "medium": [], "large": []}
+    for object_id in {true_row[i] for i in kept} - {0}:
+        pixels = {i for i in kept if true_row[i] == object_id}
+        share = len(pixels) / len(true_row)
+        name = "small" if share < edges[0] else "medium" if share < edges[1] else "large"
+        groups[name].append(max(len(pixels & s) / len(pixels | s) for s in segments.values()))
+    return ({name: (sum(v) / len(v) if v else math.nan) for name, v in groups.items()},
+            {name: len(v) for name, v in groups.items()})
 
 
 def assert_close(got: torch.Tensor, expected) -> None:
@@ -268,6 +284,42 @@ def test_background_split_matches_a_naive_loop():
             got = background_split(pred, true, share)
             assert_close(got["bg_iou"], [e[0] for e in expected])
             assert_close(got["bg_slots"], [e[1] for e in expected])
+
+
+@pytest.mark.parametrize("edges", [(0.01, 0.05), (0.05, 0.2), (0.1, 0.11)])
+def test_mbo_by_size_matches_a_naive_loop(edges):
+    generator = np.random.default_rng(7)
+    for pixels in (1, 5, 60, 400):
+        # many small segments and a few large ones, with ignore pixels and ids that are not contiguous
+        pred, true = random_batch(generator, 16, pixels, [0, 1, 2, 3, 5, 9, 17, 33, 255], [0, 2, 3, 4, 7, 11])
+        expected = [naive_mbo_by_size(p, t, edges) for p, t in zip(pred.tolist(), true.tolist())]
+        got, numbers = mbo_by_size(pred, true, edges), objects_by_size(true, edges)
+        for name in ("small", "medium", "large"):
+            assert_close(got[name], [e[0][name] for e in expected])
+            assert numbers[name].tolist() == [e[1][name] for e in expected]
+
+
+def test_mbo_by_size_by_hand():
+    # 200 pixels a row: object 1 has 1 pixel (0.5 %, small), object 2 4 pixels (2 %, medium), object 3 40 (20 %,
+    # large); the rest background. Slot 7 is object 2 plus 4 background pixels, slot 8 objects 1 and 3 together.
+    true = torch.zeros(2, 200, dtype=torch.int64)
+    true[:, 0], true[:, 1:5], true[:, 5:45] = 1, 2, 3
+    pred = torch.full((2, 200), 9, dtype=torch.int64)
+    pred[0, 1:5], pred[0, 45:49], pred[0, 0], pred[0, 5:45] = 7, 7, 8, 8
+    pred[1] = 9  # everything in one slot
+    true[1, 100:110] = 255  # ignore pixels are neither object nor background
+    got = mbo_by_size(pred, true)
+    assert_close(got["small"], [1 / 41, 1 / 190])
+    assert_close(got["medium"], [4 / 8, 4 / 190])
+    assert_close(got["large"], [40 / 41, 40 / 190])
+    assert {k: v.tolist() for k, v in objects_by_size(true).items()} == {"small": [1, 1], "medium": [1, 1],
+                                                                         "large": [1, 1]}
+    # no object in a group is NaN, not 0; a background-only row has no object at all
+    only_large = mbo_by_size(ids([[0, 0, 1, 1], [0, 0, 0, 0]]), ids([[0, 0, 1, 1], [0, 0, 0, 0]]))
+    assert torch.isnan(only_large["small"]).all() and torch.isnan(only_large["medium"]).all()
+    assert_close(only_large["large"], [1.0, math.nan])
+    with pytest.raises(ValueError):
+        mbo_by_size(pred, true, edges=(0.05, 0.01))
 
 
 def test_background_split_by_hand():

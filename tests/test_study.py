@@ -134,10 +134,13 @@ def test_the_full_study_scores_each_runs_last_checkpoint_not_its_best(tmp_path, 
     assert given[1] == [str(r) for r in runs]  # a run directory: evaluate.py takes its best.pt
 
 
-def test_table_rows_show_one_run_or_mean_and_std_with_the_background_columns():
-    one = {"runs": [{"ari": 10.0, "ari_fg": 60.04, "miou": 30.0, "mbo": None, "bg_iou": 51.7, "bg_slots": 2.6}]}
-    assert study.mean_std_row("vq", one) == "| vq | 10.0 | 60.0 | 30.0 | n/a | 51.7 | 2.6 |"
+def test_table_rows_show_one_run_or_mean_and_std_with_the_size_and_background_columns():
+    one = {"runs": [{"ari": 10.0, "ari_fg": 60.04, "miou": 30.0, "mbo": None, "mbo_small": 12.34, "mbo_medium": None,
+                     "mbo_large": 70.0, "bg_iou": 51.7, "bg_slots": 2.6}]}
+    assert study.mean_std_row("vq", one) == "| vq | 10.0 | 60.0 | 30.0 | n/a | 12.3 | n/a | 70.0 | 51.7 | 2.6 |"
     seeds = {"runs": [{}, {}], "ari": 21.4, "ari_std": 2.3, "ari_fg": 60.2, "ari_fg_std": 2.0, "miou": 36.8,
-             "miou_std": 1.3, "mbo": 37.8, "mbo_std": 1.3}  # written before bg_iou / bg_slots existed
-    assert study.mean_std_row("vq", seeds) == "| vq | 21.4 ± 2.3 | 60.2 ± 2.0 | 36.8 ± 1.3 | 37.8 ± 1.3 | n/a | n/a |"
-    assert study.metric_header("guidance")[0] == "| guidance | ari | ari_fg | miou | mbo | bg_iou | bg_slots |"
+             "miou_std": 1.3, "mbo": 37.8, "mbo_std": 1.3}  # written before the size and background columns existed
+    assert study.mean_std_row("vq", seeds) == ("| vq | 21.4 ± 2.3 | 60.2 ± 2.0 | 36.8 ± 1.3 | 37.8 ± 1.3 | n/a | n/a | "
+                                               "n/a | n/a | n/a |")
+    assert study.metric_header("guidance")[0] == ("| guidance | ari | ari_fg | miou | mbo | mbo_small | mbo_medium | "
+                                                  "mbo_large | bg_iou | bg_slots |")
