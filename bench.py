@@ -30,6 +30,7 @@ from errors import UserError, run_main
 from runs import share_frozen_weights, slim_checkpoint
 from training import rng_state
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 FIGURES = {}
 
 
@@ -184,6 +185,100 @@ def msf_vae_step_ratio(args):
               "msf_vae_step_ratio": round(timings["msf"] / timings["vq"], 3)}
     del steps
     return dict(result, **peak_memory(vae_step, ("vq", "msf"), device, args.full, "vae"))
+
+
+def _layout_cases(device) -> dict:
+    """name -> (module, input builder, loss of the output): every convolution path at the size it trains at on the
+    CPU (the easy / shapes configs)."""
+    torch.manual_seed(0)
+    vae = msf.build_vae(load_config(pretrain_vae.OPTIONS, [os.path.join(ROOT, "configs", "vae_msf_easy.yaml")]))
+    images = torch.rand(32, 3, 32, 32, device=device) * 2 - 1
+    codes = torch.randn(32, 64, 8, 8, device=device)
+    slots = torch.randn(16 * 6, 64, 4, 4, device=device)
+    latent = torch.randn(16, 64, 16, 16, device=device)
+    unet = models.SlotUNet(64, 32, 64)
+    unet_slots, unet_t = torch.randn(16, 6, 64, device=device), torch.randint(0, 1000, (16,), device=device)
+    return {"vae_encoder": (vae.encoder, images), "vae_decoder": (vae.decoder, codes),
+            "cnn_encoder": (models.NaiveCNN(32, 64, 2), images[:16]),
+            "broadcast_cnn_decoder": (models.BroadcastCNNDecoder(64, 64, 8, 32).net, slots),
+            "slot_unet": (lambda x: unet(x, unet_t, unet_slots), latent, unet)}
+
+
+def _layout_step(module, x, owner=None, layout=torch.contiguous_format):
+    """Forward and backward of `module` on `x` stored in `layout`."""
+    x = x.contiguous(memory_format=layout).requires_grad_()
+    parameters = list((owner or module).parameters())
+
+    def step():
+        for p in parameters:
+            p.grad = None
+        module(x).square().mean().backward()
+
+    return step
+
+
+@figure
+def conv_layout(args):
+    """Forward + backward time of every convolution path with its input channels-last / NCHW (below 1: channels-last
+    faster), at 1 and 2 threads, side by side; the choice each module makes follows these figures."""
+    result, threads = {}, torch.get_num_threads()
+    cases = _layout_cases(args.device)
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        steps = {}
+        for name, (module, x, *owner) in cases.items():
+            for layout in (torch.contiguous_format, torch.channels_last):
+                steps[name, layout] = _layout_step(module, x, owner[0] if owner else None, layout)
+        timings = time_interleaved(steps, repeats=7)
+        for name in cases:
+            result[f"{name}_channels_last_ratio_{count}t"] = round(
+                timings[name, torch.channels_last] / timings[name, torch.contiguous_format], 3)
+    torch.set_num_threads(threads)
+    return result
+
+
+def _vae_layout_step(config_name: str, overrides: dict, batch: int, before: bool):
+    """A training step of configs/CONFIG_NAME.yaml's VAE with `overrides`, with the channels-last layout (the code as
+    it is) or `before` it (msf.channels_last as the identity: the encoder's NCHW output reaches the quantiser and
+    the decoder as strided views)."""
+    config = load_config(pretrain_vae.OPTIONS, [os.path.join(ROOT, "configs", config_name + ".yaml"), "--gumbel",
+                                                "false"])
+    config.update(overrides)
+    torch.manual_seed(0)
+    model = msf.build_vae({k: config[k] for k in msf.VAE_OPTIONS})
+    images = torch.rand(batch, 3, config["resolution"], config["resolution"]) * 2 - 1
+    step = training_step(lambda: model(images)[0], model.parameters(), torch.device("cpu"), None)
+    if not before:
+        return step
+
+    def step_before():
+        original, msf.channels_last = msf.channels_last, lambda x: x
+        try:
+            step()
+        finally:
+            msf.channels_last = original
+
+    return step_before
+
+
+@figure
+def vae_step_layout(args):
+    """The whole MSF VAE training step, channels-last now / NCHW before (below 1: faster now), at 1 and 2 threads:
+    the ClevrTex config (128 px, batch 16) in the paper's mode (concat·W) and with the release's `fusion: mean`,
+    and the easy config (32 px, batch 32). CPU only."""
+    result, threads = {}, torch.get_num_threads()
+    cases = {"clevrtex_paper": ("vae_msf_clevrtex", {}, 16), "clevrtex_mean": ("vae_msf_clevrtex", {"fusion": "mean"},
+                                                                                 16),
+             "easy": ("vae_msf_easy", {}, 32)}
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        steps = {(name, before): _vae_layout_step(config, overrides, batch, before)
+                 for name, (config, overrides, batch) in cases.items() for before in (False, True)}
+        timings = time_interleaved(steps, repeats=5)
+        for name in cases:
+            result[f"vae_step_{name}_now_vs_before_{count}t"] = round(timings[name, False] / timings[name, True], 3)
+    torch.set_num_threads(threads)
+    return result
 
 
 def fuse_per_scale_loop(z_list, codes, mode="adjacent"):

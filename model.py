@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
+import msf
 from config import option
 from errors import UserError
 from schedules import cosine_anneal
@@ -59,8 +60,9 @@ class NaiveCNN(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(b,3,H,W) -> (b,d,H/stride,W/stride)"""
-        return self.net(images)
+        """(b,3,H,W) -> (b,d,H/stride,W/stride), stored channels-last: its convolutions ran faster so on the CPU
+        (`python bench.py conv_layout`), and the (b, h*w, d) tokens Slot Attention reads are then a view of it."""
+        return self.net(msf.channels_last(images))
 
 
 def load_dino(config: dict) -> nn.Module:

@@ -113,6 +113,13 @@ class Decoder(nn.Sequential):
                          nn.Conv2d(width, 3, 1))
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A (b,c,h,w) tensor stored channels-last (NHWC). oneDNN's channels-last convolutions, GroupNorm, BatchNorm and
+    PixelShuffle ran the VAE's encoder and decoder faster than NCHW on the CPU (`python bench.py conv_layout`), and
+    the (b,h,w,c) vectors the quantiser works on are then plain views: free for a contiguous (b,h,w,c) tensor."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def image_pyramid(images: torch.Tensor, num_scales: int, kind: str = "paper") -> list:
     """paper: T_1 = images, T_n = T_{n-1} bilinearly halved (an exact 2x2 mean, so T_n is the 2^(n-1) box average).
     official: T_n = bilinear resize of the input by 2^-(n-1) in one step, as the release does; without antialiasing
@@ -378,8 +385,11 @@ def paper_terms(continuous: torch.Tensor, codes: torch.Tensor, nearest: torch.Te
 
 
 def straight_through(continuous: torch.Tensor, quantized: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Forward alpha·z + (1-alpha)·q (annealed residual), backward the identity to z."""
+    """Forward alpha·z + (1-alpha)·q (annealed residual), backward the identity to z. Where no gradient is recorded
+    (guidance, evaluation) it is the mixed value itself, exactly: z + (q - z) may differ from q in the last bit."""
     mixed = quantized if alpha == 0 else alpha * continuous + (1 - alpha) * quantized
+    if not (torch.is_grad_enabled() and continuous.requires_grad):
+        return mixed
     return continuous + (mixed - continuous).detach()
 
 
@@ -427,9 +437,13 @@ class ProjectPinv(nn.Module):
         # nn.Linear's random init plus a bias; the paper's Eq. 3/5 have no bias, nor does this.)
         self.weight = nn.Parameter(torch.linalg.qr(torch.randn(groups * dim, dim)).Q)  # (g·c, c)
 
-    def up(self, z: torch.Tensor) -> torch.Tensor:
+    def inverse(self) -> torch.Tensor:
+        """pinv(W) (c, g·c): an SVD, so a caller projecting several scales computes it once and passes it to `up`."""
+        return torch.linalg.pinv(self.weight.float())
+
+    def up(self, z: torch.Tensor, inverse: torch.Tensor = None) -> torch.Tensor:
         """(…, c) -> (…, g·c)"""
-        return z @ torch.linalg.pinv(self.weight.float()).to(z.dtype)
+        return z @ (self.inverse() if inverse is None else inverse).to(z.dtype)
 
     def down(self, y: torch.Tensor) -> torch.Tensor:
         """(…, g·c) -> (…, c)"""
@@ -630,7 +644,8 @@ class MultiScaleQuantizer(nn.Module):
 
     def forward(self, z_list: list, alpha: float = 0.0, temperature: float = 0.0) -> Quantized:
         if self.split:
-            halves = [self.project.up(z).split(self.dim, -1) for z in z_list]
+            inverse = self.project.inverse()  # one SVD for every scale
+            halves = [self.project.up(z, inverse).split(self.dim, -1) for z in z_list]
             z_si, z_sv = [h[0] for h in halves], [h[1] for h in halves]
         else:  # `mean` fusion (official code) and intra-scale fusion off: both halves are Z itself
             z_si, z_sv = list(z_list), list(z_list)
@@ -685,7 +700,9 @@ class MultiScaleQuantizer(nn.Module):
             if self.losses == "official":  # on the fused encoding and quantisation the decoder path uses
                 loss = loss + official_vae_losses(pre, post, alpha, self.beta)
             decoder_inputs.append(combine(straight_through(pre, post, alpha)))
-            guidance.append(combine(post).detach())
+            # Without the residual the decoder input has post's value (exactly where no gradient is recorded, as for
+            # the guidance an OCL model reads; within rounding in a VAE training step), so no second projection pass.
+            guidance.append(decoder_inputs[-1].detach() if alpha == 0 else combine(post).detach())
             indices.append(index)
             group_sizes.append(sizes)
         return Quantized(decoder_inputs, guidance, indices, group_sizes, loss, stats, assignments, parts)
@@ -723,7 +740,9 @@ class VAE(nn.Module):
     def encode(self, images: torch.Tensor, num_scales: int = None) -> tuple:
         """Pyramid and per-scale continuous Z: lists of (b,3,H_n,W_n) and (b,h_n,w_n,c)."""
         pyramid = image_pyramid(images, num_scales or self.num_scales, self.config["pyramid"])
-        return pyramid, [self.encoder(t).permute(0, 2, 3, 1) for t in pyramid]
+        # channels-last in, so the encoder's convolutions run NHWC and its (b,c,h,w) output permuted to (b,h,w,c)
+        # is contiguous, and so is every vector the quantiser builds from it
+        return pyramid, [self.encoder(channels_last(t)).permute(0, 2, 3, 1) for t in pyramid]
 
     def forward(self, images: torch.Tensor, alpha: float = 0.0, temperature: float = 0.0,
                 return_reconstructions: bool = False):
@@ -731,7 +750,7 @@ class VAE(nn.Module):
         pyramid, z = self.encode(images)
         with torch.autocast(images.device.type, enabled=False):  # distances and argmins in float32
             quantized = self.quantizer([v.float() for v in z], alpha, temperature)
-        reconstructions = [self.decoder(x.permute(0, 3, 1, 2)) for x in quantized.decoder_inputs]
+        reconstructions = [self.decoder(channels_last(x.permute(0, 3, 1, 2))) for x in quantized.decoder_inputs]
         recon_losses = [F.mse_loss(r.float(), t.float()) for r, t in zip(reconstructions, pyramid)]
         loss = sum(recon_losses) + quantized.loss
         stats = {"loss": loss.detach(), "vq_loss": quantized.loss.detach()}
@@ -765,7 +784,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def decode(self, vectors: torch.Tensor) -> torch.Tensor:
         """(b,h,w,c) guidance vectors -> (b,3,4h,4w) image."""
-        return self.decoder(vectors.permute(0, 3, 1, 2))
+        return self.decoder(channels_last(vectors.permute(0, 3, 1, 2)))
 
     def codebooks(self) -> list:
         return self.quantizer.codebooks()
