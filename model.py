@@ -987,9 +987,11 @@ class OCLModel(nn.Module):
 
     def target_is_cacheable(self) -> bool:
         """Whether `target` of a training image is a pure function of that image, so it can be computed once and
-        kept: the frozen VAE's guidance vectors matched by argmax (the mixture decoder over the guidance; no
-        guidance noise, no data augmentation in this repository), not a video clip (its frames are drawn anew)."""
-        return self.decoder.reads == "guidance_vectors" and not self.video and self.config["guidance_noise"] == 0
+        kept: what the frozen VAE gives (eval mode, no data augmentation in this repository) with argmax matching
+        (no guidance noise): the guidance vectors of the mixture decoder, the guidance tokens of SLATE's decoder
+        (SLATE, OGDR, SysBinder), SlotDiffusion's latent; not a video clip (its frames are drawn anew)."""
+        return (self.decoder.reads in ("guidance_vectors", "guidance", "latent") and not self.video
+                and self.config["guidance_noise"] == 0)
 
     def decode_loss(self, frames: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The reconstruction loss of (n,3,H,W) frames from their slots (n,s,d)."""

@@ -110,14 +110,28 @@ TARGET_CACHE_MIB = 1024  # the most memory kept for the training images' targets
 class TargetCache:
     """What the decoder reconstructs of each training image, kept once computed: the frozen VAE's guidance of an
     image does not change, yet an epoch-based loop would recompute it every epoch (the binding configuration sees
-    each of its 4000 images 20 times). Only for models whose `target_is_cacheable`; a sample's target is computed
-    the first time it is drawn, in the batch it is drawn in, so training draws the same random numbers as without
-    the cache. Per process: each DDP rank keeps the samples it draws."""
+    each of its 4000 images 20 times). Only for models whose `target_is_cacheable`: the guidance vectors of the
+    mixture decoder, the guidance tokens (vectors and code indices) of SLATE's decoder, SlotDiffusion's latent. A
+    sample's target is computed the first time it is drawn, in the batch it is drawn in, so training draws the same
+    random numbers as without the cache. Per process: each DDP rank keeps the samples it draws."""
 
-    def __init__(self, model: models.OCLModel, num_samples: int, example: torch.Tensor):
-        self.model = model
-        self.store = example.new_zeros((num_samples,) + tuple(example.shape[1:]))
-        self.known = torch.zeros(num_samples, dtype=torch.bool, device=example.device)
+    def __init__(self, model: models.OCLModel, num_samples: int, example):
+        self.model, self.example = model, example
+        self.stores = [t.new_zeros((num_samples,) + tuple(t.shape[1:])) for t in self.tensors(example)]
+        self.known = torch.zeros(num_samples, dtype=torch.bool, device=self.stores[0].device)
+
+    @staticmethod
+    def tensors(target) -> list:
+        """The per-sample tensors of a target: itself, or a guidance dict's vectors and indices of every scale (its
+        group sizes are the same for every image)."""
+        return [target] if torch.is_tensor(target) else list(target["vectors"]) + list(target["indices"])
+
+    def rebuild(self, tensors: list):
+        """A target of the example's form from its per-sample tensors."""
+        if torch.is_tensor(self.example):
+            return tensors[0]
+        scales = len(self.example["vectors"])
+        return {"vectors": tensors[:scales], "indices": tensors[scales:], "group_sizes": self.example["group_sizes"]}
 
     @classmethod
     def for_training(cls, model: models.OCLModel, dataset, device, log):
@@ -127,23 +141,25 @@ class TargetCache:
             return None
         with torch.no_grad():
             example = model.target(dataset[(0, 0)]["image"][None].to(device))
-        mib = len(dataset) * example[0].numel() * example.element_size() / 2 ** 20
+        mib = len(dataset) * sum(t[0].numel() * t.element_size() for t in cls.tensors(example)) / 2 ** 20
         if mib > TARGET_CACHE_MIB:
             log.info(f"not caching the training targets: {mib:.0f} MiB > {TARGET_CACHE_MIB} MiB")
             return None
-        log.info(f"caching the frozen VAE's guidance of the {len(dataset)} training images as they are first drawn "
-                 f"({mib:.1f} MiB)")
+        what = {"guidance_vectors": "guidance vectors", "guidance": "guidance tokens", "latent": "latents"}
+        log.info(f"caching the frozen VAE's {what[model.decoder.reads]} of the {len(dataset)} training images as they "
+                 f"are first drawn ({mib:.1f} MiB)")
         return cls(model, len(dataset), example)
 
     @torch.no_grad()
-    def __call__(self, frames: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def __call__(self, frames: torch.Tensor, indices: torch.Tensor):
         """The targets of (b,3,H,W) training frames with dataset indices (b,)."""
         missing = ~self.known[indices]
         if missing.any():
             chosen = indices[missing]
-            self.store[chosen] = self.model.target(frames[missing])
+            for store, computed in zip(self.stores, self.tensors(self.model.target(frames[missing]))):
+                store[chosen] = computed
             self.known[chosen] = True
-        return self.store[indices]
+        return self.rebuild([store[indices] for store in self.stores])
 
 
 def restore_best(out_dir: str, best_step, d, log) -> None:

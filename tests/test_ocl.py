@@ -298,18 +298,29 @@ def test_target_cache_gives_each_images_guidance_computing_it_once(tmp_path, vae
         indices = torch.tensor(batch)
         torch.testing.assert_close(cache(images[indices], indices), expected[indices], rtol=0, atol=1e-6)
     assert sum(computed) == 1 + len(images)  # the set-up's example, then every image once
-    # not a pure function of the image: Gumbel-noised guidance, SLATE's token targets
-    for overrides in ({"guidance_noise": 0.5}, {"method": "slate"}):
-        other = models.build_model({**config, **overrides}, False, vae)
+    # SLATE's token targets: the guidance vectors and code indices of every image, as the VAE gives them
+    slate = models.build_model({**config, "method": "slate"}, False, vae).train()
+    cache = train_ocl.TargetCache.for_training(slate, Images(), "cpu", Log())
+    guidance = vae.guidance(images, [1])
+    for batch in ([2, 0], [0, 1, 2, 3, 4, 5]):
+        indices = torch.tensor(batch)
+        got = cache(images[indices], indices)
+        torch.testing.assert_close(got["vectors"][0], guidance["vectors"][0][indices], rtol=0, atol=1e-6)
+        assert torch.equal(got["indices"][0], guidance["indices"][0][indices])
+        assert got["group_sizes"] == guidance["group_sizes"]
+    # not a pure function of the image: Gumbel-noised guidance
+    for method in ("mixture", "slate"):
+        other = models.build_model({**config, "method": method, "guidance_noise": 0.5}, False, vae)
         assert train_ocl.TargetCache.for_training(other, Images(), "cpu", Log()) is None
 
 
-def test_training_with_the_target_cache_matches_training_without_it(tmp_path, shapes_dir, vaes, monkeypatch):
+@pytest.mark.parametrize("method", ["mixture", "slate"])
+def test_training_with_the_target_cache_matches_training_without_it(tmp_path, shapes_dir, vaes, monkeypatch, method):
     """48 training images, batch 4: steps 13-16 take every target from the cache."""
     runs = {}
     for name, limit in (("cached", train_ocl.TARGET_CACHE_MIB), ("recomputed", 0)):
         monkeypatch.setattr(train_ocl, "TARGET_CACHE_MIB", limit)
-        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, name=f"{name}.yaml", method="mixture",
+        train_ocl.main([write_ocl_config(tmp_path, shapes_dir, vaes, name=f"{name}.yaml", method=method,
                                          mixture_decoder="cnn", mixture_hidden=4, steps=16, val_every=100,
                                          out_dir=str(tmp_path / name))])
         runs[name] = losses(tmp_path / name)
