@@ -48,7 +48,10 @@ MIN_RADIUS, MAX_RADIUS = 3.0, 32.0  # objects from ~6 px across to half the 128-
 STYLES = {
     "multiscale": {"min_radius": MIN_RADIUS, "max_radius": MAX_RADIUS, "textured": True, "flat_background": False},
     "easy": {"min_radius": 8.0, "max_radius": 40.0, "textured": False, "flat_background": True},
+    # `easy` with objects from radius 4: a factor 10 in size, a third of the objects under 1 % of the image
+    "multisize": {"min_radius": 4.0, "max_radius": 40.0, "textured": False, "flat_background": True},
 }
+FLAT_STYLES = ("easy", "multisize")  # at most 5 objects unless --max_objects says otherwise
 MIN_VISIBLE_PIXELS = 12
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
@@ -865,8 +868,8 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, default=24, help="shapes_video: frames per video")
     parser.add_argument("--style", choices=tuple(STYLES), default="multiscale",
                         help="synthetic data: multiscale (objects of radius 3-32 px at 128x128, textured, on textured "
-                             "backgrounds) or easy (radius 8-40, flat colours on flat backgrounds, at most 5 objects "
-                             "unless --max_objects says otherwise)")
+                             "backgrounds), easy (radius 8-40, flat colours on flat backgrounds, at most 5 objects "
+                             "unless --max_objects says otherwise) or multisize (easy with radius 4-40)")
     parser.add_argument("--min_radius", type=float, default=None, help="synthetic data: override the style's "
                         "smallest object radius (px at 128x128)")
     parser.add_argument("--max_radius", type=float, default=None, help="synthetic data: override the style's largest "
@@ -894,7 +897,7 @@ def main(argv=None) -> None:
                         help="MOVi: which TFDS config to read (256x256 is resized to 128)")
     args = parser.parse_args(argv)
     out_dir = args.out or os.path.join("data", args.name)
-    default_max = 5 if args.style == "easy" and args.name in SYNTHETIC_DATASETS else DEFAULT_MAX_OBJECTS[args.name]
+    default_max = 5 if args.style in FLAT_STYLES and args.name in SYNTHETIC_DATASETS else DEFAULT_MAX_OBJECTS[args.name]
     max_objects = args.max_objects if args.max_objects is not None else default_max
     if args.workers < 1:
         raise UserError("--workers must be >= 1")

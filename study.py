@@ -11,8 +11,9 @@ separability), and writes OUT/summary.json ({"vq": {...}, "msf": {...}} with "ar
 percent on the validation split); it is sized to finish within 20 minutes on a 2-core CPU, install included.
 
 `full` runs the study the README's Results section describes. `--setting easy` (default): the mixture configuration
-that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting shapes`: SLATE on the multi-scale data
-(`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
+that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting multisize`: the same on objects of many
+sizes (`shapes --style multisize`, radius 4-40 px at 128, `mixture_*_multisize.yaml`), scored per object size;
+`--setting shapes`: SLATE on the multi-scale data (`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
   main       VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
              (paper Table 4 form: before / after inter-scale fusion, scale-variant part, final; every scale);
   ablations  paper Table 5 with MSF guidance: no inter-scale fusion, no intra-scale fusion, shared scale-variant
@@ -47,8 +48,10 @@ from runs import resolve_checkpoint
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # (training, validation) samples of the synthetic data used by the demo and the study, and how each is generated.
-DATA_SIZES = {"shapes": (2000, 200), "shapes_video": (300, 50), "shapes_easy": (4000, 200)}
-DATA_COMMANDS = {"shapes": ["shapes"], "shapes_video": ["shapes_video"], "shapes_easy": ["shapes", "--style", "easy"]}
+DATA_SIZES = {"shapes": (2000, 200), "shapes_video": (300, 50), "shapes_easy": (4000, 200),
+              "shapes_multisize": (4000, 200)}
+DATA_COMMANDS = {"shapes": ["shapes"], "shapes_video": ["shapes_video"], "shapes_easy": ["shapes", "--style", "easy"],
+                 "shapes_multisize": ["shapes", "--style", "multisize"]}
 # Paper Table 5 (upper part) as overrides of the setting's MSF VAE config.
 VAE_ABLATIONS = {  # label: (run name, overrides)
     "no inter-scale fusion": ("nointer", {"inter_scale_fusion": "false"}),
@@ -64,6 +67,9 @@ SCALE_ABLATIONS = {"guidance scales [1, 2]": ("scales12", "[1,2]"), "guidance sc
 SETTINGS = {
     "easy": {"data": "shapes_easy", "vae": "configs/vae_{}_easy.yaml", "ocl": "configs/mixture_{}_easy.yaml",
              "method": "mixture", "scales": {"guidance scale [2]": ("scales2", "[2]")}},
+    "multisize": {"data": "shapes_multisize", "vae": "configs/vae_{}_multisize.yaml",
+                  "ocl": "configs/mixture_{}_multisize.yaml", "method": "mixture",
+                  "scales": {"guidance scale [2]": ("scales2", "[2]")}},
     "shapes": {"data": "shapes", "vae": "configs/vae_{}_shapes.yaml", "ocl": "configs/slate_{}_shapes.yaml",
                "method": "slate", "scales": SCALE_ABLATIONS},
 }
