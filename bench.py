@@ -246,7 +246,8 @@ def _vae_layout_step(config_name: str, overrides: dict, batch: int, before: bool
     config.update(overrides)
     torch.manual_seed(0)
     model = msf.build_vae({k: config[k] for k in msf.VAE_OPTIONS})
-    images = torch.rand(batch, 3, config["resolution"], config["resolution"]) * 2 - 1
+    side = config["resolution"] or 128  # 0: as stored, 128 px for every converted dataset
+    images = torch.rand(batch, 3, side, side) * 2 - 1
     step = training_step(lambda: model(images)[0], model.parameters(), torch.device("cpu"), None)
     if not before:
         return step
@@ -410,6 +411,23 @@ def ocl_steps_per_s(args):
             "mixture_msf_easy_mlp_decoder_steps_per_s": round(1 / timings["mixture_mlp"], 3),
             "ocl_steps_per_s": round(1 / timings[0.0], 3),
             "ocl_step_speedup_dropout_0_vs_0.1": round(timings[0.1] / timings[0.0], 3)}
+
+
+@figure
+def method_steps_per_s(args):
+    """Training steps per second of each method's binding configuration on `shapes_easy` (configs/M_msf_easy.yaml:
+    its batch, resolution and widths, the target cache on as train_ocl uses it), and each one's step time over the
+    mixture decoder's, side by side; at 1 thread, as the CPU runs train two at a time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    methods = ("mixture", "slate")  # the methods with a configuration that binds on the CPU (study.DEMO_METHODS)
+    steps = {m: config_step(f"{m}_msf_easy", args.device, cached_target=True) for m in methods}
+    timings = time_interleaved(steps, repeats=5, sync=_sync(args.device))
+    torch.set_num_threads(threads)
+    result = {f"{m}_msf_easy_steps_per_s_1t": round(1 / timings[m], 3) for m in methods}
+    result.update({f"{m}_msf_easy_step_vs_mixture": round(timings[m] / timings["mixture"], 3)
+                   for m in methods if m != "mixture"})
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------

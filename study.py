@@ -310,39 +310,58 @@ def demo_summary(metrics: dict, guidance_of: dict) -> dict:
     return summary
 
 
+# `study.py demo --method M`: each method's binding configuration on `shapes_easy` (configs/M_<guidance>_easy.yaml)
+# with MSF guidance and its baseline's. A method is listed once a configuration of it has bound on the CPU
+# (docs/results.md, "Methods on the CPU").
+DEMO_METHODS = {
+    "mixture": {"guidance": ("vq", "msf"), "title": "Slot Attention + mixture decoder"},
+    "slate": {"guidance": ("vq", "msf"), "title": "SLATE"},
+}
+NOT_YET_BOUND = ("steve", "slotdiffusion", "sysbinder", "ogdr", "dinosaur")
+
+
 def demo(args) -> list:
-    """The binding configuration end to end: easy data, the VQ and the MSF VAE side by side, Slot Attention with the
-    mixture decoder over each one's guidance side by side, then both evaluated together."""
-    study = Study(args.out or os.path.join(ROOT, "runs", "demo"), args.device, 1.0, log_every=50, jobs=args.jobs)
+    """A method's binding configuration end to end: easy data, its baseline's VAE and the MSF VAE side by side, the
+    method over each one's guidance side by side, then both evaluated together."""
+    method = args.method
+    if method not in DEMO_METHODS:
+        sys.exit(f"study: no configuration of {method} has bound on the CPU yet, so there is no demo of it; "
+                 f"docs/results.md ('Methods on the CPU') says what was tried. Demos: {', '.join(DEMO_METHODS)}")
+    spec = DEMO_METHODS[method]
+    default_out = os.path.join(ROOT, "runs", "demo" if method == "mixture" else f"demo_{method}")
+    study = Study(args.out or default_out, args.device, 1.0, log_every=50, jobs=args.jobs)
     study.data("shapes_easy")
     runs, chains = {}, []
-    for guidance in ("vq", "msf"):  # each guidance's VAE, then the model it guides: two chains side by side
+    for guidance in spec["guidance"]:  # each guidance's VAE, then the model it guides: two chains side by side
         vae, vae_stage = study.vae_stage(f"vae_{guidance}", f"configs/vae_{guidance}_easy.yaml",
                                          steps=args.vae_steps, overrides={"val_every": args.vae_steps})
-        runs[guidance], ocl_stage = study.ocl_stage(f"mixture_{guidance}", f"configs/mixture_{guidance}_easy.yaml",
+        runs[guidance], ocl_stage = study.ocl_stage(f"{method}_{guidance}", f"configs/{method}_{guidance}_easy.yaml",
                                                     vae, 0, steps=args.ocl_steps)
         chains.append([vae_stage, ocl_stage])
     study.run_all(chains)
-    metrics = study.evaluate([runs["vq"], runs["msf"]], "mixture_vq_vs_msf", ["--compare", "--separability"],
+    name = f"{method}_{'_vs_'.join(spec['guidance'])}"
+    metrics = study.evaluate([runs[g] for g in spec["guidance"]], name, ["--compare", "--separability"],
                              final=True)  # not best.pt: it is chosen on the same validation images
     summary = demo_summary(metrics, {runs[g]: g for g in runs})
     atomic_write_text(os.path.join(study.out, "summary.json"), strict_json(summary, indent=2) + "\n")
-    lines = ["# Demo: Slot Attention + mixture decoder over VQ vs MSF guidance on `shapes_easy`", "",
-             f"VAEs {args.vae_steps} steps, Slot Attention + mixture decoder "
-             f"{study.steps('configs/mixture_msf_easy.yaml', args.ocl_steps)[1]} steps, one seed, 32x32 "
-             f"images of large flat-colour objects, each run's final checkpoint on the validation split of 200 "
-             f"images. README 'Results' has the "
+    steps = study.steps(f"configs/{method}_msf_easy.yaml", args.ocl_steps)[1]
+    lines = [f"# Demo: {spec['title']} over {' vs '.join(g.upper() for g in spec['guidance'])} guidance on "
+             f"`shapes_easy`", "",
+             f"VAEs {args.vae_steps} steps, {spec['title']} {steps} steps, one seed, 32x32 images of large flat-colour "
+             f"objects, each run's final checkpoint on the validation split of 200 images. docs/results.md has the "
              f"binding ladder this configuration comes from and what it means.", "",
-             "| guidance | ARI | ARIfg | mIoU | mBO | separability inter ↑ | intra ↓ | inter/intra ↑ |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| guidance | ARI | ARIfg | mIoU | mBO | mask entropy | separability inter ↑ | intra ↓ | inter/intra ↑ |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in metrics["runs"]:
         lines.append(f"| {run['name']} | {number(run['ari'])} | {number(run['ari_fg'])} | {number(run['miou'])} | "
-                     f"{number(run['mbo'])} | {number(run['sep_inter'], 3)} | {number(run['sep_intra'], 3)} | "
-                     f"{number(ratio(run['sep_inter'], run['sep_intra']))} |")
-    lines += ["", "Metrics in percent, background counted as a segment (README, 'Evaluation protocol'). Separability: "
-              "KMeans on each image's scale-1 guidance vectors, k = its number of ground-truth segments.",
-              "", f"Figures: {os.path.relpath(os.path.join(study.out, 'eval', 'mixture_vq_vs_msf'), ROOT)}/ and each "
-              f"run's figures/"]
+                     f"{number(run['mbo'])} | {number(run.get('mask_entropy'))} | {number(run['sep_inter'], 3)} | "
+                     f"{number(run['sep_intra'], 3)} | {number(ratio(run['sep_inter'], run['sep_intra']))} |")
+    lines += ["", "Metrics in percent, background counted as a segment (README, 'Evaluation protocol'); mask entropy "
+              "in % of ln(slots), 100 = uniform. Separability: KMeans on each image's scale-1 guidance vectors, k = its "
+              "number of ground-truth segments.", "", "## When the slots bound", ""]
+    lines += binding_table([runs[g] for g in spec["guidance"]])
+    lines += ["", f"Figures: {os.path.relpath(os.path.join(study.out, 'eval', name), ROOT)}/ and each run's "
+              f"figures/"]
     return finish(study, lines)
 
 
@@ -489,7 +508,10 @@ def finish(study: Study, lines: list) -> list:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", choices=("demo", "full"))
-    parser.add_argument("--out", default="", help="study directory (default runs/demo or runs/study)")
+    parser.add_argument("--method", default="mixture", choices=tuple(DEMO_METHODS) + NOT_YET_BOUND,
+                        help="demo: the method whose binding configuration runs (default mixture, `make demo`); "
+                             "writes runs/demo (mixture) or runs/demo_METHOD")
+    parser.add_argument("--out", default="", help="study directory (default runs/demo[_METHOD] or runs/study)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="full: OCL seeds")
     parser.add_argument("--ablation_seeds", type=int, nargs="+", default=None,

@@ -37,9 +37,23 @@ def test_each_training_step_a_figure_times_runs_and_changes_the_weights():
     someone runs bench.py. One Adam step of each must move the model's weights."""
     cpu = torch.device("cpu")
     for step in (bench.ocl_step("msf", cpu, False), bench.config_step("mixture_msf_easy", cpu),
-                 bench.config_step("mixture_msf_easy", cpu, cached_target=True)):
+                 bench.config_step("mixture_msf_easy", cpu, cached_target=True),
+                 bench.config_step("slate_msf_easy", cpu, cached_target=True)):
         optimizer = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.optim.Adam))
         before = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
         step()
         after = [p.detach() for group in optimizer.param_groups for p in group["params"]]
         assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_the_layout_figures_run_every_path_in_both_layouts():
+    """conv_layout's and vae_step_layout's closures run (forward and backward) in both layouts; the step 'before'
+    puts msf.channels_last back when it is done."""
+    cpu = torch.device("cpu")
+    for name, (module, x, *owner) in bench._layout_cases(cpu).items():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            bench._layout_step(module, x, owner[0] if owner else None, layout)()
+    original = bench.msf.channels_last
+    for before in (False, True):
+        bench._vae_layout_step("vae_msf_easy", {}, 4, before)()
+    assert bench.msf.channels_last is original

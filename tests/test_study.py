@@ -144,3 +144,10 @@ def test_table_rows_show_one_run_or_mean_and_std_with_the_size_and_background_co
                                                "n/a | n/a | n/a |")
     assert study.metric_header("guidance")[0] == ("| guidance | ari | ari_fg | miou | mbo | mbo_small | mbo_medium | "
                                                   "mbo_large | bg_iou | bg_slots |")
+
+
+def test_a_demo_of_a_method_that_has_not_bound_says_so(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        study.main(["demo", "--method", "steve", "--out", str(tmp_path / "demo")])
+    assert "no configuration of steve has bound on the CPU yet" in str(stop.value)
+    assert not os.path.exists(tmp_path / "demo")  # refused before anything is generated
