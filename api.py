@@ -7,16 +7,24 @@ VAE as a tokenizer (image -> code indices -> image), and get an OCL model's slot
     recon = vae.detokenize(ids)
     ocl = api.load("runs/slate_msf_shapes")    # OCLModel wrapper
     slots, masks = ocl.slots_and_masks(images)
+    result = ocl.segment(["photo.jpg"])         # image files of any size: slots, masks, segments, reconstruction
 
 Paths stored inside a checkpoint (the dataset, the guidance VAE) are resolved against the checkpoint's own
 location, so a run works from any directory (README, "Python API").
 """
 
+import math
+import os
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
 import msf
 from checkpoints import load_for_evaluation
+from errors import UserError
+from model import DiffusionDecoder, MixtureLoss
 
 
 RANGE_SLACK = 0.05  # antialiased resizing overshoots [-1, 1] a little; pixels in 0-255 or 0-1 do not fit otherwise
@@ -46,11 +54,79 @@ def checked_images(images, dims: int, side: int = None, multiple: int = None) ->
     return images
 
 
+def _open_image(item, index: int) -> tuple:
+    """(PIL image, its name for notes) of a path or a PIL image; a file that is missing or that PIL cannot decode
+    raises UserError naming it."""
+    if isinstance(item, Image.Image):
+        return item, os.path.basename(getattr(item, "filename", "") or "") or f"image {index}"
+    path = os.fspath(item)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not an image file (it does not exist or is a directory)")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a broken file fails here, by name, before anything is written
+            return opened.copy(), os.path.basename(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # unknown, broken, huge files
+        reason = str(error).split(" '")[0] or type(error).__name__  # without the path Pillow repeats
+        raise UserError(f"{path} is not an image PIL can decode ({reason}); give PNG, JPEG, BMP or WebP files") \
+            from None
+
+
+def _prepared(picture: Image.Image, name: str, resolution: int) -> tuple:
+    """One PIL image as the model's input (3, R, R) in [-1, 1], and a note of what was done to it."""
+    width, height = picture.size
+    steps = []
+    if picture.getexif().get(0x0112, 1) != 1:  # a photo taken sideways: the EXIF orientation tag turns it upright
+        picture = ImageOps.exif_transpose(picture)
+        steps.append("turned upright (EXIF orientation)")
+    if picture.mode.startswith("I"):  # 16-bit greyscale, which Pillow's RGB conversion would clip at 255
+        values = np.asarray(picture, dtype=np.float64)
+        picture = Image.fromarray(np.clip(values / (257.0 if values.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+        steps.append("16-bit grey scaled to 8 bits")
+    if picture.mode != "RGB":
+        transparent = "A" in picture.getbands() or "transparency" in picture.info
+        steps.append(f"{picture.mode} converted to RGB" + (" on white" if transparent else ""))
+        if transparent:  # transparent pixels keep arbitrary colours underneath: show them as a white background
+            picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
+        picture = picture.convert("RGB")
+    pixels = torch.from_numpy(np.array(picture)).permute(2, 0, 1).float()
+    side = min(pixels.shape[1:])
+    top, left = (pixels.shape[1] - side) // 2, (pixels.shape[2] - side) // 2
+    if pixels.shape[1] != pixels.shape[2]:
+        pixels = pixels[:, top:top + side, left:left + side]
+        steps.append(f"centre-cropped to {side}x{side}")
+    if side != resolution:  # antialiased bilinear, as the datasets' images were resized (data.resize_sample)
+        pixels = F.interpolate(pixels[None], size=(resolution, resolution), mode="bilinear", antialias=True,
+                               align_corners=False)[0]
+        steps.append(f"resized to {resolution}x{resolution}")
+    done = ", ".join(steps[:-1]) + " and " + steps[-1] if len(steps) > 1 else (steps[0] if steps else "used as it is")
+    return (pixels / 127.5 - 1).clamp(-1, 1), f"{name}: {width}x{height} {done}"
+
+
+def read_images(images, resolution: int) -> tuple:
+    """Image files (paths; PNG, JPEG, BMP, WebP, anything PIL decodes) or PIL images of any size and mode ->
+    (tensor (b, 3, R, R) in [-1, 1], notes): each turned upright (EXIF), converted to RGB, centre-cropped to a square
+    and resized to `resolution` R (bilinear, antialiased); notes say per image what was done, e.g. "photo.jpg:
+    640x480 centre-cropped to 480x480 and resized to 32x32". Every file is decoded before any is returned, so a
+    file that is not an image stops the call (UserError naming it) before anything is done with the others."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    if not len(images):
+        raise UserError("no images given")
+    prepared = [_prepared(*_open_image(item, index), resolution) for index, item in enumerate(images)]
+    return torch.stack([pixels for pixels, _ in prepared]), [note for _, note in prepared]
+
+
 def load(path: str, device: str = "cpu"):
     """A trained model from a checkpoint file or a run directory (an OCL run: its best.pt, else the latest
     checkpoint; a VAE run: the latest checkpoint): a `VAETokenizer` for pretrain_vae.py checkpoints, an
     `ObjectCentric` for train_ocl.py checkpoints. Both are in eval mode on `device`."""
-    model, state = load_for_evaluation(path, torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        visible = f"{torch.cuda.device_count()} CUDA GPU(s) are visible" if torch.cuda.is_available() else \
+            "no CUDA GPU is visible"
+        raise ValueError(f"device {str(device)!r} was asked for but {visible} here; load with device='cpu'")
+    model, state = load_for_evaluation(path, device)
     if state["kind"] == "vae":
         return VAETokenizer(model, state)
     return ObjectCentric(model, state)
@@ -76,6 +152,10 @@ class VAETokenizer:
         shared scale-invariant index i (into the one shared codebook) and the scale-specific index j (into scale
         n's scale-variant codebook), or G = 1 (i only) with intra_scale_fusion off. Argmax matching, no noise."""
         images = checked_images(images, 4, multiple=4 * 2 ** (self.num_scales - 1))
+        if not images.shape[0]:  # an empty batch (checked_images takes it): empty ids of every scale
+            height, width = images.shape[-2:]
+            return [torch.zeros((0, height // 4 // 2 ** n, width // 4 // 2 ** n, len(sizes)), dtype=torch.long,
+                                device=self.device) for n, sizes in enumerate(self.vocabulary())]
         return [ids.clone() for ids in self.vae.quantize(images.to(self.device).float()).indices]
 
     def vocabulary(self) -> list:
@@ -155,3 +235,43 @@ class ObjectCentric:
         upsampled = F.interpolate(masks.reshape(-1, *masks.shape[-3:]).float(), size=size, mode="bilinear",
                                   align_corners=False)
         return slots, upsampled.view(*lead, *size)
+
+    @torch.no_grad()
+    def segment(self, images, steps: int = 25) -> dict:
+        """Segment images: a tensor (b, 3, H, W) in [-1, 1] at the model's `resolution`, or a list of image files /
+        PIL images of any size, prepared by `read_images`. Returns {"images": the input as the model saw it,
+        "slots" (b, s, d), "masks" (b, s, H, W) soft, summing to 1 over the slots, "segments" (b, H, W) their
+        argmax, "reconstruction" (b, 3, H, W) in [-1, 1] or None, "reconstruction_note": what it is or why there
+        is none, "notes": read_images' notes (None for a tensor)}. Image models only; `steps`: SlotDiffusion's DDIM
+        steps for its reconstruction."""
+        if self.model.video:
+            raise ValueError("this is a video model (STEVE or a video checkpoint): segment takes images; give videos "
+                             "with their first-frame boxes to slots_and_masks")
+        notes = None
+        if not torch.is_tensor(images):
+            images, notes = read_images(images, self.resolution)
+        slots, masks = self.slots_and_masks(images)
+        images = images.to(self.device).float()
+        reconstruction, how = self._reconstruction(images, slots, steps)
+        return {"images": images, "slots": slots, "masks": masks, "segments": masks.argmax(1),
+                "reconstruction": reconstruction, "reconstruction_note": how, "notes": notes}
+
+    def _reconstruction(self, images: torch.Tensor, slots: torch.Tensor, steps: int) -> tuple:
+        """(the image decoded from the slots (b, 3, H, W) in [-1, 1], or None; what it is, or why there is none)
+        where the method has a cheap one: one pass of a mixture decoder, or SlotDiffusion's DDIM sampling."""
+        decoder, size = self.model.decoder, tuple(images.shape[-2:])
+        if isinstance(decoder, DiffusionDecoder):
+            return self.model.reconstruct(images, slots, steps=steps), f"DDIM sampling from the slots ({steps} steps)"
+        if not isinstance(decoder, MixtureLoss) or decoder.reads not in ("pixels", "guidance_vectors"):
+            what = "DINO features" if getattr(decoder, "reads", "") == "features" else "the VAE's tokens one by one"
+            return None, f"no reconstruction: {self.config['method']}'s decoder predicts {what}, not pixels"
+        mixed, _ = decoder(slots)  # (b, P, D) on the decoder's grid, row-major
+        side = math.isqrt(mixed.shape[1])
+        grid = mixed.float().view(mixed.shape[0], side, side, -1)
+        if decoder.reads == "pixels":
+            picture, how = grid.permute(0, 3, 1, 2), "the mixture decoder's pixels"
+        else:
+            picture, how = self.model.vae.decode(grid), "the mixture decoder's guidance vectors, decoded by the VAE"
+        if tuple(picture.shape[-2:]) != size:  # a coarser guidance scale decodes to a smaller image
+            picture = F.interpolate(picture, size=size, mode="bilinear", align_corners=False)
+        return picture.float().clamp(-1, 1), how

@@ -8,7 +8,7 @@ import warnings
 import msf
 from errors import UserError
 from model import OCL_OPTIONS, build_model
-from runs import load_checkpoint, load_weights, resolve_stored_path
+from runs import checkpoint_kind, load_checkpoint, load_weights, resolve_stored_path
 
 # Options added after checkpoints of this project existed whose defaults are what the code did before them, so a
 # checkpoint without one was trained with its default. Any other key a checkpoint lacks is refused, because its
@@ -56,7 +56,7 @@ def load_for_evaluation(path: str, device):
         load_weights(vae, state["model"], state["path"])
         return vae.to(device).eval(), state
     if state["kind"] != "ocl":
-        raise UserError(f"{state['path']} is a {state['kind']} checkpoint; give an OCL (train_ocl.py) or a VAE "
+        raise UserError(f"{state['path']} is {checkpoint_kind(state['kind'])}; give an OCL (train_ocl.py) or a VAE "
                         f"(pretrain_vae.py) checkpoint")
     config = complete_config(state["config"], OCL_OPTIONS, state["path"])
     config.update(dino_pretrained=False, dino_weights="")  # DINO's weights are in the checkpoint

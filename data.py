@@ -10,11 +10,18 @@ the split, with a fingerprint of all its records that checkpoints keep to know t
 `<name>.partial` and renamed only when complete, so a half-written database is never mistaken for a finished one.
 """
 
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import select
 import struct
+import sys
+import threading
+import time
 import zlib
 
 import lmdb
@@ -23,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from devices import Dist
-from errors import UserError
+from errors import UserError, sigterm_held
 from files import exclusive_lock
 
 FORMAT_NAME = "msf-lmdb"
@@ -93,6 +100,23 @@ def _create_command(path: str) -> str:
     return "python prepare_data.py NAME --out DIR (see README, 'The pipeline')"
 
 
+def _synthetic_kind(directory: str):
+    """The synthetic dataset (shapes, shapes_video) whose splits `directory` holds, by their metadata or else by the
+    directory's name; None for any other."""
+    for name in ("train.lmdb", "val.lmdb"):
+        sibling = os.path.join(directory, name)
+        if os.path.isfile(sibling):
+            try:
+                with _open_env(sibling).begin() as txn:
+                    raw = txn.get(META_KEY)
+                kind = json.loads(raw).get("dataset") if raw else None
+            except Exception:  # unreadable: its own error comes when it is read
+                continue
+            return kind if kind in SYNTHETIC_DATASETS else None
+    name = os.path.basename(os.path.abspath(directory))
+    return name if name in SYNTHETIC_DATASETS else None
+
+
 def write_error(path: str, error: Exception) -> UserError:
     """A failed write of a dataset file (full disk, read-only target) as one sentence."""
     cause = getattr(error, "strerror", None) or str(error).split(": ")[-1]
@@ -125,6 +149,7 @@ class SplitWriter:
         self.count = 0
         self.commit_every = commit_every
         self.digest = hashlib.sha256()
+        self.statistics = SplitStatistics()
 
     def add(self, arrays: dict) -> int:
         """Append one sample; returns its index."""
@@ -138,13 +163,14 @@ class SplitWriter:
             self.abort()
             raise write_error(self.partial, error) from None
         self.digest.update(key + value)
+        self.statistics.add(arrays)
         self.count += 1
         return self.count - 1
 
     def finish(self, meta: dict) -> None:
-        """Write the metadata record (with the records' fingerprint) last and flush the file to disk."""
+        """Write the metadata record (with the records' fingerprint and statistics) last and flush the file to disk."""
         meta = dict(meta, format=FORMAT_NAME, format_version=FORMAT_VERSION, count=self.count,
-                    fingerprint=self.digest.hexdigest()[:16])
+                    fingerprint=self.digest.hexdigest()[:16], statistics=self.statistics.summary())
         try:
             self.txn.put(META_KEY, json.dumps(meta).encode())
             self.txn.commit()
@@ -184,6 +210,54 @@ class SplitWriter:
                     os.remove(stale)
                 except OSError:  # never there, or the disk refuses: nothing to undo, and the first error matters
                     pass
+
+
+AREA_PERCENTILES = (5, 25, 50, 75, 95)
+PREVIEW_SAMPLES = 8
+
+
+class SplitStatistics:
+    """What the samples a SplitWriter adds hold, for the split's metadata and prepare_data.py's summary: objects per
+    image, each object's area and the background's share, and the first PREVIEW_SAMPLES samples for a preview.
+    Objects are the ground-truth ids other than 0 (background) and 255 (ignore); areas and the background share are
+    fractions of all the image's pixels. Every frame of a video counts as an image (a video's preview is its first
+    frame)."""
+
+    def __init__(self):
+        self.samples, self.size = 0, None
+        self.objects, self.areas, self.background, self.examples = [], [], [], []
+
+    def add(self, arrays: dict) -> None:
+        segment = arrays.get("segment")
+        if segment is None or segment.ndim not in (2, 3) or segment.dtype.kind != "u":
+            return  # a record without an unsigned ground-truth segment (hand-made test records): nothing to count
+        frames = segment.reshape(-1, *segment.shape[-2:])
+        counts = np.stack([np.bincount(frame.ravel(), minlength=256) for frame in frames]).astype(np.float64)
+        objects = np.concatenate([counts[:, 1:255], counts[:, 256:]], 1)  # ids past 255 of wider dtypes count too
+        pixels = frames.shape[1] * frames.shape[2]
+        self.samples += 1
+        self.size = self.size or tuple(frames.shape[1:])
+        self.objects.append((objects > 0).sum(1))
+        self.areas.append(objects[objects > 0] / pixels)
+        self.background.append(counts[:, 0] / pixels)
+        picture = arrays.get("video", arrays.get("image"))
+        if len(self.examples) < PREVIEW_SAMPLES and picture is not None \
+                and picture.shape[-3:] == (*frames.shape[1:], 3):  # RGB of the segment's size
+            self.examples.append((np.array(picture.reshape(-1, *picture.shape[-3:])[0]), np.array(frames[0])))
+
+    def summary(self) -> dict:
+        """{"samples", "images" (video frames counted), "resolution" [H, W], "objects_per_image" {min, mean, max},
+        "object_area_percent" {p5, p25, p50, p75, p95} (None without objects), "background_percent_mean"}; without
+        samples, the counts alone."""
+        if not self.samples:
+            return {"samples": 0, "images": 0}
+        objects, areas = np.concatenate(self.objects), 100 * np.concatenate(self.areas)
+        return {"samples": self.samples, "images": int(len(objects)), "resolution": list(self.size),
+                "objects_per_image": {"min": int(objects.min()), "mean": float(objects.mean()),
+                                      "max": int(objects.max())},
+                "object_area_percent": {f"p{q}": float(np.percentile(areas, q)) for q in AREA_PERCENTILES}
+                if len(areas) else None,
+                "background_percent_mean": float(100 * np.concatenate(self.background).mean())}
 
 
 class DatasetWriter:
@@ -273,7 +347,14 @@ class Split:
             if os.path.exists(path + ".partial"):
                 raise UserError(f"{path} was never finished (only {path}.partial exists); rerun "
                                 f"`{_create_command(path)}`")
-            note = "" if os.path.basename(path) in ("train.lmdb", "val.lmdb") else (
+            extra = os.path.basename(path) not in ("train.lmdb", "val.lmdb")
+            synthetic = _synthetic_kind(os.path.dirname(path) or ".") if extra else None
+            if synthetic:
+                raise UserError(f"dataset split {path} does not exist, and synthetic data ({synthetic}) has only train "
+                                f"and val splits; evaluate --split val, or generate held-out data with another seed "
+                                f"(`python prepare_data.py {synthetic} --seed 1 --out NEW_DIR`, plus the options this "
+                                f"data was made with) and evaluate its val split with --data_dir NEW_DIR")
+            note = "" if not extra else (
                 f" in a new directory (it rewrites train/val too, so not in {os.path.dirname(path) or '.'}) and point "
                 f"--data_dir at it")
             raise UserError(f"dataset split {path} does not exist; create it with `{_create_command(path)}`{note}")
@@ -498,31 +579,93 @@ def train_loader(path: str, global_batch: int, num_workers: int, seed: int, d: D
     dataset = OCLDataset(path, train=True, num_frames=num_frames, resolution=resolution, seed=seed)
     sampler = StepSampler(len(dataset), global_batch, seed, d.rank, d.world_size, start_step)
     # Its own generator keeps the loader from drawing on the global RNG, which resume restores exactly.
-    return torch.utils.data.DataLoader(dataset, batch_size=global_batch // d.world_size, sampler=sampler,
-                                       num_workers=num_workers, pin_memory=d.device.type == "cuda",
-                                       persistent_workers=num_workers > 0, generator=torch.Generator(),
-                                       multiprocessing_context=worker_context(num_workers))
+    return Loader(dataset, num_workers, batch_size=global_batch // d.world_size, sampler=sampler,
+                  pin_memory=d.device.type == "cuda", persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 def eval_loader(path: str, batch_size: int, num_workers: int, d: Dist, resolution: int = 0,
-                max_samples: int = 0) -> torch.utils.data.DataLoader:
-    """A finite loader over this rank's share (every world_size-th sample) of the first `max_samples` samples."""
+                max_samples: int = 0, persistent: bool = False) -> torch.utils.data.DataLoader:
+    """A finite loader over this rank's share (every world_size-th sample) of the first `max_samples` samples;
+    `persistent`: its workers stay between passes (a trainer's validation loader)."""
     dataset = OCLDataset(path, train=False, resolution=resolution)
     if len(dataset) == 0:
         raise UserError(f"split {path} holds no samples, so there is nothing to validate or evaluate; recreate it "
                         f"with `{_create_command(path)}` or name another split")
     count = len(dataset) if max_samples <= 0 else min(max_samples, len(dataset))
     subset = torch.utils.data.Subset(dataset, list(range(d.rank, count, d.world_size)))
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       pin_memory=d.device.type == "cuda", generator=torch.Generator(),
-                                       multiprocessing_context=worker_context(num_workers))
+    return Loader(subset, num_workers, batch_size=batch_size, shuffle=False, pin_memory=d.device.type == "cuda",
+                  generator=torch.Generator(), persistent_workers=persistent and num_workers > 0)
+
+
+class Loader(torch.utils.data.DataLoader):
+    """torch's DataLoader with `num_workers` workers that start from a forkserver with the script's imports done
+    (worker_context), with SIGTERM held (errors.sigterm_held, so a stop never leaves a worker half-started), and end
+    when the process that made the loader ends, however it ends (end_with_process)."""
+
+    def __init__(self, dataset, num_workers: int, **kwargs):
+        super().__init__(dataset, num_workers=num_workers, multiprocessing_context=worker_context(num_workers),
+                         worker_init_fn=functools.partial(end_with_process, os.getpid()), **kwargs)
+
+    def __iter__(self):
+        with sigterm_held():
+            return super().__iter__()
 
 
 def worker_context(num_workers: int):
     """Loader workers start from a forkserver, not by forking the trainer: a fork of a process that already runs
     gloo/OpenMP threads can copy a held lock into the worker, which then never starts (seen as a DDP run that
-    hangs at its first validation)."""
-    return "forkserver" if num_workers > 0 else None
+    hangs at its first validation). The forkserver imports the running script once (`_script_module`) and each
+    worker forks with its imports done: Python's forkserver means to do that but is never told the script (3.11
+    passes it no main_path), so every worker ran the trainer's imports again, about 4 s a worker on a busy 2-core
+    CPU, at every validation."""
+    if num_workers <= 0:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "data"] + _script_module())
+    multiprocessing.forkserver.ensure_running()  # its imports overlap the trainer's set-up
+    return context
+
+
+def _script_module() -> list:
+    """[the module name of the script this process runs] (`train_ocl` for `python train_ocl.py`), or [] when it runs
+    none (python -m, an interactive session). The forkserver imports it by name, so from the directory the script is
+    run in (the repository root) or PYTHONPATH; from elsewhere each worker imports the script itself, as before."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not path.endswith(".py") or getattr(main, "__spec__", None) is not None:
+        return []
+    name = os.path.basename(path)[:-len(".py")]
+    return [name] if name.isidentifier() else []
+
+
+def end_with_process(pid: int, worker_id: int) -> None:
+    """The loaders' worker_init_fn: end this worker when process `pid` (the trainer or evaluation that made the
+    loader) ends. A worker is a child of the forkserver, and torch's own check watches that parent, which waits for
+    its workers: after a kill -9 of the trainer the workers, the forkserver and the resource tracker lived on
+    without it. A worker that ends lets the forkserver and the resource tracker end too."""
+    def watch():
+        try:
+            handle = os.pidfd_open(pid)  # readable once the process has ended
+        except ProcessLookupError:  # already gone
+            os._exit(0)
+        except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3): look every second
+            while _process_exists(pid):
+                time.sleep(1.0)
+            os._exit(0)
+        select.select([handle], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name=f"end-with-{pid}", daemon=True).start()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, under another user
+        return True
+    return True
 
 
 def training_loaders(config: dict, d: Dist, start_step: int) -> tuple:
@@ -534,5 +677,5 @@ def training_loaders(config: dict, d: Dist, start_step: int) -> tuple:
                           config["num_frames"])
     val_path = split_path(config["data_dir"], config["val_split"])
     val = eval_loader(val_path, config["val_batch_size"], config["num_workers"], d, loader.dataset.resolution,
-                      config["val_samples"])
+                      config["val_samples"], persistent=True)
     return loader, val, val_path

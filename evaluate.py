@@ -2,6 +2,7 @@
 README, "Evaluation protocol").
 
     python evaluate.py CKPT [--split val] [--out DIR]
+    python evaluate.py RUN --images DIR_OR_GLOB [--out DIR]     (segment your own images)
 
 The metrics themselves (ARI, ARIfg, mIoU, mBO, mask entropy, separability) and their conventions live in
 metrics.py, which needs no checkpoint; this script rebuilds models from checkpoints (checkpoints.py), runs them
@@ -9,6 +10,7 @@ over a split and writes the tables and figures.
 """
 
 import argparse
+import glob
 import math
 import os
 
@@ -16,17 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import api
 import msf
 from checkpoints import load_for_evaluation
-from data import eval_loader, split_path
+from config import ranged
+from data import eval_loader, load_split, split_path
 from devices import setup_distributed
 from errors import UserError, run_main
-from figures import save_figures
-from files import atomic_write_text, strict_json
-from grids import save_labelled_grid
+from figures import enlarged, save_figures, slot_rows
+from files import atomic_write, atomic_write_text, strict_json
+from grids import save_labelled_grid, segments_over
 from metrics import (IGNORE, SIZE_GROUPS, ari, mean_percent, objects_by_size, score_batch, segments_at,
                      separability_batch)
-from runs import progress_bar
+from runs import describe_environment, progress_bar, read_environment, resolve_checkpoint, step_in_name
 
 # ================================================================================================================
 # Checkpoints and their data.
@@ -38,6 +42,40 @@ def run_name(path: str) -> str:
     if base == "best.pt" or (base.startswith("ckpt_") and base.endswith(".pt")):
         return os.path.basename(os.path.dirname(os.path.abspath(path)))
     return base.removesuffix(".pt")
+
+
+def default_output(first: str, split: str) -> str:
+    """The default --out, beside the first checkpoint and named after the split and that checkpoint: RUN/eval_val
+    for a run's best.pt (what `evaluate.py RUN` evaluates), RUN/eval_val_step4 for its ckpt_0000004.pt (also the
+    latest checkpoint of a run without best.pt), RUN/eval_val_NAME for another file NAME.pt."""
+    path = first
+    if os.path.isdir(first):
+        best = os.path.join(first, "best.pt")
+        path = best if os.path.isfile(best) else resolve_checkpoint(first)
+    name = os.path.basename(path)
+    step = step_in_name(name)
+    suffix = "" if name == "best.pt" else f"_step{step}" if step is not None else "_" + name.removesuffix(".pt")
+    return os.path.join(os.path.dirname(path) or ".", f"eval_{split}{suffix}")
+
+
+def data_changed_note(state: dict, name: str, data_dir: str = "") -> str:
+    """One sentence when the dataset a checkpoint is evaluated on is the one it trained on by path but holds other
+    data now: its training split's fingerprint differs from the checkpoint's (the dataset was regenerated or
+    re-pointed since). '' otherwise, when --data_dir names another dataset, or without fingerprints (older splits
+    and checkpoints)."""
+    trained, trained_dir = state["data"].get("fingerprint"), state["data"].get("data_dir")
+    if not trained or not trained_dir or (data_dir and os.path.realpath(data_dir) != os.path.realpath(trained_dir)):
+        return ""
+    path = split_path(trained_dir, state["data"].get("train") or "train")
+    try:
+        now = load_split(path).meta.get("fingerprint")
+    except UserError:  # the training split is gone: nothing to compare with
+        return ""
+    if not now or now == trained:
+        return ""
+    return (f"note: {name} was trained on other data than {trained_dir} holds now (training split fingerprint "
+            f"{trained}, now {now}): the dataset was regenerated or re-pointed since training, so these scores do not "
+            f"compare with the run's own validation")
 
 
 def data_path(state: dict, split: str, data_dir: str = "") -> str:
@@ -154,6 +192,99 @@ def vae_separability(vae, loader, device, max_images: int, figure_path: str = ""
 
 
 # ================================================================================================================
+# Segmenting your own images (--images): api.ObjectCentric.segment over image files, and the files it draws.
+
+CONTACT_SHEET_COLUMNS = 8
+
+
+def image_files(specs: list) -> list:
+    """The files that --images names, in order and each once: a directory's files (hidden ones left out), the
+    matches of a glob, or a file; a directory without files or a glob matching nothing is one sentence."""
+    paths = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(spec, name) for name in os.listdir(spec)
+                           if not name.startswith(".") and os.path.isfile(os.path.join(spec, name)))
+            if not found:
+                raise UserError(f"--images {spec} is a directory without files; put the images to segment there")
+        else:
+            found = [spec] if os.path.isfile(spec) else sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+            if not found:
+                raise UserError(f"--images {spec} matches no file; give image files, a directory of them or a glob "
+                                f"such as 'photos/*.jpg'")
+        paths += [path for path in found if path not in paths]
+    return paths
+
+
+def _output_stems(paths: list) -> list:
+    """Each file's name without its extension, made unique (photo.png and photo.jpg -> photo, photo_jpg)."""
+    stems = []
+    for path in paths:
+        name = os.path.basename(path)
+        stem = os.path.splitext(name)[0]
+        stems.append(stem if stem not in stems else name.replace(".", "_"))
+    return stems
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array), binary=True)
+
+
+def segment_images(checkpoints: list, specs: list, out: str, device, batch_size: int) -> str:
+    """Segment the image files `specs` names with one OCL image checkpoint and write, per image, into `out`
+    (default RUN/segment): <stem>_overlay.png, <stem>_slots.png, <stem>_reconstruction.png where the method has a
+    cheap one, <stem>_slots.npy (s, d) float32 and <stem>_masks.npy (s, H, W) float32; then contact_sheet.png of
+    every image. Every file is read before anything is written. Returns `out`."""
+    if len(checkpoints) != 1:
+        raise UserError(f"--images segments with one checkpoint, got {len(checkpoints)}; run once per checkpoint")
+    paths = image_files(specs)
+    model = api.load(checkpoints[0], str(device))
+    if not isinstance(model, api.ObjectCentric):
+        raise UserError(f"{model.state['path']} is a VAE checkpoint; --images needs an OCL (train_ocl.py) checkpoint")
+    if model.model.video:
+        raise UserError(f"{model.state['path']} models videos, so it needs videos with first-frame boxes, not images; "
+                        f"give an image checkpoint (the Python API's slots_and_masks takes videos)")
+    images, notes = api.read_images(paths, model.resolution)
+    print("\n".join(notes))
+    first = checkpoints[0]
+    out = out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".", "segment")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a directory; give a directory for the segmentations")
+    stems, sheet = _output_stems(paths), {"input": [], "overlay": []}
+    for start in range(0, len(paths), batch_size):
+        result = model.segment(images[start:start + batch_size])
+        how = result["reconstruction_note"]
+        shown = result["images"].cpu() * 0.5 + 0.5
+        overlay = segments_over(shown, result["segments"])
+        sheet["input"].append(shown), sheet["overlay"].append(overlay)
+        for i, stem in enumerate(stems[start:start + batch_size]):
+            base, one = os.path.join(out, stem), slice(i, i + 1)
+            save_labelled_grid(enlarged([shown[one], overlay[one]]), [
+                "input as the model saw it", f"segments (argmax over {result['masks'].shape[1]} slots) over the input"],
+                base + "_overlay.png")
+            masked, labels = slot_rows(shown[one], result["masks"][one].cpu().clamp(0, 1))
+            save_labelled_grid(enlarged([shown[one]] + masked), ["input"] + labels, base + "_slots.png")
+            if result["reconstruction"] is not None:
+                save_labelled_grid(enlarged([shown[one], result["reconstruction"][one].cpu() * 0.5 + 0.5]),
+                                   ["input", f"reconstruction: {how}"], base + "_reconstruction.png")
+            _save_array(base + "_slots.npy", result["slots"][i].float().cpu().numpy())
+            _save_array(base + "_masks.npy", result["masks"][i].float().cpu().numpy())
+    inputs, overlays = torch.cat(sheet["input"]), torch.cat(sheet["overlay"])
+    rows, labels = [], []
+    for start in range(0, len(paths), CONTACT_SHEET_COLUMNS):
+        end = min(start + CONTACT_SHEET_COLUMNS, len(paths))
+        rows += [inputs[start:end], overlays[start:end]]
+        labels += [f"images {start + 1}-{end}: input", f"images {start + 1}-{end}: segments over input"]
+    save_labelled_grid(enlarged(rows), labels, os.path.join(out, "contact_sheet.png"))
+    reconstructed = result["reconstruction"] is not None
+    print(f"reconstruction: {how}" if reconstructed else how)
+    made = "overlay, slots, reconstruction" if reconstructed else "overlay, slots"
+    print(f"wrote {len(paths)} x <stem>_{{{made}}}.png and <stem>_{{slots,masks}}.npy, and contact_sheet.png "
+          f"(images in the order above) under {out}")
+    return out
+
+
+# ================================================================================================================
 # Command line.
 
 def _format_table(header: list, rows: list) -> str:
@@ -174,29 +305,37 @@ def main(argv=None) -> None:
     parser.add_argument("checkpoints", nargs="+", help="OCL or VAE checkpoints (files or run directories); several "
                         "OCL checkpoints (seeds) are aggregated as mean ± std")
     parser.add_argument("--split", default="val", help="split to evaluate (default val)")
-    parser.add_argument("--out", default="", help="output directory (default: RUN/eval_SPLIT of the first checkpoint)")
+    parser.add_argument("--out", default="", help="output directory (default: beside the first checkpoint, "
+                        "RUN/eval_SPLIT for a run's best.pt, RUN/eval_SPLIT_stepN for its ckpt_N.pt)")
     parser.add_argument("--data_dir", default="", help="dataset directory (default: the one the run trained on)")
-    parser.add_argument("--samples", type=int, default=0, help="evaluate the first N samples only (0 = all)")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--samples", type=ranged(int, "--samples", min=0), default=0,
+                        help="evaluate the first N samples only (0 = all)")
+    parser.add_argument("--batch_size", type=ranged(int, "--batch_size", min=1), default=16)
+    parser.add_argument("--num_workers", type=ranged(int, "--num_workers", min=0), default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--separability", action="store_true", help="object separability of the guidance "
                         "vectors (VAE checkpoints: every scale and representation; OCL: its guidance at scale 1)")
     parser.add_argument("--compare", action="store_true", help="one table row per checkpoint instead of mean ± std")
-    parser.add_argument("--figures", type=int, default=8, help="samples drawn in the figures (0 = none)")
+    parser.add_argument("--figures", type=ranged(int, "--figures", min=0), default=8,
+                        help="samples drawn in the figures (0 = none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the metrics and figures of an earlier "
+                        "evaluation in the output directory (refused without it)")
+    parser.add_argument("--images", nargs="+", metavar="DIR_OR_GLOB", help="segment these image files (a directory, "
+                        "a glob or files; any size, centre-cropped and resized to the run's resolution) with one OCL "
+                        "checkpoint instead of evaluating a split; writes into --out (default RUN/segment)")
     args = parser.parse_args(argv)
-    for flag, value, least in (("samples", args.samples, 0), ("batch_size", args.batch_size, 1),
-                               ("num_workers", args.num_workers, 0), ("figures", args.figures, 0)):
-        if value < least:
-            raise UserError(f"--{flag} must be at least {least}, got {value}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("evaluate.py runs in one process: start it with python, not torchrun")
     d = setup_distributed(args.device)
-    first = args.checkpoints[0]
-    out = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".",
-                                   f"eval_{args.split}")
+    if args.images:
+        segment_images(args.checkpoints, args.images, args.out, d.device, args.batch_size)
+        return
+    out = args.out or default_output(args.checkpoints[0], args.split)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory; give a directory for the metrics and figures")
+    if os.path.isfile(os.path.join(out, "metrics.json")) and not args.overwrite:
+        raise UserError(f"{out} already holds the metrics of an earlier evaluation (metrics.json); pass --overwrite "
+                        f"to replace them, or choose another --out")
     results = []
     for path in args.checkpoints:
         model, state = load_for_evaluation(path, d.device)
@@ -212,7 +351,11 @@ def main(argv=None) -> None:
                             f"{state['path']} models {'videos' if state['video'] else 'images'}; give a matching "
                             f"dataset with --data_dir")
         entry = {"checkpoint": state["path"], "name": name, "kind": state["kind"], "step": state["step"],
-                 "split": split_path}
+                 "split": split_path, "environment": read_environment(os.path.dirname(state["path"]))}
+        note = data_changed_note(state, name, args.data_dir)
+        if note:
+            entry["data_note"] = note
+            print(note)
         if state["kind"] == "vae":
             if loader.dataset.dataset.is_video:
                 raise UserError("separability is measured on images; give an image dataset with --data_dir")
@@ -283,6 +426,9 @@ def _report(results: list, compare: bool) -> dict:
                      f"image; codes used over these images: {used}")
         lines.append(_format_table(["representation", "inter", "intra", "inter/intra", "object_ari", "tokens"],
                                    rows))
+    lines += [r["data_note"] for r in results if r.get("data_note")]
+    lines.append("\n".join(f"{r['name']} trained with: {describe_environment(r.get('environment'))}"
+                           for r in results))
     return {"text": "\n\n".join(lines), "json": payload}
 
 

@@ -5,23 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import msf
-from grids import save_labelled_grid
-from metrics import IGNORE
+from grids import colour_segments, save_labelled_grid, segments_over
 from model import DiffusionDecoder, masks_to_segments
 
 MIN_FIGURE_SIDE = 96  # pixels per picture in the figures, at least
-PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-                        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-                        [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]]) / 255.0
-
-
-def colour_segments(segments: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) ids -> (..., 3, H, W) colours in [0, 1]; id 0 black, 255 (ignore) white."""
-    ids = segments.long().cpu()  # the palette lives on the CPU; figures are drawn there
-    colours = PALETTE[ids.clamp(max=254) % len(PALETTE)]
-    colours[ids == IGNORE] = 1.0
-    return colours.movedim(-1, -3)
 
 
 def enlarged(rows: list, side: int = MIN_FIGURE_SIDE) -> list:
@@ -29,6 +16,13 @@ def enlarged(rows: list, side: int = MIN_FIGURE_SIDE) -> list:
     32-pixel images stay readable; larger images are left as they are."""
     factor = -(-side // rows[0].shape[-2])
     return rows if factor <= 1 else [F.interpolate(row, scale_factor=factor, mode="nearest") for row in rows]
+
+
+def slot_rows(images: torch.Tensor, soft: torch.Tensor) -> tuple:
+    """(rows, labels), one row per slot: its soft mask (n,s,H,W) in [0, 1] applied to the (n,3,H,W) images in [0, 1],
+    pixel = mask·input + (1-mask)·grey, so a slot that owns a region shows it and a uniform mask fades the image."""
+    rows = [(images * soft[:, s, None] + 0.5 * (1 - soft[:, s, None])).cpu() for s in range(soft.shape[1])]
+    return rows, [f"slot {s} mask (0-1)" for s in range(soft.shape[1])]
 
 
 @torch.no_grad()
@@ -56,7 +50,7 @@ def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> li
     paths = []
     if not model.video:
         rows = [images.cpu(), colour_segments(truth).cpu(), colour_segments(predicted).cpu(),
-                (0.5 * images + 0.5 * colour_segments(predicted).to(images.device)).cpu()]
+                segments_over(images, predicted)]
         labels = ["input", "ground truth", "prediction (argmax of masks)", "prediction over input"]
         if model.vae is not None:
             for scale, vectors in zip(model.scales, model.guidance(batch[key])["vectors"]):
@@ -66,21 +60,18 @@ def save_figures(model, batch: dict, device, prefix: str, frames: int = 8) -> li
             slots, _ = model.slots(batch[key], 0.0)
             rows.append((model.reconstruct(batch[key], slots, steps=25) * 0.5 + 0.5).cpu())
             labels.append("reconstruction (DDIM from slots)")
-        for s in range(soft.shape[1]):
-            rows.append((images * soft[:, s, None] + 0.5 * (1 - soft[:, s, None])).cpu())
-            labels.append(f"slot {s} mask (0-1)")
+        masked, slot_labels = slot_rows(images, soft)
+        rows, labels = rows + masked, labels + slot_labels
         paths.append(save_labelled_grid(enlarged(rows), labels, prefix + ".png"))
     else:
         for v in range(images.shape[0]):
             t = slice(0, min(frames, images.shape[1]))
             frame_images, frame_pred = images[v, t], predicted[v, t]
             rows = [frame_images.cpu(), colour_segments(truth[v, t]).cpu(), colour_segments(frame_pred).cpu(),
-                    (0.5 * frame_images + 0.5 * colour_segments(frame_pred).to(images.device)).cpu()]
+                    segments_over(frame_images, frame_pred)]
             labels = ["frames", "ground truth", "prediction (argmax of masks)", "prediction over input"]
-            for s in range(soft.shape[2]):
-                m = soft[v, t, s, None]
-                rows.append((frame_images * m + 0.5 * (1 - m)).cpu())
-                labels.append(f"slot {s} mask (0-1)")
+            masked, slot_labels = slot_rows(frame_images, soft[v, t])
+            rows, labels = rows + masked, labels + slot_labels
             paths.append(save_labelled_grid(enlarged(rows), labels, f"{prefix}_video{v}.png"))
     model.train(was_training)
     return paths

@@ -8,6 +8,25 @@ from files import atomic_write
 
 
 GRID_PADDING = 2
+IGNORE_ID = 255  # the datasets' "ignore" segment id (metrics.IGNORE), drawn white
+PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+                        [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]]) / 255.0
+
+
+def colour_segments(segments) -> torch.Tensor:
+    """(..., H, W) ids (a tensor or a numpy array) -> (..., 3, H, W) colours in [0, 1]; id 0 black, 255 (ignore)
+    white. Here rather than in figures.py so that prepare_data.py can draw its preview without importing the models."""
+    ids = torch.as_tensor(segments).long().cpu()  # the palette lives on the CPU; figures are drawn there
+    colours = PALETTE[ids.clamp(max=254) % len(PALETTE)]
+    colours[ids == IGNORE_ID] = 1.0
+    return colours.movedim(-1, -3)
+
+
+def segments_over(images: torch.Tensor, segments) -> torch.Tensor:
+    """(n,3,H,W) images in [0, 1] with their (n,H,W) segment ids coloured over them at half opacity, on the CPU."""
+    return 0.5 * images.float().cpu() + 0.5 * colour_segments(segments)
 
 
 def _wrap(text: str, font, width: int) -> list:

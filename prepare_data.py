@@ -26,9 +26,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data import REAL_DATASETS, SYNTHETIC_DATASETS, DatasetWriter, resize_sample
+from config import ranged
+from data import AREA_PERCENTILES, REAL_DATASETS, SYNTHETIC_DATASETS, DatasetWriter, resize_sample
 from data import load_split  # noqa: F401 -- re-exported: users' scripts read splits with prepare_data.load_split
 from errors import UserError, run_main
+from grids import colour_segments, save_labelled_grid, segments_over
 from tfrecord_reader import BadRecord, decode_example, index_tfrecord, read_tfrecord_record
 
 RESOLUTION = 128
@@ -287,12 +289,12 @@ def write_synthetic(kind: str, out_dir: str, counts: dict, seed: int, min_object
         raise UserError(f"need 1 <= min_objects <= max_objects <= 254, got {min_objects}, {max_objects}")
     if kind == "shapes_video" and frames < 1:
         raise UserError(f"--frames must be at least 1, got {frames}")
-    paths = {}
+    paths, writers = {}, {}
     chunk = 8 if kind == "shapes" else 1
     with DatasetWriter() as dataset, Pool(workers, initializer=_init_worker) if workers > 1 else _InlinePool() as pool:
         for split, count in counts.items():
             path = os.path.join(out_dir, f"{split}.lmdb")
-            writer = dataset.split(path)
+            writer = writers[split] = dataset.split(path)
             jobs = [(kind, seed, split, range(start, min(start + chunk, count)), min_objects, max_objects, frames,
                      style) for start in range(0, count, chunk)]
             try:
@@ -309,6 +311,7 @@ def write_synthetic(kind: str, out_dir: str, counts: dict, seed: int, min_object
                           "frames": frames if kind == "shapes_video" else None, "max_objects": max_objects,
                           "min_objects": min_objects, "seed": seed, "ignore_label": 255, "style": style})
             paths[split] = path
+    describe_dataset(kind, out_dir, writers)
     return paths
 
 
@@ -796,7 +799,7 @@ def convert_real(name: str, root: str, out_dir: str, options: dict, workers: int
     settings = {"size": RESOLUTION, "max_objects": max_objects, "min_box_area": options["min_box_area"],
                 "crop_fraction": options["crop_fraction"]}
     unit = "video" if kind == "movi" else "img"
-    results = {}
+    results, writers = {}, {}
     with DatasetWriter() as dataset, Pool(workers, initializer=_init_worker) if workers > 1 else _InlinePool() as pool:
         for split, items in splits.items():
             path = os.path.join(out_dir, f"{split}.lmdb")
@@ -805,7 +808,7 @@ def convert_real(name: str, root: str, out_dir: str, options: dict, workers: int
             if kind == "movi":
                 summary.update(dropped_instances=0, samples_with_dropped_instances=0)
             histogram = {}
-            writer = dataset.split(path, commit_every=8 if kind == "movi" else 64)
+            writer = writers[split] = dataset.split(path, commit_every=8 if kind == "movi" else 64)
             try:
                 with tqdm(total=len(items), desc=f"{name}/{split}", unit=unit, disable=not progress,
                           dynamic_ncols=True) as bar:
@@ -844,7 +847,48 @@ def convert_real(name: str, root: str, out_dir: str, options: dict, workers: int
                           "summary": summary})
             print(_summary_line(name, split, summary))
             results[split] = (path, summary)
+    describe_dataset(name, out_dir, writers)
     return results
+
+
+# ================================================================================================================
+# What a written dataset holds: every split's statistics (data.SplitStatistics, also in the split's metadata) on the
+# console, and preview.png beside the splits, so the data can be checked before anything trains on it.
+
+def statistics_line(name: str, split: str, statistics: dict) -> str:
+    """One line of a split's `statistics` (its metadata's): count, resolution, objects per image, object areas and
+    the background's share."""
+    if not statistics.get("images"):
+        return f"{name}/{split}: no samples"
+    samples, images = statistics["samples"], statistics["images"]
+    what = f"{samples} videos ({images} frames, each counted as an image)" if images > samples else f"{samples} images"
+    objects, areas = statistics["objects_per_image"], statistics["object_area_percent"]
+    area = (" / ".join(f"{areas[f'p{q}']:.2f}" for q in AREA_PERCENTILES) + " % of the image (" +
+            "/".join(str(q) for q in AREA_PERCENTILES) + "th percentiles)") if areas else "no objects"
+    return (f"{name}/{split}: {what} at {statistics['resolution'][0]}x{statistics['resolution'][1]}; objects per "
+            f"image {objects['min']} / {objects['mean']:.2f} / {objects['max']} (min / mean / max); object area "
+            f"{area}; background {statistics['background_percent_mean']:.1f} % of the pixels (mean)")
+
+
+def describe_dataset(name: str, out_dir: str, writers: dict) -> str:
+    """After a dataset is published: print each split's statistics line and draw out_dir/preview.png, up to
+    data.PREVIEW_SAMPLES training samples (else the first split's; a video's first frame) with their ground-truth
+    segments coloured. Returns the preview's path, "" when no sample could be drawn."""
+    for split, writer in writers.items():
+        print(statistics_line(name, split, writer.statistics.summary()))
+    shown = [(split, writer.statistics) for split, writer in writers.items() if writer.statistics.examples]
+    if not shown:
+        return ""
+    split, statistics = next(((s, w) for s, w in shown if s == "train"), shown[0])
+    images = torch.from_numpy(np.stack([image for image, _ in statistics.examples])).permute(0, 3, 1, 2) / 255.0
+    segments = np.stack([segment for _, segment in statistics.examples])
+    first = "first frames of the " if statistics.summary()["images"] > statistics.samples else ""
+    rows = [images, colour_segments(segments), segments_over(images, segments)]
+    labels = [f"{first}{split} samples 0-{len(segments) - 1}", "ground truth (black: background, white: ignore)",
+              "ground truth over the image"]
+    path = save_labelled_grid(rows, labels, os.path.join(out_dir, "preview.png"))
+    print(f"wrote {path}")
+    return path
 
 
 # ================================================================================================================
@@ -855,33 +899,36 @@ def main(argv=None) -> None:
     parser.add_argument("name", choices=SYNTHETIC_DATASETS + REAL_DATASETS, help="dataset to generate or convert")
     parser.add_argument("--out", default=None, help="output directory (default data/NAME)")
     parser.add_argument("--root", default=None, help="raw dataset directory for real datasets (default data/raw/NAME)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic data: generator seed")
-    parser.add_argument("--num_train", type=int, default=None,
+    parser.add_argument("--seed", type=ranged(int, "--seed", min=0), default=0, help="synthetic data: generator seed")
+    parser.add_argument("--num_train", type=ranged(int, "--num_train", min=0), default=None,
                         help="synthetic data: training samples (default 5000 images / 300 videos)")
-    parser.add_argument("--num_val", type=int, default=None,
+    parser.add_argument("--num_val", type=ranged(int, "--num_val", min=0), default=None,
                         help="synthetic data: validation samples (default 500 images / 50 videos)")
-    parser.add_argument("--min_objects", type=int, default=2, help="synthetic data: fewest objects per scene")
-    parser.add_argument("--max_objects", type=int, default=None,
+    parser.add_argument("--min_objects", type=ranged(int, "--min_objects", min=1, max=254), default=2,
+                        help="synthetic data: fewest objects per scene")
+    parser.add_argument("--max_objects", type=ranged(int, "--max_objects", min=1, max=254), default=None,
                         help="synthetic data: most objects per scene (default 6); real data: the K box slots per "
                              "sample, for COCO/VOC also the filter's object limit, for MOVi the slot budget beyond "
                              "which instances merge into the background (default 10; MOVi-D/E 20)")
-    parser.add_argument("--frames", type=int, default=24, help="shapes_video: frames per video")
+    parser.add_argument("--frames", type=ranged(int, "--frames", min=1), default=24,
+                        help="shapes_video: frames per video")
     parser.add_argument("--style", choices=tuple(STYLES), default="multiscale",
                         help="synthetic data: multiscale (objects of radius 3-32 px at 128x128, textured, on textured "
                              "backgrounds), easy (radius 8-40, flat colours on flat backgrounds, at most 5 objects "
                              "unless --max_objects says otherwise) or multisize (easy with radius 4-40)")
-    parser.add_argument("--min_radius", type=float, default=None, help="synthetic data: override the style's "
-                        "smallest object radius (px at 128x128)")
-    parser.add_argument("--max_radius", type=float, default=None, help="synthetic data: override the style's largest "
-                        "object radius (px at 128x128)")
+    parser.add_argument("--min_radius", type=ranged(float, "--min_radius", above=0.0, max=RESOLUTION / 2),
+                        default=None, help="synthetic data: override the style's smallest object radius (px at 128x128)")
+    parser.add_argument("--max_radius", type=ranged(float, "--max_radius", above=0.0, max=RESOLUTION / 2),
+                        default=None, help="synthetic data: override the style's largest object radius (px at 128x128)")
     parser.add_argument("--object_texture", choices=("yes", "no"), default=None,
                         help="synthetic data: override whether objects carry textures")
     parser.add_argument("--background_texture", choices=("yes", "no"), default=None,
                         help="synthetic data: override whether backgrounds carry patterns")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
-    parser.add_argument("--min_box_area", type=float, default=16.0,
+    parser.add_argument("--workers", type=ranged(int, "--workers", min=1), default=min(4, os.cpu_count() or 1),
+                        help="worker processes")
+    parser.add_argument("--min_box_area", type=ranged(float, "--min_box_area", min=0.0), default=16.0,
                         help="COCO/VOC: drop images with an object whose bounding box covers fewer pixels at 128x128")
-    parser.add_argument("--crop_fraction", type=float, default=1.0,
+    parser.add_argument("--crop_fraction", type=ranged(float, "--crop_fraction", above=0.0, max=1.0), default=1.0,
                         help="real data: side of the centre square crop as a fraction of the shorter image side "
                              "(0.8 is the official ClevrTex loader's 192-pixel crop)")
     parser.add_argument("--variant", choices=CLEVRTEX_VARIANTS, default="full",
@@ -896,19 +943,17 @@ def main(argv=None) -> None:
     parser.add_argument("--resolution", choices=("128x128", "256x256"), default="128x128",
                         help="MOVi: which TFDS config to read (256x256 is resized to 128)")
     args = parser.parse_args(argv)
+    if args.out is not None and not args.out.strip():  # '' would mean data/NAME, replacing that dataset
+        raise UserError(f"--out is empty; give the directory to write the dataset to (without --out: data/{args.name})")
     out_dir = args.out or os.path.join("data", args.name)
     default_max = 5 if args.style in FLAT_STYLES and args.name in SYNTHETIC_DATASETS else DEFAULT_MAX_OBJECTS[args.name]
     max_objects = args.max_objects if args.max_objects is not None else default_max
-    if args.workers < 1:
-        raise UserError("--workers must be >= 1")
     progress = sys.stderr.isatty() or not os.environ.get("CI")
 
     if args.name in SYNTHETIC_DATASETS:
         video = args.name == "shapes_video"
         counts = {"train": args.num_train if args.num_train is not None else (300 if video else 5000),
                   "val": args.num_val if args.num_val is not None else (50 if video else 500)}
-        if min(counts.values()) < 0:
-            raise UserError("--num_train and --num_val must be >= 0")
         style = dict(STYLES[args.style])
         for key in ("min_radius", "max_radius"):
             if getattr(args, key) is not None:

@@ -2,12 +2,16 @@
 an old run moved aside, never overwritten), the run's logs (log.txt, log.jsonl, TensorBoard), and its checkpoints
 (written atomically, listed, resolved, loaded safely, frozen weights shared between them)."""
 
+import datetime
 import hashlib
 import json
 import math
 import os
+import platform
 import re
 import shutil
+import socket
+import subprocess
 import sys
 import time
 
@@ -36,7 +40,9 @@ def _run_files(out_dir: str) -> list:
     named = [os.path.join(out_dir, n) for n in RUN_FILES]
     evaluations = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("eval_")) \
         if os.path.isdir(out_dir) else []  # evaluate.py's default output beside the run it evaluated
-    return [p for p in list_checkpoints(out_dir) + frozen + named + evaluations if os.path.exists(p)]
+    found = [p for p in list_checkpoints(out_dir) + frozen + named + evaluations if os.path.exists(p)]
+    environment = os.path.join(out_dir, ENVIRONMENT_FILE)  # alone it is a start that failed early, not a run to keep
+    return found + [environment] if found and os.path.exists(environment) else found
 
 
 def lock_run_dir(out_dir: str) -> None:
@@ -186,6 +192,100 @@ def _branch(out_dir: str, resume: str, overwrite: bool) -> None:
             shutil.copytree(path, os.path.join(aside, name))
     print(f"{os.path.basename(resume)} is step {step}: the later checkpoints of {out_dir} ({names}) moved to {aside}/",
           flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What ran: the environment a run started in (environment.json), so a result can be traced to its software, hardware
+# and code. Written once when the run first starts; a resume in another environment appends a record to "resumes".
+
+ENVIRONMENT_FILE = "environment.json"
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+GIT_TIMEOUT_SECONDS = 5
+# What makes two environments different; the command line, the start time and the host of a resume may change freely
+ENVIRONMENT_KEYS = ("python", "torch", "cuda", "cudnn", "device", "device_type", "torch_threads", "commit", "dirty")
+
+
+def git_state(repository: str = REPOSITORY) -> tuple:
+    """(commit, dirty) of the git checkout at `repository`: the HEAD commit and whether tracked files differ from it;
+    (None, None) without a .git there, without git, or when git fails or is slow (the record never stops a run)."""
+    if not os.path.exists(os.path.join(repository, ".git")):
+        return None, None  # not a checkout (an unpacked copy): git would find an enclosing repository instead
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}  # GIT_DIR would redirect it
+    try:
+        commit, status = (subprocess.run(["git", "--no-optional-locks", *command], cwd=repository, env=env,
+                                         capture_output=True, text=True, timeout=GIT_TIMEOUT_SECONDS)
+                          for command in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if commit.returncode or status.returncode:
+        return None, None
+    return commit.stdout.strip() or None, bool(status.stdout.strip())
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model (from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def environment(device: torch.device, repository: str = REPOSITORY) -> dict:
+    """The software, hardware and code this process runs with, and how it was started."""
+    commit, dirty = git_state(repository)
+    return {"python": sys.version, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "device": device_name(device), "device_type": device.type, "torch_threads": torch.get_num_threads(),
+            "commit": commit, "dirty": dirty, "command": list(sys.argv), "hostname": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def record_environment(out_dir: str, device: torch.device, resumed: bool, repository: str = REPOSITORY) -> dict:
+    """Write out_dir/environment.json when a run starts afresh; on a resume keep it, appending this environment to
+    its "resumes" list only when it differs from the latest one recorded. Returns what the file holds."""
+    path = os.path.join(out_dir, ENVIRONMENT_FILE)
+    current = environment(device, repository)
+    record = read_environment(out_dir) if resumed else None
+    if record is None:
+        record = current
+    else:
+        latest = (record.get("resumes") or [record])[-1]
+        if any(latest.get(key) != current[key] for key in ENVIRONMENT_KEYS):
+            record["resumes"] = record.get("resumes", []) + [current]
+        else:
+            return record
+    atomic_write_text(path, strict_json(record, indent=2) + "\n")
+    return record
+
+
+def read_environment(run_dir: str):
+    """A run's environment.json as a dict, or None when it has none or it cannot be read."""
+    try:
+        with open(os.path.join(run_dir, ENVIRONMENT_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def describe_environment(record) -> str:
+    """One line for a report: "torch X, CUDA Y, device Z, commit abc1234 (dirty)" of the environment the run started
+    in, with how many resumes ran in another one."""
+    if not record:
+        return "unknown (no environment.json in the checkpoint's directory)"
+    commit = record.get("commit")
+    code = f"commit {commit[:7]}{' (dirty)' if record.get('dirty') else ''}" if commit else "commit unknown (no git)"
+    cuda = record.get("cuda") or "none"
+    cuda += " (unused)" if record.get("cuda") and record.get("device_type") == "cpu" else ""  # a CUDA build on a CPU
+    line = f"torch {record.get('torch')}, CUDA {cuda}, device {record.get('device')}, {code}"
+    resumes = len(record.get("resumes") or [])
+    return line + (f"; resumed {resumes} time(s) in another environment (environment.json)" if resumes else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,6 +516,14 @@ def attach_frozen_weights(state: dict, path: str) -> dict:
     return state
 
 
+CHECKPOINT_KINDS = {"vae": "a VAE checkpoint (pretrain_vae.py)", "ocl": "an OCL checkpoint (train_ocl.py)"}
+
+
+def checkpoint_kind(kind: str) -> str:
+    """A checkpoint kind in words, with its article: "an OCL checkpoint (train_ocl.py)"."""
+    return CHECKPOINT_KINDS.get(kind, f"a '{kind}' checkpoint")
+
+
 def load_checkpoint(path: str, kind: str = None) -> dict:
     """Load a checkpoint safely (weights_only: no code runs) and check it is of the expected kind."""
     path = resolve_checkpoint(path)
@@ -446,7 +554,7 @@ def load_checkpoint(path: str, kind: str = None) -> dict:
         raise UserError(f"{path} lacks {missing or ['data.resolution']}, so it is damaged or from an older version; "
                         f"use another checkpoint or retrain")
     if kind is not None and state["kind"] != kind:
-        raise UserError(f"{path} is a {state['kind']} checkpoint, but a {kind} checkpoint is needed here")
+        raise UserError(f"{path} is {checkpoint_kind(state['kind'])}, but {checkpoint_kind(kind)} is needed here")
     attach_frozen_weights(state, path)
     state["path"] = path
     return state

@@ -10,7 +10,7 @@ from devices import (Dist, all_finite, amp_dtype, cleanup_distributed, determini
                      setup_distributed)
 from errors import UserError
 from runs import (TRAINING_ONLY_KEYS, RunLog, check_same_config, claim_run_dir, list_checkpoints, load_checkpoint,
-                  load_weights, release_run_dir)
+                  load_weights, record_environment, release_run_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,12 +93,15 @@ def optimizer_step(loss, parameters, optimizer, scaler, clip: float) -> float:
 
 def start_run(config: dict, kind: str, model_keys) -> tuple:
     """DDP under torchrun (one process per GPU) or one process, deterministic kernels, the run directory claimed and
-    locked, its log, and the checkpoint to resume from: (d, log, checkpoint dict or None, start step)."""
+    locked, its log, and the checkpoint to resume from: (d, log, checkpoint dict or None, start step). Rank 0
+    records the environment in out_dir/environment.json (runs.record_environment)."""
     d = setup_distributed(config["device"], config["ddp_timeout_minutes"])
     deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
     claim_run_dir(config, d)  # refuses another run's directory, and locks this one
     log = RunLog(config["out_dir"], d.is_main)
     state, start_step = resume_state(config, kind, model_keys)
+    if d.is_main:
+        record_environment(config["out_dir"], d.device, resumed=state is not None)
     return d, log, state, start_step
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -25,6 +26,30 @@ def boxes_by_loop(segment, max_objects: int) -> np.ndarray:
         if len(ys):
             boxes[k - 1] = [xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height]
     return boxes
+
+
+def check_statistics(split) -> dict:
+    """Assert that a written split's metadata statistics are what an oracle counts: every stored segment (every frame
+    of a video) read back and counted with np.unique, objects being the ids other than 0 and 255. Returns the
+    oracle's per-image object counts, object areas and background shares (percent)."""
+    objects, areas, background = [], [], []
+    for i in range(len(split)):
+        segment = split[i]["segment"]
+        for frame in segment.reshape(-1, *segment.shape[-2:]):
+            ids, counts = np.unique(frame, return_counts=True)
+            kept = (ids != 0) & (ids != 255)
+            objects.append(int(kept.sum()))
+            areas.extend(100 * counts[kept] / frame.size)
+            background.append(100 * counts[ids == 0].sum() / frame.size)
+    statistics = split.meta["statistics"]
+    assert statistics["samples"] == len(split) and statistics["images"] == len(objects)
+    assert statistics["resolution"] == list(split[0]["segment"].shape[-2:])
+    assert statistics["objects_per_image"] == pytest.approx({"min": min(objects), "mean": np.mean(objects),
+                                                             "max": max(objects)})
+    assert statistics["object_area_percent"] == pytest.approx({f"p{q}": np.percentile(areas, q)
+                                                               for q in (5, 25, 50, 75, 95)})
+    assert statistics["background_percent_mean"] == pytest.approx(np.mean(background))
+    return {"objects": objects, "areas": areas, "background": background}
 
 
 def read_jsonl(path) -> list:
@@ -96,3 +121,17 @@ def hold_flock(path):
     finally:
         holder.kill()
         holder.wait()
+
+
+# A stage for study.py's tests, run as `stage.py MARK OTHER`: it writes its pid to MARK, writes MARK.stopped when it
+# gets SIGTERM (as a trainer takes it: like Ctrl-C) and ends; unless OTHER is '-', it sends SIGTERM to its parent (the
+# study) once the file OTHER exists (both stages run); then it waits a minute.
+STOPPABLE_STAGE = ("import os, signal, sys, time\n"
+                   "mark, signal_parent_after = sys.argv[1], sys.argv[2]\n"
+                   "def stopped(*_):\n    open(mark + '.stopped', 'w').write('SIGTERM')\n    sys.exit(143)\n"
+                   "signal.signal(signal.SIGTERM, stopped)\n"
+                   "open(mark, 'w').write(str(os.getpid()))\n"
+                   "if signal_parent_after != '-':  # stop the study (as a Ctrl-C or kill would) once both run\n"
+                   "    while not os.path.exists(signal_parent_after):\n        time.sleep(0.05)\n"
+                   "    os.kill(os.getppid(), signal.SIGTERM)\n"
+                   "time.sleep(60)\n")

@@ -141,6 +141,25 @@ def test_the_api_says_what_it_expects_instead_of_computing_on_wrong_input(runs, 
     assert [r.shape for r in vae.detokenize(ids)] == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]
 
 
+def test_an_empty_batch_gives_empty_results(runs):
+    vae, ocl = api.load(str(runs / "runs" / "vae_msf_shapes")), api.load(str(runs / "runs" / "slate_msf_shapes"))
+    none = torch.zeros(0, 3, 32, 32)
+    ids = vae.tokenize(none)
+    assert [tuple(i.shape) for i in ids] == [(0, 8, 8, 2), (0, 4, 4, 2), (0, 2, 2, 2)]
+    assert all(i.dtype == torch.long for i in ids)
+    assert [tuple(r.shape) for r in vae.detokenize(ids)] == [(0, 3, 32, 32), (0, 3, 16, 16), (0, 3, 8, 8)]
+    slots, masks = ocl.slots_and_masks(none)
+    assert slots.shape == (0, 4, 16) and masks.shape == (0, 4, 32, 32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU")
+def test_loading_onto_a_gpu_that_is_not_there_is_one_sentence(runs):
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device '{device}' was asked for but no CUDA GPU is visible here; load "
+                                             f"with device='cpu'"):
+            api.load(str(runs / "runs" / "vae_msf_shapes"), device=device)
+
+
 def test_stored_paths_resolve_against_the_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "project" / "data" / "shapes").mkdir(parents=True)
     (tmp_path / "project" / "runs" / "a").mkdir(parents=True)

@@ -19,7 +19,7 @@ import fixtures_raw
 import prepare_data
 import tfrecord_reader
 from errors import UserError
-from helpers import ROOT, boxes_by_loop
+from helpers import ROOT, boxes_by_loop, check_statistics
 from prepare_data import load_split
 
 
@@ -349,6 +349,10 @@ def test_voc_object_masks_keep_void_and_filter(voc_raw, tmp_path):
     assert set(np.unique(splits["val"][0]["segment"])) == {0, 1, 2, 255}
     summary = splits["train"].meta["summary"]
     assert summary["filtered"] == {"too_many_objects": 1, "small_object": 1} and summary["kept"] == 1
+    # every converter passes through the same writer: statistics without the void (255) pixels, and a preview
+    for split in splits.values():
+        check_statistics(split)
+    assert (tmp_path / "out" / "preview.png").is_file()
 
 
 def test_voc_class_masks_and_msf_split(voc_raw, tmp_path):

@@ -10,12 +10,13 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import prepare_data
 from data import OCLDataset, StepSampler, decode_record, encode_record, load_split
 from errors import UserError
-from helpers import ROOT, boxes_by_loop, hold_flock
+from helpers import ROOT, boxes_by_loop, check_statistics, hold_flock
 
 
 # ------------------------------------------------------------------------------------------------ generator
@@ -93,6 +94,26 @@ def test_boxes_match_a_naive_search():
         np.testing.assert_allclose(sample["bbox"][t], boxes_by_loop(sample["segment"][t], 5))
     image = prepare_data.generate_image(2, "val", 3, 2, 6)
     np.testing.assert_allclose(image["bbox"], boxes_by_loop(image["segment"], 6))
+
+
+@pytest.mark.parametrize("name, frames", [("shapes", None), ("shapes_video", 3)])
+def test_prepare_data_writes_a_preview_and_a_summary_that_a_count_of_the_split_confirms(tmp_path, capsys, name,
+                                                                                        frames):
+    out = tmp_path / name
+    prepare_data.main([name, "--out", str(out), "--num_train", "5", "--num_val", "3", "--workers", "1"]
+                      + (["--frames", str(frames)] if frames else []))
+    printed = capsys.readouterr().out
+    with Image.open(out / "preview.png") as preview:  # 3 labelled rows of up to 8 samples, 128 px each
+        assert preview.width > 5 * 128 and preview.height > 3 * 128
+    for split, count in (("train", 5), ("val", 3)):
+        stored = load_split(str(out / f"{split}.lmdb"))
+        oracle = check_statistics(stored)
+        assert len(stored) == count and len(oracle["objects"]) == count * (frames or 1)  # videos: every frame
+        assert stored.meta["statistics"]["resolution"] == [128, 128]
+        line = next(ln for ln in printed.splitlines() if ln.startswith(f"{name}/{split}: "))
+        assert f"{np.mean(oracle['background']):.1f} % of the pixels" in line
+        assert f"objects per image {min(oracle['objects'])} / {np.mean(oracle['objects']):.2f} / " in line
+    assert f"wrote {out / 'preview.png'}" in printed
 
 
 # ------------------------------------------------------------------------------------------------ storage
@@ -296,6 +317,23 @@ def test_a_missing_test_split_hint_does_not_overwrite_train_and_val(tmp_path):
     assert f"--out {tmp_path / 'clevrtex'}" not in message
 
 
+def test_a_missing_test_split_of_synthetic_data_advises_what_synthetic_data_has(tmp_path, shapes_dir):
+    with pytest.raises(UserError) as caught:
+        load_split(os.path.join(shapes_dir, "test.lmdb"))
+    message = str(caught.value)
+    assert "synthetic data (shapes) has only train and val splits; evaluate --split val" in message
+    assert "--split test" not in message and "python prepare_data.py shapes --seed 1 --out NEW_DIR" in message
+
+
+def test_an_empty_out_is_refused_instead_of_meaning_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in ("", " "):
+        with pytest.raises(UserError, match=r"--out is empty; give the directory to write the dataset to \(without "
+                                            r"--out: data/shapes\)"):
+            prepare_data.main(["shapes", "--out", out, "--num_train", "2", "--num_val", "1", "--workers", "1"])
+    assert not (tmp_path / "data").exists()
+
+
 # ------------------------------------------------------------------------------------------------ regeneration
 
 def make_shapes(out, seed, **kwargs):
@@ -445,4 +483,4 @@ def test_a_second_generation_into_the_same_directory_is_refused(tmp_path):
         assert (out / "train.lmdb.partial").read_bytes() == b"the other generation's split"
     os.remove(out / "train.lmdb.partial")
     make_shapes(out, seed=0)
-    assert sorted(os.listdir(out)) == ["train.lmdb", "val.lmdb"]
+    assert sorted(os.listdir(out)) == ["preview.png", "train.lmdb", "val.lmdb"]

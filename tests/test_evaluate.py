@@ -153,3 +153,41 @@ def test_older_checkpoints_load_only_when_the_missing_keys_default_to_the_old_be
     config = write_ocl_config(tmp_path, str(root), None, vae_ckpt=str(tmp_path / "vae_old.pt"))
     with pytest.raises(UserError, match="older version: its config lacks 'num_scales'"):
         train_ocl.load_guidance_vae(load_config(train_ocl.OPTIONS, [config]))
+
+
+def test_an_evaluation_names_its_checkpoint_and_never_overwrites_another(trained, capsys):
+    _, _, runs = trained
+    run = runs[1]
+    fast = ["--device", "cpu", "--num_workers", "0", "--figures", "0", "--samples", "4"]
+    evaluate.main([run] + fast)  # the run: its best.pt, into RUN/eval_val as before
+    evaluate.main([os.path.join(run, "ckpt_0000003.pt")] + fast)  # a checkpoint of it: beside, named after it
+    best = json.loads(open(os.path.join(run, "eval_val", "metrics.json")).read())
+    step = json.loads(open(os.path.join(run, "eval_val_step3", "metrics.json")).read())
+    assert best["runs"][0]["checkpoint"].endswith("best.pt")
+    assert step["runs"][0]["checkpoint"].endswith("ckpt_0000003.pt")
+    before = open(os.path.join(run, "eval_val", "metrics.json")).read()
+    with pytest.raises(UserError, match=r"eval_val already holds the metrics of an earlier evaluation "
+                                        r"\(metrics.json\); pass --overwrite to replace them, or choose another --out"):
+        evaluate.main([run] + fast)
+    assert open(os.path.join(run, "eval_val", "metrics.json")).read() == before
+    evaluate.main([run, "--overwrite"] + fast)
+    assert evaluate.default_output(run, "test") == os.path.join(run, "eval_test")
+    assert evaluate.default_output(os.path.join(run, "ckpt_0000003.pt"), "val") == os.path.join(run, "eval_val_step3")
+
+
+def test_a_dataset_regenerated_since_training_is_noted_in_the_report(trained, tmp_path, capsys):
+    root, _, runs = trained
+    state = torch.load(os.path.join(runs[0], "best.pt"), weights_only=True)
+    state["data"]["fingerprint"] = "0123456789abcdef"  # trained on other data than data_dir holds now
+    torch.save(state, tmp_path / "regenerated.pt")
+    evaluate.main([str(tmp_path / "regenerated.pt"), "--out", str(tmp_path / "eval"), "--device", "cpu",
+                   "--num_workers", "0", "--figures", "0", "--samples", "4"])
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: regenerated was trained")]
+    assert len(note) == 2, note  # when it is found, and in the report
+    assert "training split fingerprint 0123456789abcdef, now " in note[0] and "regenerated or re-pointed" in note[0]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["runs"][0]["data_note"] == note[0]
+    assert note[0] in (tmp_path / "eval" / "table.md").read_text()
+    evaluate.main([os.path.join(runs[0], "best.pt"), "--out", str(tmp_path / "same"), "--device", "cpu",
+                   "--num_workers", "0", "--figures", "0", "--samples", "4"])
+    assert "note: " not in capsys.readouterr().out  # its own data: nothing to say

@@ -15,7 +15,7 @@ def test_run_directory_contents(tmp_path, shapes_dir):
     pretrain_vae.main([write_vae_config(tmp_path, shapes_dir)])
     run = tmp_path / "run"
     assert sorted(set(os.listdir(run)) - {"tensorboard"}) == ["ckpt_0000003.pt", "ckpt_0000006.pt", "config.yaml",
-                                                             "figures", "log.jsonl", "log.txt"]
+                                                             "environment.json", "figures", "log.jsonl", "log.txt"]
     assert sorted(os.listdir(run / "figures")) == ["step_0000003.png", "step_0000006.png"]
     entries = read_jsonl(run / "log.jsonl")
     val = [e for e in entries if "val_recon_mse_scale1" in e]

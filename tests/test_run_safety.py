@@ -31,7 +31,7 @@ def test_fresh_start_into_another_run_is_refused_and_overwrite_moves_it_aside(tm
     assert checkpoint_names(run) == ["ckpt_0000002.pt"]
     (aside,) = [n for n in os.listdir(run) if n.startswith("old-")]
     assert {n: (run / aside / n).read_bytes() for n in checkpoint_names(run / aside)} == before
-    written = ["config.yaml", "figures", "log.jsonl", "log.txt"]
+    written = ["config.yaml", "environment.json", "figures", "log.jsonl", "log.txt"]
     written += ["tensorboard"] if importlib.util.find_spec("tensorboard") else []  # written when installed
     assert sorted(os.listdir(run / aside)) == sorted(list(before) + written)
     assert [e["step"] for e in read_jsonl(run / "log.jsonl") if "loss" in e] == [1, 2]  # completed steps
@@ -446,7 +446,7 @@ def test_a_read_only_run_directory_is_one_sentence(tmp_path, shapes_dir, monkeyp
     monkeypatch.setattr(files.tempfile, "mkstemp", no_temporary_files)
     status, err = run_cli(pretrain_vae.main, [config], capsys)
     assert status == 2 and err.count("\n") == 1, err
-    assert f"could not write {tmp_path / 'run' / 'config.yaml'} (permission denied)" in err
+    assert f"could not write {tmp_path / 'run' / 'environment.json'} (permission denied)" in err  # the first file
 
 
 def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path, shapes_dir, monkeypatch, capsys):
@@ -540,3 +540,78 @@ def test_a_full_disk_while_logging_names_the_log(tmp_path, shapes_dir, monkeypat
     monkeypatch.setattr(runs, "open", full_log, raising=False)  # RunLog appends to its logs
     status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, shapes_dir, steps=1)], capsys)
     assert status == 2 and f"could not write {tmp_path / 'run' / 'log.jsonl'} (no space left on the device)" in err
+
+
+def test_torch_s_writer_failing_on_a_full_disk_is_the_full_disk_sentence(tmp_path, shapes_dir, monkeypatch, capsys):
+    """A large checkpoint on a full disk fails inside torch's zip writer as a RuntimeError, not an OSError."""
+    import files
+    real_save = torch.save
+
+    def writer_fails_at_step_2(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 2:
+            f.write(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 5312 vs 5212")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(files.torch, "save", writer_fails_at_step_2)
+    status, err = run_cli(pretrain_vae.main, [write_vae_config(tmp_path, shapes_dir, steps=3, val_every=1)], capsys)
+    run = tmp_path / "run"
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"could not write {run / 'ckpt_0000002.pt'} (the write failed, most likely no space left on the device)" \
+           in err and "ckpt_0000001.pt (step 1), continue from it with --resume auto" in err
+    assert checkpoint_names(run) == ["ckpt_0000001.pt"] and not [n for n in os.listdir(run) if n.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("error,words", [
+    (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's "
+                  "workers are out of shared memory. Please try to raise your shared memory limit."),
+     "the data loader workers ran out of shared memory (DataLoader worker (pid 4242) is killed by signal: Bus error."),
+    (RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                  "RuntimeError: unable to write to file </torch_18692_1915367643_0>: No space left on device (28)"),
+     "the data loader workers ran out of shared memory (RuntimeError: unable to write to file </torch_18692_"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+     "out of GPU memory (CUDA out of memory"),
+    (MemoryError(), "out of host memory (MemoryError); lower batch_size or val_batch_size, or the model's size"),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:2345"),
+     "another rank of this torchrun job stopped or stalled, so this rank cannot go on ("),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1200000ms for "
+                  "recv operation to complete"), "another rank of this torchrun job stopped or stalled"),
+])
+def test_faults_of_the_machine_are_one_sentence(error, words, capsys):
+    def failing(argv):
+        raise error
+
+    status, err = run_cli(failing, [], capsys)
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: " + words), err
+    if "shared memory" in words:
+        assert "--num_workers 0" in err and "/dev/shm" in err
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    from errors import run_main
+
+    def failing():
+        raise RuntimeError("a bug in the code")
+
+    with pytest.raises(RuntimeError, match="a bug in the code"):
+        run_main(failing)
+
+
+def test_a_resume_on_a_retrained_guidance_vae_says_so(tmp_path, shapes_dir):
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    config = write_ocl_config(tmp_path, shapes_dir, None, vae_ckpt=vae, steps=1, val_every=1)
+    train_ocl.main([config])
+    save_vae(tmp_path / "vae.pt", "msf", 8, num_scales=2)  # retrained with another architecture
+    resume = [config, "--resume", "auto", "--steps", "2", "--allow_changed", "steps"]
+    with pytest.raises(UserError, match=r"ckpt_0000001.pt was trained with another guidance VAE than .*vae.pt holds "
+                                        r"now \(it was retrained or replaced since: .* differs\); put the VAE the run"):
+        train_ocl.main(resume)
+    save_vae(tmp_path / "vae.pt", "msf", 8)  # retrained with the same architecture: other weights
+    state = torch.load(vae, weights_only=True)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, vae)
+    with pytest.raises(UserError, match="was trained with another guidance VAE"):
+        train_ocl.main(resume)
+    save_vae(tmp_path / "vae.pt", "msf", 8)  # the VAE it was trained with, back in place
+    train_ocl.main(resume)
+    assert checkpoint_names(tmp_path / "run")[-1] == "ckpt_0000002.pt"
