@@ -27,11 +27,18 @@ class Option:
     min: float = None  # smallest value allowed (numbers, and every item of a list)
     above: float = None  # values must be greater than this
     finite: bool = False  # NaN and infinities refused
+    max: float = None  # largest value allowed (a fraction or a probability: 1)
+    below: float = None  # values must be smaller than this
+
+    def has_range(self) -> bool:
+        """Whether the values a number (or list of numbers) may take are declared: bounds or choices."""
+        return bool(self.choices) or any(bound is not None for bound in (self.min, self.above, self.max, self.below))
 
 
-def option(default, help, type=None, choices=(), optional=None, min=None, above=None, finite=None):
-    """Declare a config key; the type is taken from the default unless given. `min` / `above` / `finite` declare
-    its range (a float with a bound is also finite)."""
+def option(default, help, type=None, choices=(), optional=None, min=None, above=None, finite=None, max=None,
+           below=None):
+    """Declare a config key; the type is taken from the default unless given. `min` / `above` (lower bounds),
+    `max` / `below` (upper bounds) and `finite` declare its range (a float with a bound is also finite)."""
     if type is None:
         if isinstance(default, bool):
             type = "bool"
@@ -46,8 +53,8 @@ def option(default, help, type=None, choices=(), optional=None, min=None, above=
     if optional is None:
         optional = default is None
     if finite is None:
-        finite = min is not None or above is not None
-    return Option(default, help, type, tuple(choices), optional, min, above, finite)
+        finite = any(bound is not None for bound in (min, above, max, below))
+    return Option(default, help, type, tuple(choices), optional, min, above, finite, max, below)
 
 
 # The keys both trainers (pretrain_vae.py, train_ocl.py) take alike; each adds its own schedule and sizes.
@@ -61,8 +68,8 @@ TRAINING_OPTIONS = {
                         "for videos", min=0.0),
     "keep_checkpoints": option(5, "checkpoints kept in out_dir (oldest deleted; an OCL run keeps best.pt apart)",
                                min=0),
-    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps", min=0.0),
-    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak", min=0.0),
+    "warmup_fraction": option(0.05, "linear warm-up as a fraction of steps", min=0.0, max=1.0),
+    "lr_final_ratio": option(1e-3, "final learning rate as a fraction of the peak", min=0.0, max=1.0),
     "amp": option("auto", "mixed precision: auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off",
                   choices=("auto", "bf16", "fp16", "off")),
     "num_workers": option(4, "data loader workers per rank", min=0),
@@ -122,12 +129,14 @@ def _check_scalar(kind: str, value):
     raise TypeError
 
 
-def check_value(name: str, opt: Option, value):
-    """Validate one config value against its declaration; raise UserError naming the key."""
+def check_value(name: str, opt: Option, value, label: str = ""):
+    """Validate one config value against its declaration; raise UserError naming the key (or `label`, e.g. a
+    script's flag)."""
+    what = label or f"config key '{name}'"
     if value is None:
         if opt.optional:
             return None
-        raise UserError(f"config key '{name}' must be {_type_name(opt)}, got null")
+        raise UserError(f"{what} must be {_type_name(opt)}, got null")
     try:
         if opt.type.endswith("_list"):
             if not isinstance(value, (list, tuple)):
@@ -136,18 +145,22 @@ def check_value(name: str, opt: Option, value):
         else:
             value = _check_scalar(opt.type, value)
     except TypeError:
-        raise UserError(f"config key '{name}' must be {_type_name(opt)}, got {type(value).__name__} {value!r}") from None
+        raise UserError(f"{what} must be {_type_name(opt)}, got {type(value).__name__} {value!r}") from None
     if opt.choices:
         for v in value if isinstance(value, list) else [value]:
             if v not in opt.choices:
-                raise UserError(f"config key '{name}' must be one of {list(opt.choices)}, got {v!r}")
+                raise UserError(f"{what} must be one of {list(opt.choices)}, got {v!r}")
     for v in value if isinstance(value, list) else [value]:
         if isinstance(v, float) and opt.finite and not math.isfinite(v):
-            raise UserError(f"config key '{name}' must be a finite number, got {v!r}")
+            raise UserError(f"{what} must be a finite number, got {v!r}")
         if opt.min is not None and v < opt.min:
-            raise UserError(f"config key '{name}' must be at least {opt.min}, got {v!r}")
+            raise UserError(f"{what} must be at least {opt.min}, got {v!r}")
         if opt.above is not None and v <= opt.above:
-            raise UserError(f"config key '{name}' must be greater than {opt.above}, got {v!r}")
+            raise UserError(f"{what} must be greater than {opt.above}, got {v!r}")
+        if opt.max is not None and v > opt.max:
+            raise UserError(f"{what} must be at most {opt.max}, got {v!r}")
+        if opt.below is not None and v >= opt.below:
+            raise UserError(f"{what} must be smaller than {opt.below}, got {v!r}")
     return value
 
 
@@ -161,6 +174,20 @@ def _parse_cli_value(opt: Option, text: str):
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def ranged(kind: type, flag: str, min=None, above=None, max=None, below=None):
+    """An argparse `type` for the scripts that take plain flags (evaluate.py, prepare_data.py, study.py, bench.py):
+    the text as `kind` (int or float) within the declared range, else the one sentence of a config key out of its
+    range, naming `flag`. The bounds are kept on it (`.option`), so a test can check that every number has some."""
+    declared = option(kind(0), "", min=min, above=above, max=max, below=below)
+
+    def parse(text: str):
+        value = _parse_cli_value(declared, text)
+        return check_value(flag, declared, value, label=flag)
+
+    parse.option, parse.__name__ = declared, kind.__name__  # argparse names the type in its own messages
+    return parse
 
 
 def unknown_key_message(name: str, known, where: str) -> str:
@@ -187,11 +214,15 @@ class _DuplicateKey(yaml.YAMLError):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, so an
-    edit near the top of a config would be overridden by a forgotten line below)."""
+    edit near the top of a config would be overridden by a forgotten line below). Merge keys (`<<: *defaults`) work
+    as in YAML: the mapping's own keys override the merged ones; load_config skips the top-level keys that start
+    with '.', where such anchors can live (`.defaults: &defaults`)."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # merged by SafeLoader below, not a key of its own
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})"
@@ -222,6 +253,8 @@ def load_config(options: dict, argv=None, description: str = "", config_required
         if not isinstance(loaded, dict):
             raise UserError(f"config file {config_path} must hold a mapping of key: value")
         for name, value in loaded.items():
+            if isinstance(name, str) and name.startswith("."):  # `.defaults: &defaults` holds what `<<:` merges
+                continue
             if name not in options:
                 raise UserError(unknown_key_message(name, options, config_path))
             config[name] = check_value(name, options[name], value)

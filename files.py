@@ -49,9 +49,12 @@ def atomic_write(path: str, write: Callable, binary: bool = False) -> None:
     except BaseException as error:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
-            raise UserError(f"could not write {path} ({os_error_cause(error)}), and nothing half-written was left; "
-                            f"free space or make the directory writable{held_run_note() or ', then rerun'}") from None
+        cause = os_error_cause(error) if isinstance(error, OSError) and error.errno in DISK_ERRNOS else None
+        if isinstance(error, RuntimeError) and "inline_container.cc" in str(error):  # torch.save's zip writer
+            cause = "the write failed, most likely no space left on the device"
+        if cause:
+            raise UserError(f"could not write {path} ({cause}), and nothing half-written was left; free space or make "
+                            f"the directory writable{held_run_note() or ', then rerun'}") from None
         raise
 
 

@@ -186,13 +186,15 @@ def main(argv=None) -> None:
             record_validation(log, metrics, step)
             check_finite_state(model, {k: v for k, v in metrics.items() if "recon_mse" in k}, step + 1,
                                config["out_dir"])
-            if d.is_main:
-                figure = os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png")
-                save_figure(model, figure_images, figure)
-                log.image("figures/validation", figure, step + 1)
             path = checkpoint(step + 1)
             if path:
                 log.info(f"saved {path}")
+            if d.is_main:  # after the checkpoint, so a figure that runs out of memory loses no step; any random
+                # numbers it draws are given back, so the checkpoint resumes exactly
+                figure = os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}.png")
+                with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+                    save_figure(model, figure_images, figure)
+                log.image("figures/validation", figure, step + 1)
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")

@@ -22,15 +22,19 @@ sizes (`shapes --style multisize`, radius 4-40 px at 128, `mixture_*_multisize.y
   video      STEVE with VQ and MSF guidance on `shapes_video`.
 The main part also compares each guidance with VQ seed by seed (paired differences, paired t-test).
 Every stage runs as its own process with `--resume auto`, so an interrupted study continues where it stopped
-and finished runs are not repeated. `--jobs N` runs up to N independent stages at once (all VAEs, then all OCL
-runs; each concurrent stage writes OUT/logs/STAGE.log). On one GPU the processes take turns: eight of the binding
+and finished runs are not repeated; stopping the study (Ctrl-C, SIGTERM, even kill -9) stops its running stages,
+each keeping its checkpoints. `--jobs N` runs up to N independent stages at once (all VAEs, then all OCL
+runs; each concurrent stage appends to OUT/logs/STAGE.log). On one GPU the processes take turns: eight of the binding
 configuration's runs side by side on an H200 trained 2.1x as fast in all as one alone (README, the study), so a GPU
 helps these small models less than its size suggests. The report goes to OUT/report.md (default runs/study).
 """
 
 import argparse
+import ctypes
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,9 +44,10 @@ from scipy import stats as scipy_stats
 
 import pretrain_vae
 import train_ocl
-from config import load_config
+from config import load_config, ranged
 from data import load_split
-from files import atomic_write_text, strict_json
+from errors import UserError, run_main
+from files import atomic_write_text, exclusive_lock, strict_json
 from runs import resolve_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +80,46 @@ SETTINGS = {
 }
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+
+
+def _stop_with(libc, parent: int) -> None:
+    """A stage's preexec_fn on Linux: SIGTERM to the stage when the study's process `parent` ends, however it ends
+    (kill -9 included), so no stage runs on without its study; the stage stops as on Ctrl-C, keeping its
+    checkpoints."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the study ended before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def start_stage(command: list, **kwargs) -> subprocess.Popen:
+    """A stage's process, in the repository root; on Linux it is stopped when the study ends."""
+    stop = None
+    if sys.platform.startswith("linux"):  # libc is loaded here: a forked child should not load libraries
+        stop = functools.partial(_stop_with, ctypes.CDLL(None, use_errno=True), os.getpid())
+    return subprocess.Popen(command, cwd=ROOT, preexec_fn=stop, **kwargs)
+
+
+def stop_stages(stop: KeyboardInterrupt, stages: list, patience: float = 60.0) -> KeyboardInterrupt:
+    """End the running `stages` [(process, what)] of a study stopped by Ctrl-C or SIGTERM: each gets SIGTERM, which
+    it takes as Ctrl-C (its checkpoints kept), and is killed if it has not ended within `patience` seconds. Returns
+    the stop to raise, whose words (run_main's sentence) name them."""
+    for process, _ in stages:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + patience
+    for process, _ in stages:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    named = ", ".join(f"'{what}'" for _, what in stages)
+    stopped = f"the running stage {named} stopped too, keeping its checkpoints; " if len(stages) == 1 else (
+        f"the running stages {named} stopped too, keeping their checkpoints; " if stages else "")
+    return type(stop)(stopped + "rerun the same command to continue, finished stages are kept")
+
+
 class Study:
     def __init__(self, out: str, device: str, steps_scale: float, log_every: int = 0, jobs: int = 1, amp: str = ""):
         self.out, self.device, self.steps_scale, self.log_every, self.amp = out, device, steps_scale, log_every, amp
@@ -90,18 +135,24 @@ class Study:
         command = self.command(script, args)
         print(f"\n=== {what}\n$ {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
-        result = subprocess.run(command, cwd=ROOT)
-        if result.returncode:
-            sys.exit(f"study: stage '{what}' failed (exit {result.returncode}); fix it and rerun the same command, "
+        process = start_stage(command)
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the stage stops too, keeping its checkpoints
+            raise stop_stages(stop, [(process, what)]) from None
+        if returncode:
+            sys.exit(f"study: stage '{what}' failed (exit {returncode}); fix it and rerun the same command, "
                      f"finished stages are kept")
         self.timings.append((what, time.perf_counter() - start))
 
     def run_all(self, stages: list) -> None:
         """Independent stages [(script, args, what)], `self.jobs` at a time (one at a time: `run`). An entry may also
         be a chain, a list of stages that run one after another in one slot (a VAE, then the model it guides), so a
-        chain that finishes early does not wait for the others. Each concurrent stage writes its output to
-        OUT/logs/WHAT.log and gets an equal share of the CPU threads. After a failure no new stage starts (nor the
-        rest of its chain); the running ones finish, then the study stops naming the failed stages' logs."""
+        chain that finishes early does not wait for the others. Each concurrent stage appends its output to
+        OUT/logs/WHAT.log under a header line, holding the log's lock while it runs (a log still held by a stage of
+        an earlier study that was killed is not reopened: that stage fails), and gets an equal share of the CPU
+        threads. After a failure no new stage starts (nor the rest of its chain); the running ones finish, then the
+        study stops naming the failed stages' logs. Ctrl-C or SIGTERM stops the running stages too (stop_stages)."""
         chains = [list(entry) if isinstance(entry, list) else [entry] for entry in stages]
         if self.jobs == 1:
             for chain in chains:
@@ -118,10 +169,28 @@ class Study:
             log_path = os.path.join(self.out, "logs", what.replace(" ", "_") + ".log")
             command = self.command(script, args)
             print(f"=== start {what} (log: {os.path.relpath(log_path, ROOT)})\n$ {' '.join(command[1:])}", flush=True)
-            log = open(log_path, "w")
-            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:  # the stage holds its log's lock as long as it runs, also if this study is killed meanwhile
+                log = exclusive_lock(log_path, "")
+            except UserError:
+                failed.append(f"'{what}' (a stage of an earlier study that was stopped is still running and writing "
+                              f"{log_path}; wait for it to end or stop it)")
+                print(f"=== FAILED {what}: an earlier study's stage still writes {log_path}", flush=True)
+                return
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} study starts {what}\n$ {' '.join(command[1:])}\n")
+            log.flush()
+            process = start_stage(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             running.append((process, log, what, log_path, time.perf_counter(), rest))
 
+        try:
+            self._run_chains(chains, running, failed, start)
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the running stages stop too, keeping their checkpoints
+            raise stop_stages(stop, [(entry[0], entry[2]) for entry in running]) from None
+        if failed:
+            sys.exit(f"study: {len(failed)} stage(s) failed: {'; '.join(failed)}; fix and rerun the same command, "
+                     f"finished stages are kept")
+
+    def _run_chains(self, chains: list, running: list, failed: list, start) -> None:
+        """run_all's loop: start chains while slots are free and nothing failed, collect the stages that end."""
         while chains or running:
             while chains and not failed and len(running) < self.jobs:
                 start(chains.pop(0))
@@ -142,9 +211,6 @@ class Study:
                 print(f"=== done {what} ({time.perf_counter() - began:.0f} s)", flush=True)
                 if rest and not failed:
                     start(rest)
-        if failed:
-            sys.exit(f"study: {len(failed)} stage(s) failed: {'; '.join(failed)}; fix and rerun the same command, "
-                     f"finished stages are kept")
 
     def steps(self, config: str, override: int = 0) -> list:
         steps = override
@@ -206,7 +272,7 @@ class Study:
         if final:
             runs = [resolve_checkpoint(run) for run in runs]
         out = os.path.join(self.out, "eval", name)
-        self.run("evaluate.py", list(runs) + ["--out", out, "--device", self.device] + list(extra),
+        self.run("evaluate.py", list(runs) + ["--out", out, "--device", self.device, "--overwrite"] + list(extra),
                  f"evaluate {name}")
         with open(os.path.join(out, "metrics.json")) as f:
             return json.load(f)
@@ -513,25 +579,28 @@ def main(argv=None) -> None:
                              "writes runs/demo (mixture) or runs/demo_METHOD")
     parser.add_argument("--out", default="", help="study directory (default runs/demo[_METHOD] or runs/study)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="full: OCL seeds")
-    parser.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
+    parser.add_argument("--seeds", type=ranged(int, "--seeds", min=0), nargs="+", default=[0, 1, 2],
+                        help="full: OCL seeds")
+    parser.add_argument("--ablation_seeds", type=ranged(int, "--ablation_seeds", min=0), nargs="+", default=None,
                         help="full: OCL seeds of the ablations (default --seeds)")
-    parser.add_argument("--video_seeds", type=int, nargs="+", default=None,
+    parser.add_argument("--video_seeds", type=ranged(int, "--video_seeds", min=0), nargs="+", default=None,
                         help="full: OCL seeds of the STEVE runs (default --seeds)")
     parser.add_argument("--parts", nargs="+", default=["main", "ablations", "video"],
                         choices=("main", "ablations", "video"), help="full: which parts to run")
-    parser.add_argument("--steps_scale", type=float, default=1.0, help="full: multiply every config's steps")
+    parser.add_argument("--steps_scale", type=ranged(float, "--steps_scale", above=0.0), default=1.0,
+                        help="full: multiply every config's steps")
     parser.add_argument("--setting", choices=tuple(SETTINGS), default="easy",
                         help="full: the main and ablation parts on easy (the mixture configuration that binds on a "
                              "CPU) or shapes (SLATE on the multi-scale data)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=ranged(int, "--jobs", min=1), default=None,
                         help="independent stages run at once (e.g. 2 on 2 CPU cores, 8 on one GPU; 1 = one after "
                              "another; default: demo 2, the VQ and MSF pipelines side by side, full 1)")
     parser.add_argument("--amp", default="", choices=("", "auto", "bf16", "fp16", "off"),
                         help="full: mixed precision of every stage (default: each config's, i.e. bf16 on a GPU)")
-    parser.add_argument("--vae_steps", type=int, default=1000, help="demo: VAE pretraining steps")
-    parser.add_argument("--ocl_steps", type=int, default=0, help="demo: Slot Attention training steps (default: the "
-                        "config's)")
+    parser.add_argument("--vae_steps", type=ranged(int, "--vae_steps", min=1), default=1000,
+                        help="demo: VAE pretraining steps")
+    parser.add_argument("--ocl_steps", type=ranged(int, "--ocl_steps", min=0), default=0,
+                        help="demo: Slot Attention training steps (default: the config's)")
     args = parser.parse_args(argv)
     args.jobs = args.jobs or (2 if args.preset == "demo" else 1)
     args.ablation_seeds = args.ablation_seeds or args.seeds
@@ -540,4 +609,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -92,6 +92,22 @@ def load_guidance_vae(config: dict):
     return vae, state
 
 
+def check_resumed_vae(state, vae, vae_state) -> None:
+    """Refuse to resume on another guidance VAE than the one the checkpoint trained with (vae_ckpt retrained or
+    replaced since): the checkpoint keeps that VAE's weights, which would not fit the new VAE's shapes or silently
+    take the place of its weights."""
+    if state is None or vae is None:
+        return
+    saved = {key[len("vae."):]: value for key, value in state["model"].items() if key.startswith("vae.")}
+    changed = sorted(set(saved) ^ set(vae.state_dict())) + [  # other entries, or other weights (buffers may move)
+        name for name, value in vae.named_parameters()
+        if name in saved and (saved[name].shape != value.shape or not torch.equal(saved[name], value.detach()))]
+    if saved and changed:
+        raise UserError(f"checkpoint {state['path']} was trained with another guidance VAE than {vae_state['path']} "
+                        f"holds now (it was retrained or replaced since: {changed[0]} differs); put the VAE the run "
+                        f"was trained with back there, or start afresh in another --out_dir")
+
+
 @torch.no_grad()
 def measure_latent_scale(model: models.OCLModel, dataset, device, samples: int = 32) -> float:
     """Std of the latent SlotDiffusion diffuses (`diffusion_target`) over the first training samples
@@ -277,6 +293,7 @@ def main(argv=None) -> None:
 
     # Model: the global seed gives every rank, whatever the world size, the same initial weights.
     vae, vae_state = load_guidance_vae(config)
+    check_resumed_vae(state, vae, vae_state)
     torch.manual_seed(config["seed"])
     model = models.build_model(config, video, vae).to(d.device)
     # SlotDiffusion's latent scale is measured on a fresh start; a resumed run takes it from the checkpoint.
@@ -354,11 +371,14 @@ def main(argv=None) -> None:
                 log.info(warning)
                 warned = True
             check_finite_state(model, {"val_loss": metrics["val_loss"]}, step + 1, config["out_dir"])
-            if d.is_main:
-                for path in save_figures(model, figure_batch, d.device,
-                                         os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}")):
-                    log.image("figures/" + (path.rsplit("_", 1)[-1][:-4] if video else "validation"), path, step + 1)
             checkpoint(step + 1, metrics)
+            if d.is_main:  # after the checkpoint, so a figure that runs out of memory (many slots) loses no step; the
+                # random numbers it draws (SlotDiffusion samples) are given back, so the checkpoint resumes exactly
+                with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+                    for path in save_figures(model, figure_batch, d.device,
+                                             os.path.join(config["out_dir"], "figures", f"step_{step + 1:07d}")):
+                        log.image("figures/" + (path.rsplit("_", 1)[-1][:-4] if video else "validation"), path,
+                                  step + 1)
     progress.close()
     if start_step >= steps:
         log.info(f"nothing to do: the checkpoint is at step {start_step} of {steps}")

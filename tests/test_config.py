@@ -91,6 +91,27 @@ def test_a_key_given_twice_is_refused(tmp_path):
     assert load_config(OPTIONS, [str(path)])["scales"] == [1, 2]
 
 
+def test_yaml_merge_keys_work_with_the_config_file_keys_overriding_them(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text(".defaults: &defaults\n  steps: 7\n  lr: 0.5\n<<: *defaults\nlr: 0.25\n")
+    config = load_config(OPTIONS, [str(path)])
+    assert (config["steps"], config["lr"]) == (7, 0.25)
+    path.write_text(".defaults: &defaults\n  steps: 7\n<<: *defaults\nlr: 0.25\nlr: 0.5\n")
+    with pytest.raises(UserError, match=r"key 'lr' is given twice \(lines 4 and 5\)"):
+        load_config(OPTIONS, [str(path)])
+
+
+def test_upper_bounds_are_checked(tmp_path):
+    options = {"fraction": option(0.5, "a fraction", min=0.0, max=1.0), "p": option(0.1, "dropout", below=1.0)}
+    path = write(tmp_path, {})
+    for flag, value, pattern in (("fraction", "5", "'fraction' must be at most 1.0, got 5.0"),
+                                 ("fraction", "-1", "'fraction' must be at least 0.0"),
+                                 ("p", "1", "'p' must be smaller than 1.0, got 1.0"), ("p", ".inf", "finite")):
+        with pytest.raises(UserError, match=pattern):
+            load_config(options, [path, f"--{flag}={value}"])
+    assert load_config(options, [path, "--fraction", "1", "--p", "0.99"])["fraction"] == 1.0
+
+
 def test_resolved_config_round_trips(tmp_path):
     config = load_config(OPTIONS, [write(tmp_path, {"steps": 3})])
     save_config(config, str(tmp_path / "run" / "config.yaml"))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import study
+from helpers import STOPPABLE_STAGE, hold_flock
 
 
 def test_demo_summary_maps_each_guidance_to_its_runs_metrics(tmp_path):
@@ -151,3 +152,54 @@ def test_a_demo_of_a_method_that_has_not_bound_says_so(tmp_path):
         study.main(["demo", "--method", "steve", "--out", str(tmp_path / "demo")])
     assert "no configuration of steve has bound on the CPU yet" in str(stop.value)
     assert not os.path.exists(tmp_path / "demo")  # refused before anything is generated
+
+
+def stopped_study(runner, stages, capsys) -> str:
+    """The last stderr line of run_all under run_main, stopped by SIGTERM from one of its stages (exit 143)."""
+    from errors import run_main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_main(lambda: runner.run_all(stages))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 143 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_stopped_study_stops_its_running_stages_and_says_so_in_one_sentence(tmp_path, capsys, jobs):
+    script = tmp_path / "stage.py"
+    script.write_text(STOPPABLE_STAGE)
+    runner = study.Study(str(tmp_path / "study"), "cpu", 1.0, jobs=jobs)
+    first, second = tmp_path / "first", tmp_path / "second"
+    if jobs == 1:
+        stages, marks = [(str(script), [first, first], "first")], [first]
+    else:
+        stages = [(str(script), [first, "-"], "first"), (str(script), [second, first], "second")]
+        marks = [first, second]
+    last = stopped_study(runner, stages, capsys)
+    named = "the running stage 'first' stopped too, keeping its checkpoints" if jobs == 1 else \
+        "the running stages 'first', 'second' stopped too, keeping their checkpoints"
+    assert last == f"error: stopped by SIGTERM; {named}; rerun the same command to continue, finished stages are kept"
+    for mark in marks:  # each stage was told (SIGTERM, which a trainer takes as Ctrl-C) and has ended
+        assert (tmp_path / (mark.name + ".stopped")).read_text() == "SIGTERM"
+        pid = int(mark.read_text())
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"  # ended, only not reaped yet
+
+
+def test_a_stage_log_still_written_by_an_earlier_study_is_not_reopened(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text("import sys\nopen(sys.argv[1], 'w').write('ran')\n")
+    runner = study.Study(str(tmp_path / "study"), "cpu", 1.0, jobs=2)
+    logs = tmp_path / "study" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "train_a.log").write_text("what the orphaned stage wrote\n")
+    with hold_flock(logs / "train_a.log"):  # the stage of a study killed with kill -9, still running
+        with pytest.raises(SystemExit, match=r"'train a' \(a stage of an earlier study that was stopped is still "
+                                             r"running and writing .*train_a.log; wait for it to end or stop it\)"):
+            runner.run_all([(str(script), [tmp_path / "a"], "train a"), (str(script), [tmp_path / "b"], "train b")])
+    assert (logs / "train_a.log").read_text() == "what the orphaned stage wrote\n" and not (tmp_path / "a").exists()
+    runner.run_all([(str(script), [tmp_path / "a"], "train a")])  # free again: appended to, under a header
+    text = (logs / "train_a.log").read_text()
+    assert text.startswith("what the orphaned stage wrote\n=== ") and "study starts train a\n$ " in text
+    assert (tmp_path / "a").read_text() == "ran"
