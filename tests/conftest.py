@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import prepare_data
+import runs
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,14 @@ def _few_threads():
     """Tests run on 2 cores; keep torch from oversubscribing them."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _release_run_locks():
+    """A run that stops with an error inside the test process keeps its run directory locked, as a real process does
+    until it exits; the next test is another process's turn, so whatever a test left locked is released after it
+    (else messages that name the latest held run, such as study.py's stop sentence, would name an earlier test's)."""
+    yield
+    for handle in runs._RUN_LOCKS.values():
+        handle.close()
+    runs._RUN_LOCKS.clear()
