@@ -407,8 +407,8 @@ def _report(results: list, compare: bool) -> dict:
             payload.update({k: ocl_runs[0][k] for k in keys})
         lines.append(_format_table(["run"] + keys, rows))
         lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (README, 'Evaluation "
-                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); mbo_small / medium / large: "
-                     "mBO of the objects under 1 %, from 1 to under 5 %, and 5 % or more of the image (" +
+                     "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); mbo_small / medium / "
+                     "large: mBO of the objects under 1 %, from 1 to under 5 %, and 5 % or more of the image (" +
                      ", ".join(f"{ocl_runs[0].get('objects_' + g, 0)} {g}" for g in SIZE_GROUPS) +
                      " objects in the first run); bg_iou: the "
                      "background's best IoU with one slot, %; bg_slots: slots holding >= 10 % of the background; "
