@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 import msf
 from checkpoints import load_for_evaluation
+from data import resize_pixels
 from errors import UserError
 from model import DiffusionDecoder, MixtureLoss
 
@@ -95,9 +96,8 @@ def _prepared(picture: Image.Image, name: str, resolution: int) -> tuple:
     if pixels.shape[1] != pixels.shape[2]:
         pixels = pixels[:, top:top + side, left:left + side]
         steps.append(f"centre-cropped to {side}x{side}")
-    if side != resolution:  # antialiased bilinear, as the datasets' images were resized (data.resize_sample)
-        pixels = F.interpolate(pixels[None], size=(resolution, resolution), mode="bilinear", antialias=True,
-                               align_corners=False)[0]
+    if side != resolution:  # as the datasets' images were resized
+        pixels = resize_pixels(pixels, resolution)
         steps.append(f"resized to {resolution}x{resolution}")
     done = ", ".join(steps[:-1]) + " and " + steps[-1] if len(steps) > 1 else (steps[0] if steps else "used as it is")
     return (pixels / 127.5 - 1).clamp(-1, 1), f"{name}: {width}x{height} {done}"

@@ -547,11 +547,18 @@ class StepSampler:
             step += 1
 
 
+def resize_pixels(pixels, size: int):
+    """Resize (…,3,H,W) pixels to size x size, bilinear with antialiasing: how every stored image is resized, and
+    api.read_images' images of any size."""
+    lead = pixels.shape[:-3]
+    return F.interpolate(pixels.reshape(-1, *pixels.shape[-3:]), size=(size, size), mode="bilinear",
+                         antialias=True, align_corners=False).reshape(*lead, 3, size, size)
+
+
 def resize_sample(pixels, segment, size: int):
     """Resize (…,3,H,W) pixels with antialiasing and (…,H,W) segments with nearest-exact to size x size."""
+    pixels = resize_pixels(pixels, size)
     lead = pixels.shape[:-3]
-    pixels = F.interpolate(pixels.reshape(-1, *pixels.shape[-3:]), size=(size, size), mode="bilinear",
-                           antialias=True, align_corners=False).reshape(*lead, 3, size, size)
     segment = F.interpolate(segment.reshape(-1, 1, *segment.shape[-2:]).float(), size=(size, size),
                             mode="nearest-exact").to(segment.dtype).reshape(*lead, size, size)
     return pixels, segment
