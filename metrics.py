@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
 
 from devices import autocast
 from model import masks_to_segments
@@ -304,6 +303,8 @@ def separability(vectors, k: int, seed: int = 0, return_labels: bool = False) ->
     if k < 1:
         return {"inter": math.nan, "intra": math.nan, "k": 0, "distinct": len(distinct),
                 **({"labels": np.zeros(len(vectors), dtype=np.int64)} if return_labels else {})}
+    from sklearn.cluster import KMeans  # here, not with the module: a second of imports no trainer needs
+
     kmeans = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(distinct, sample_weight=counts)
     centroids = kmeans.cluster_centers_  # (k, c)
     distances = np.linalg.norm(distinct - centroids[kmeans.labels_], axis=1)

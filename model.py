@@ -15,12 +15,9 @@ import copy
 import math
 import warnings
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed
 
 import msf
 from config import option
@@ -66,7 +63,11 @@ class NaiveCNN(nn.Module):
 
 
 def load_dino(config: dict) -> nn.Module:
-    """The frozen DINO ViT from timm: pretrained from the hub, from `dino_weights`, or random (loudly)."""
+    """The frozen DINO ViT from timm: pretrained from the hub, from `dino_weights`, or random (loudly). timm is
+    imported here, not with the module: it takes seconds (torchvision with it), and every process that imports this
+    module without a DINO encoder, loader workers included, would pay them."""
+    import timm
+
     image_size = config["resolution"]
     kwargs = dict(img_size=image_size, num_classes=0, dynamic_img_size=True)
     if config["dino_depth"]:
@@ -93,12 +94,16 @@ def load_dino(config: dict) -> nn.Module:
 def dino_input_statistics(vit: nn.Module) -> tuple:
     """The per-channel (mean, std) of [0, 1] pixels the ViT's weights were trained with: timm's pretrained config of
     the model (ImageNet's for DINO and DINOv2), timm's ImageNet defaults if the model carries none."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     cfg = getattr(vit, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
 def load_vit_weights(vit: nn.Module, path: str) -> None:
     """Load a timm or official DINO state dict into `vit`, resampling the position embedding to its grid."""
+    from timm.layers import resample_abs_pos_embed
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

@@ -21,6 +21,10 @@ LIBRARY = {"errors", "files", "config", "schedules", "devices", "grids", "runs",
 # and every module above can import them (errors, files and config, which all the others use, stay below the torch
 # machinery of runs and training).
 PLUMBING = ["errors", "files", "config", "schedules", "devices", "grids", "runs", "training"]
+# Third-party packages imported where they are used, not at the top: seconds of start-up (timm brings torchvision)
+# that every stage process and loader forkserver would pay for the one path that needs them (a DINO encoder,
+# separability's KMeans).
+DEFERRED = {"timm", "sklearn"}
 
 
 def parse(module: str) -> ast.Module:
@@ -67,8 +71,18 @@ def test_imports_are_at_module_top(module):
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     nested = [f"{module}.py:{node.lineno}" for node in ast.walk(tree)
               if isinstance(node, (ast.Import, ast.ImportFrom)) and node not in tree.body
-              and not optional_import(node, parents)]
+              and not optional_import(node, parents) and not set(imported_names(node)) <= DEFERRED]
     assert not nested, f"imports inside functions or blocks: {nested}"
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS - {"evaluate"}))
+def test_the_training_scripts_start_without_the_deferred_packages(script):
+    """A trainer without a DINO encoder never needs timm or sklearn: importing the script (what each loader
+    forkserver does) leaves them unloaded. evaluate.py reports separability, so it may load sklearn."""
+    code = f"import sys, {script}; print(sorted(p for p in {sorted(DEFERRED)} if p in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_the_import_graph_has_no_cycle():
