@@ -380,15 +380,21 @@ def config_step(name: str, device, cached_target: bool = False, **overrides):
     root = os.path.dirname(os.path.abspath(__file__))
     config = load_config(train_ocl.OPTIONS, [os.path.join(root, "configs", name + ".yaml")])
     config.update(overrides)
-    vae_name = "vae_" + config["guidance"] + "_" + name.split("_", 2)[-1]
+    vae_name = os.path.basename(config["vae_ckpt"])  # its VAE config is named after the VAE's run directory
     torch.manual_seed(0)
     vae = msf.build_vae(load_config(pretrain_vae.OPTIONS, [os.path.join(root, "configs", vae_name + ".yaml")]))
-    ocl = models.OCLModel(config, vae).to(device)
-    images = torch.rand(config["batch_size"], 3, config["resolution"], config["resolution"], device=device) * 2 - 1
+    video = config["method"] == "steve"
+    ocl = models.OCLModel(config, vae, video=video).to(device)
+    side, b = config["resolution"], config["batch_size"]
+    if video:  # clips of num_frames frames with the first frame's boxes (x0, y0, x1, y1 in [0, 1])
+        corners = torch.rand(b, config["num_slots"], 2, 2, device=device).sort(2).values
+        batch = {"video": torch.rand(b, config["num_frames"], 3, side, side, device=device) * 2 - 1,
+                 "bbox": corners.flatten(2)[:, None].expand(-1, config["num_frames"], -1, -1)}
+    else:
+        batch = {"image": torch.rand(b, 3, side, side, device=device) * 2 - 1}
     trainable = [p for p in ocl.parameters() if p.requires_grad]
-    target = ocl.target(images) if cached_target else None
-    return training_step(lambda: ocl({"image": images}, 0.5, target=target)[0], trainable, device,
-                         amp_dtype("auto", device))
+    target = ocl.target(batch["image"]) if cached_target and ocl.target_is_cacheable() else None
+    return training_step(lambda: ocl(batch, 0.5, target=target)[0], trainable, device, amp_dtype("auto", device))
 
 
 @figure
@@ -415,12 +421,13 @@ def ocl_steps_per_s(args):
 
 @figure
 def method_steps_per_s(args):
-    """Training steps per second of each method's binding configuration on `shapes_easy` (configs/M_msf_easy.yaml:
-    its batch, resolution and widths, the target cache on as train_ocl uses it), and each one's step time over the
-    mixture decoder's, side by side; at 1 thread, as the CPU runs train two at a time."""
+    """Training steps per second of each method's CPU configuration on `shapes_easy` (configs/M_msf_easy.yaml: its
+    batch, resolution and widths, the target cache on where train_ocl uses it; STEVE on clips of its easy videos),
+    and each one's step time over the mixture decoder's, side by side; at 1 thread, as the CPU runs train two at a
+    time."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    methods = ("mixture", "slate")  # the methods with a configuration that binds on the CPU (study.DEMO_METHODS)
+    methods = ("mixture", "slate", "ogdr", "sysbinder", "slotdiffusion", "steve")  # each one's configs/M_msf_easy.yaml
     steps = {m: config_step(f"{m}_msf_easy", args.device, cached_target=True) for m in methods}
     timings = time_interleaved(steps, repeats=5, sync=_sync(args.device))
     torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ percent on the validation split); it is sized to finish within 20 minutes on a 2
 `full` runs the study the README's Results section describes. `--setting easy` (default): the mixture configuration
 that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting multisize`: the same on objects of many
 sizes (`shapes --style multisize`, radius 4-40 px at 128, `mixture_*_multisize.yaml`), scored per object size;
+`--setting slate_easy`: SLATE's binding configuration on `shapes_easy` (`slate_*_easy.yaml`; its grouped arm is OGDR);
 `--setting shapes`: SLATE on the multi-scale data (`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
   main       VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
              (paper Table 4 form: before / after inter-scale fusion, scale-variant part, final; every scale);
@@ -77,6 +78,8 @@ SETTINGS = {
                   "scales": {"guidance scale [2]": ("scales2", "[2]")}},
     "shapes": {"data": "shapes", "vae": "configs/vae_{}_shapes.yaml", "ocl": "configs/slate_{}_shapes.yaml",
                "method": "slate", "scales": SCALE_ABLATIONS},
+    "slate_easy": {"data": "shapes_easy", "vae": "configs/vae_{}_easy.yaml", "ocl": "configs/slate_{}_easy.yaml",
+                   "method": "slate", "scales": SCALE_ABLATIONS},
 }
 
 
@@ -464,7 +467,7 @@ def full(args) -> list:
             vae_specs[f"vae_{guidance}_video"] = (f"configs/vae_{guidance}_shapes_video.yaml", None)
     vaes, stages = {}, []
     for name, (config, overrides) in vae_specs.items():
-        vaes[name], stage = study.vae_stage(name, config, overrides)
+        vaes[name], stage = study.vae_stage(name, config, overrides, steps=args.vae_steps or 0)
         stages.append(stage)
     study.run_all(stages)
 
@@ -473,7 +476,8 @@ def full(args) -> list:
     def plan(part, label, name, config, vae, run_seeds, overrides=None, evaluation=""):
         runs = []
         for seed in run_seeds:
-            out, stage = study.ocl_stage(f"{name}_s{seed}", config, vaes[vae], seed, overrides)
+            out, stage = study.ocl_stage(f"{name}_s{seed}", config, vaes[vae], seed, overrides,
+                                         steps=0 if part == "video" else args.ocl_steps)
             runs.append(out)
             if stage not in stages:  # the ablations' reference shares the main part's MSF runs
                 stages.append(stage)
@@ -591,18 +595,22 @@ def main(argv=None) -> None:
                         help="full: multiply every config's steps")
     parser.add_argument("--setting", choices=tuple(SETTINGS), default="easy",
                         help="full: the main and ablation parts on easy (the mixture configuration that binds on a "
-                             "CPU) or shapes (SLATE on the multi-scale data)")
+                             "CPU), multisize (the same on objects of many sizes), slate_easy (SLATE's binding "
+                             "configuration) or shapes (SLATE on the multi-scale data)")
     parser.add_argument("--jobs", type=ranged(int, "--jobs", min=1), default=None,
                         help="independent stages run at once (e.g. 2 on 2 CPU cores, 8 on one GPU; 1 = one after "
                              "another; default: demo 2, the VQ and MSF pipelines side by side, full 1)")
     parser.add_argument("--amp", default="", choices=("", "auto", "bf16", "fp16", "off"),
                         help="full: mixed precision of every stage (default: each config's, i.e. bf16 on a GPU)")
-    parser.add_argument("--vae_steps", type=ranged(int, "--vae_steps", min=1), default=1000,
-                        help="demo: VAE pretraining steps")
+    parser.add_argument("--vae_steps", type=ranged(int, "--vae_steps", min=1), default=None,
+                        help="VAE pretraining steps (default: demo 1000, full each config's x --steps_scale)")
     parser.add_argument("--ocl_steps", type=ranged(int, "--ocl_steps", min=0), default=0,
-                        help="demo: Slot Attention training steps (default: the config's)")
+                        help="OCL training steps of every run but the video part's (default: the config's); "
+                             "--steps_scale multiplies it too")
     args = parser.parse_args(argv)
     args.jobs = args.jobs or (2 if args.preset == "demo" else 1)
+    if args.preset == "demo" and args.vae_steps is None:
+        args.vae_steps = 1000
     args.ablation_seeds = args.ablation_seeds or args.seeds
     args.video_seeds = args.video_seeds or args.seeds
     (demo if args.preset == "demo" else full)(args)

@@ -38,7 +38,8 @@ def test_each_training_step_a_figure_times_runs_and_changes_the_weights():
     cpu = torch.device("cpu")
     for step in (bench.ocl_step("msf", cpu, False), bench.config_step("mixture_msf_easy", cpu),
                  bench.config_step("mixture_msf_easy", cpu, cached_target=True),
-                 bench.config_step("slate_msf_easy", cpu, cached_target=True)):
+                 *(bench.config_step(f"{method}_msf_easy", cpu, cached_target=True)
+                   for method in ("slate", "ogdr", "sysbinder", "slotdiffusion", "steve"))):
         optimizer = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.optim.Adam))
         before = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
         step()
