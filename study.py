@@ -385,8 +385,9 @@ def demo_summary(metrics: dict, guidance_of: dict) -> dict:
 DEMO_METHODS = {
     "mixture": {"guidance": ("vq", "msf"), "title": "Slot Attention + mixture decoder"},
     "slate": {"guidance": ("vq", "msf"), "title": "SLATE"},
+    "ogdr": {"guidance": ("grouped", "msf"), "title": "OGDR"},
 }
-NOT_YET_BOUND = ("steve", "slotdiffusion", "sysbinder", "ogdr", "dinosaur")
+NOT_YET_BOUND = ("steve", "slotdiffusion", "sysbinder", "dinosaur")
 
 
 def demo(args) -> list:

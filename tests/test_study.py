@@ -7,8 +7,11 @@ import os
 import numpy as np
 import pytest
 
+import pretrain_vae
 import study
-from helpers import STOPPABLE_STAGE, hold_flock
+import train_ocl
+from config import load_config
+from helpers import ROOT, STOPPABLE_STAGE, hold_flock
 
 
 def test_demo_summary_maps_each_guidance_to_its_runs_metrics(tmp_path):
@@ -145,6 +148,18 @@ def test_table_rows_show_one_run_or_mean_and_std_with_the_size_and_background_co
                                                "n/a | n/a | n/a |")
     assert study.metric_header("guidance")[0] == ("| guidance | ari | ari_fg | miou | mbo | mbo_small | mbo_medium | "
                                                   "mbo_large | bg_iou | bg_slots |")
+
+
+@pytest.mark.parametrize("method", sorted(study.DEMO_METHODS))
+def test_each_demo_has_its_configs_and_they_name_the_demos_vaes(method):
+    """`study.py demo --method M` trains configs/vae_<g>_easy.yaml and then configs/M_<g>_easy.yaml over it, for each
+    of its guidances g: both must exist, the OCL config's VAE must be that VAE config's run (the demo passes the
+    path, a config naming another would mislead a reader), and its guidance kind must be g."""
+    for guidance in study.DEMO_METHODS[method]["guidance"]:
+        vae = load_config(pretrain_vae.OPTIONS, [os.path.join(ROOT, "configs", f"vae_{guidance}_easy.yaml")])
+        ocl = load_config(train_ocl.OPTIONS, [os.path.join(ROOT, "configs", f"{method}_{guidance}_easy.yaml")])
+        assert ocl["method"] == method and ocl["guidance"] == vae["quantizer"] == guidance
+        assert ocl["vae_ckpt"] == vae["out_dir"] and ocl["data_dir"] == vae["data_dir"] == "data/shapes_easy"
 
 
 def test_a_demo_of_a_method_that_has_not_bound_says_so(tmp_path):
