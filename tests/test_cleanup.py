@@ -139,3 +139,49 @@ def test_sigkill_of_a_study_ends_its_running_stages(tmp_path):
         for mark in marks:
             if mark.exists() and mark.read_text() and running(int(mark.read_text())):
                 os.kill(int(mark.read_text()), signal.SIGKILL)
+
+
+def environment_of(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return {}
+
+
+def test_a_killed_torchrun_rank_stops_the_other_in_one_sentence_and_nothing_is_left(tmp_path, shapes_dir):
+    """kill -9 of one rank of a two-rank torchrun job (an out-of-memory kill, a lost node): the other rank ends with
+    one sentence naming the checkpoint the run keeps (the lost peer, or torchrun's SIGTERM, whichever reaches it
+    first), no traceback of ours, and no process of the job is left: ranks, their loader workers, forkservers and
+    resource trackers."""
+    marker = f"MSF_TEST_RUN={uuid.uuid4().hex}"
+    config = write_vae_config(tmp_path, shapes_dir, steps=2000, val_every=2, num_workers=1, val_samples=4,
+                              log_every=100)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **dict([marker.split("=", 1)]))
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                "pretrain_vae.py", config, "--device", "cpu"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: any(n.startswith("ckpt_") for n in os.listdir(tmp_path / "run"))
+                        if (tmp_path / "run").is_dir() else False, 180), "no checkpoint within 180 s"
+        job = descendants(process.pid)
+        ranks = {int(environment_of(pid).get(b"RANK", b"-1")): pid for pid in job
+                 if b"pretrain_vae.py" in open(f"/proc/{pid}/cmdline", "rb").read()}
+        assert {0, 1} <= set(ranks), [command_line(pid) for pid in job]
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = process.communicate(timeout=180)
+        ours = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(ours) == 1, err[-3000:]
+        assert ("another rank of this torchrun job stopped or stalled" in ours[0] or
+                ours[0].startswith("error: stopped by SIGTERM; ")), ours[0]
+        assert "continue from it with --resume auto" in ours[0], ours[0]
+        assert 'pretrain_vae.py", line' not in err, err[-3000:]  # torchrun's own report may follow, ours may not
+        assert wait_for(lambda: not processes_marked(marker) and not any(running(pid) for pid in job), 10), \
+            [command_line(pid) for pid in set(processes_marked(marker)) | job if running(pid)]
+    finally:
+        for pid in processes_marked(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait(30)
