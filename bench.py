@@ -28,7 +28,7 @@ from config import load_config
 from devices import amp_dtype, autocast, pick_device
 from errors import UserError, run_main
 from runs import share_frozen_weights, slim_checkpoint
-from training import rng_state
+from training import adam, rng_state
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FIGURES = {}
@@ -101,7 +101,7 @@ def time_interleaved(functions: dict, repeats: int, warmup: int = 2, sync=None) 
 
 def training_step(loss_fn, parameters, device, dtype):
     """A closure doing one Adam step on `loss_fn()` under autocast (dtype None: full precision)."""
-    optimizer = torch.optim.Adam(list(parameters), lr=1e-4)
+    optimizer = adam(list(parameters), 1e-4)
 
     def step():
         with autocast(device, dtype):
@@ -437,6 +437,31 @@ def method_steps_per_s(args):
     return result
 
 
+@figure
+def adam_step(args):
+    """One Adam step over the trainable parameters of each method's CPU configuration (configs/M_msf_easy.yaml),
+    torch's per-tensor loop (its default on the CPU) against the fused step train_ocl.py and pretrain_vae.py take
+    (training.adam), side by side at 1 thread; the ratio is loop time over fused time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result = {}
+    for method in ("mixture", "slate", "slotdiffusion"):
+        config = load_config(train_ocl.OPTIONS, [os.path.join(ROOT, "configs", f"{method}_msf_easy.yaml")])
+        vae_config = os.path.join(ROOT, "configs", os.path.basename(config["vae_ckpt"]) + ".yaml")
+        ocl = models.OCLModel(config, msf.build_vae(load_config(pretrain_vae.OPTIONS, [vae_config])))
+        trainable = [p for p in ocl.parameters() if p.requires_grad]
+        for p in trainable:
+            p.grad = torch.randn_like(p)
+        steps = {"loop": torch.optim.Adam(trainable, lr=1e-4, foreach=False).step,
+                 "fused": adam(trainable, 1e-4).step}
+        timings = time_interleaved(steps, repeats=20, sync=None)
+        result[f"{method}_adam_tensors"] = len(trainable)
+        result[f"{method}_adam_fused_ms"] = round(timings["fused"] * 1000, 2)
+        result[f"{method}_adam_loop_vs_fused"] = round(timings["loop"] / timings["fused"], 2)
+    torch.set_num_threads(threads)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Disk use of a run (README, "Disk").
 
@@ -451,7 +476,7 @@ def checkpoint_files(config_name: str, directory: str) -> dict:
         warnings.simplefilter("ignore")  # DINO without pretrained weights: the same size
         ocl = models.build_model(config, False, vae)
     trainable = [p for p in ocl.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable)
+    optimizer = adam(trainable, 1e-4)
     for p in trainable:
         p.grad = torch.zeros_like(p)
     optimizer.step()

@@ -105,10 +105,17 @@ def start_run(config: dict, kind: str, model_keys) -> tuple:
     return d, log, state, start_step
 
 
+def adam(parameters, lr: float) -> torch.optim.Adam:
+    """Adam as every trainer runs it: fused, one pass over all parameters per step instead of a dozen small
+    operations per tensor (CPU and GPU alike). On the CPU, SlotDiffusion's 508 parameter tensors took 15 ms a step
+    instead of 41, SLATE's 84 took 0.8 ms instead of 4.3 (`python bench.py adam_step`)."""
+    return torch.optim.Adam(parameters, lr=lr, fused=True)
+
+
 def optimizer_and_rng(parameters, config: dict, d: Dist, model, state, log: RunLog) -> tuple:
     """Adam, the AMP dtype and its grad scaler, and each rank's own noise from here on: seeded with
     seed * world_size + rank on a fresh start, restored with the weights and optimizer on resume."""
-    optimizer = torch.optim.Adam(parameters, lr=config["lr"])
+    optimizer = adam(parameters, config["lr"])
     dtype = amp_dtype(config["amp"], d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
     if state is None:
