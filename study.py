@@ -386,8 +386,9 @@ DEMO_METHODS = {
     "mixture": {"guidance": ("vq", "msf"), "title": "Slot Attention + mixture decoder"},
     "slate": {"guidance": ("vq", "msf"), "title": "SLATE"},
     "ogdr": {"guidance": ("grouped", "msf"), "title": "OGDR"},
+    "sysbinder": {"guidance": ("vq", "msf"), "title": "SysBinder"},
 }
-NOT_YET_BOUND = ("steve", "slotdiffusion", "sysbinder", "dinosaur")
+NOT_YET_BOUND = ("steve", "slotdiffusion", "dinosaur")
 
 
 def demo(args) -> list:
