@@ -25,7 +25,7 @@ import msf
 from checkpoints import load_for_evaluation
 from data import resize_pixels
 from errors import UserError
-from model import DiffusionDecoder, MixtureLoss
+from model import BoxQueries, DiffusionDecoder, MixtureLoss
 
 
 RANGE_SLACK = 0.05  # antialiased resizing overshoots [-1, 1] a little; pixels in 0-255 or 0-1 do not fit otherwise
@@ -228,7 +228,7 @@ class ObjectCentric:
         score."""
         images = checked_images(images, 5 if self.model.video else 4, side=self.resolution).to(self.device).float()
         size = tuple(images.shape[-2:])
-        if self.model.video and boxes is None:
+        if self.model.video and boxes is None and isinstance(self.model.queries, BoxQueries):
             raise ValueError("a video model needs the first frame's object boxes (b, K, 4), as its data has")
         slots, masks = self.model.slots_and_masks(images, 0.0, None if boxes is None else boxes.to(self.device))
         lead = masks.shape[:-2]

@@ -886,8 +886,9 @@ class OCLModel(nn.Module):
             self.slot_attention = SlotAttention(dim, config["sa_iterations"], config["sa_mlp_dim"],
                                                 truncation=config["sa_truncation"])
         if video:
-            self.queries = BoxQueries(dim)
             self.predictor = SlotPredictor(dim, config["decoder_heads"], config["predictor_layers"])
+        if video and config["video_queries"] == "boxes":
+            self.queries = BoxQueries(dim)
         else:
             self.queries = GaussianQueries(config["num_slots"], dim)
         self.vae = vae
@@ -929,8 +930,9 @@ class OCLModel(nn.Module):
     # --------------------------------------------------------------------------------------------- slots
     def slots(self, images: torch.Tensor, sigma: float, boxes: torch.Tensor = None, dino_features=None) -> tuple:
         """Images (b,3,H,W) -> slots (b,s,d), masks (b,s,h,w). Videos (b,T,3,H,W) with first-frame boxes
-        (b,K,4) -> slots (b,T,s,d), masks (b,T,s,h,w): frame 0 from the boxes with every SA iteration, frame t
-        from the predictor applied to frame t-1 with one iteration (STEVE)."""
+        (b,K,4) -> slots (b,T,s,d), masks (b,T,s,h,w): frame 0 from the boxes (or, with `video_queries: gaussian`,
+        from the Gaussian queries as for images) with every SA iteration, frame t from the predictor applied to
+        frame t-1 with one iteration (STEVE)."""
         if not self.video:
             inputs, (h, w) = self.encoder(images, dino_features)
             slots, attention = self.slot_attention(inputs, self.queries(images.shape[0], sigma))
@@ -938,7 +940,11 @@ class OCLModel(nn.Module):
         b, t = images.shape[:2]
         inputs, (h, w) = self.encoder(images.flatten(0, 1))
         inputs = inputs.view(b, t, *inputs.shape[1:])
-        slots, attention = self.slot_attention(inputs[:, 0], self.queries(boxes_for_slots(boxes, self.config["num_slots"])))
+        if isinstance(self.queries, BoxQueries):
+            queries = self.queries(boxes_for_slots(boxes, self.config["num_slots"]))
+        else:  # video_queries: gaussian, as for images
+            queries = self.queries(b, sigma)
+        slots, attention = self.slot_attention(inputs[:, 0], queries)
         all_slots, all_attention = [slots], [attention]
         for frame in range(1, t):
             slots, attention = self.slot_attention(inputs[:, frame], self.predictor(slots), iterations=1)
@@ -1157,6 +1163,9 @@ OCL_OPTIONS = {
     "sa_truncation": option("none", "gradient through the Slot Attention iterations: all of them (paper), or bi-level "
                             "(BO-QSA, the MSF release: the last iteration only, straight through to the queries)",
                             choices=("none", "bi-level")),
+    "video_queries": option("boxes", "videos: the first frame's slots start from its object boxes through an MLP "
+                            "(conditional, as the paper's video runs), or from the Gaussian queries as for images "
+                            "(STEVE's own paper; the boxes are then not used)", choices=("boxes", "gaussian")),
     "query_sigma_start": option(1.0, "initial sigma of the Gaussian slot queries (annealed to 0)", min=0.0),
     "query_sigma_anneal_fraction": option(1.0, "fraction of training over which sigma reaches 0 (paper: 1); below 1 "
                                                "the rest trains at sigma 0, as mid-run validations see",

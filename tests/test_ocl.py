@@ -779,6 +779,31 @@ def test_shuffled_slot_loss_is_the_loss_with_the_previous_samples_slots(video):
     assert "loss_shuffled_slots" not in ocl(batch)[1]  # only when asked for
 
 
+def test_video_queries_choose_how_the_first_frames_slots_start():
+    """`video_queries: boxes` (the default) starts a video's slots from its first-frame boxes, so other boxes give
+    other slots; `gaussian` starts them from the learned means as for images: the boxes are not read, and at sigma
+    0 the first frame's slots are Slot Attention over the means, frame after frame through the predictor."""
+    vae = tiny_vae("msf")
+    generator = torch.Generator().manual_seed(3)
+    video = torch.rand(2, 3, 3, 32, 32, generator=generator) * 2 - 1
+    boxes = [torch.rand(2, 4, 4, generator=generator) for _ in range(2)]
+    for queries in ("boxes", "gaussian"):
+        torch.manual_seed(1)
+        ocl = models.OCLModel(model_config(method="steve", guidance="msf", video_queries=queries), vae,
+                              video=True).eval()
+        with torch.no_grad():
+            first, second = (ocl.slots(video, 0.0, boxes=b)[0] for b in boxes)
+            if queries == "boxes":
+                assert isinstance(ocl.queries, models.BoxQueries) and not torch.allclose(first, second)
+                continue
+            assert isinstance(ocl.queries, models.GaussianQueries)
+            torch.testing.assert_close(first, second, rtol=0, atol=0)
+            inputs, _ = ocl.encoder(video[:, 0])
+            expected, _ = ocl.slot_attention(inputs, ocl.queries.mean[None].expand(2, -1, -1))
+            torch.testing.assert_close(first[:, 0], expected)
+            assert first.shape == (2, 3, ocl.config["num_slots"], ocl.config["slot_dim"])
+
+
 def test_token_slot_gain_is_the_per_token_cross_entropy_difference():
     vae = tiny_vae("msf")
     torch.manual_seed(1)
