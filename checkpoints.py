@@ -18,6 +18,7 @@ ADDED_WITH_THE_OLD_BEHAVIOUR_AS_DEFAULT = (
     "vae_losses", "pyramid", "vae_norm",  # msf.VAE_OPTIONS
     "guidance_noise", "query_sigma_anneal_fraction", "sa_truncation", "denoiser_ema",  # model.OCL_OPTIONS
     "mixture_decoder", "mixture_target", "mixture_hidden",  # read only by the mixture method, which came with them
+    "video_queries",  # model.OCL_OPTIONS: video checkpoints before it started from the boxes, its default
 )
 
 

@@ -129,7 +129,7 @@ def test_older_checkpoints_load_only_when_the_missing_keys_default_to_the_old_be
     reference, _ = load_for_evaluation(os.path.join(root, "seed0", "best.pt"), torch.device("cpu"))
     # Keys that came later with the earlier behaviour as their default: the checkpoint loads and, the oracle, gives
     # the same masks as the untouched checkpoint.
-    for key in ("sa_truncation", "guidance_noise", "query_sigma_anneal_fraction", "denoiser_ema"):
+    for key in ("sa_truncation", "guidance_noise", "query_sigma_anneal_fraction", "denoiser_ema", "video_queries"):
         del state["config"][key]
     for key in ("pyramid", "vae_losses", "vae_norm"):
         del state["vae_config"][key]
