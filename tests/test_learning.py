@@ -2,7 +2,7 @@
 schedule, Slot Attention, decoder and validation as any run), on flat-colour objects it generates, must bind them.
 
 The setting is the smallest rung of the binding ladder that binds within a CPU minute or two (docs/results.md,
-"A learning test"): two objects of radius 16-40 px at 128, read at 16x16, three slots, a CNN broadcast mixture
+"A learning test"): two objects of radius 16-40 px at 128, read at 16x16, four slots, a CNN broadcast mixture
 decoder reconstructing the pixels. The thresholds come from the curves of several seeds with a margin. In 3000 steps
 the slots bind regions of the image (about a quadrant each), not yet objects: the test fails when training stops
 moving the slots off uniform (slots cut off from the gradient, a learning rate that does not apply, the encoder's

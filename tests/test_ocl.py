@@ -782,7 +782,7 @@ def test_shuffled_slot_loss_is_the_loss_with_the_previous_samples_slots(video):
 def test_video_queries_choose_how_the_first_frames_slots_start():
     """`video_queries: boxes` (the default) starts a video's slots from its first-frame boxes, so other boxes give
     other slots; `gaussian` starts them from the learned means as for images: the boxes are not read, and at sigma
-    0 the first frame's slots are Slot Attention over the means, frame after frame through the predictor."""
+    0 the first frame's slots are Slot Attention over the means."""
     vae = tiny_vae("msf")
     generator = torch.Generator().manual_seed(3)
     video = torch.rand(2, 3, 3, 32, 32, generator=generator) * 2 - 1
