@@ -372,21 +372,25 @@ def ocl_step_ratio_msf_vs_vq(args):
     return dict(result, **peak_memory(ocl_step, ("vq", "msf"), device, args.full, "ocl"))
 
 
+def config_model(name: str, device, **overrides) -> tuple:
+    """(config, model) of the OCL config configs/NAME.yaml with `overrides`, guided by an untrained VAE of the VAE
+    config named after its `vae_ckpt` run directory (e.g. configs/vae_msf_c4_easy.yaml), seeded for repeatable
+    figures."""
+    config = load_config(train_ocl.OPTIONS, [os.path.join(ROOT, "configs", name + ".yaml")])
+    config.update(overrides)
+    vae_config = os.path.join(ROOT, "configs", os.path.basename(config["vae_ckpt"]) + ".yaml")
+    torch.manual_seed(0)
+    vae = msf.build_vae(load_config(pretrain_vae.OPTIONS, [vae_config]))
+    return config, models.OCLModel(config, vae, video=config["method"] == "steve").to(device)
+
+
 def config_step(name: str, device, cached_target: bool = False, **overrides):
     """One training step of the OCL config configs/NAME.yaml as it trains (its batch, resolution and widths, with
-    `overrides`), guided by an untrained VAE of its VAE config's kind and size (configs/vae_<guidance>_<data>.yaml);
-    `cached_target`: with the decoder's target computed beforehand, as train_ocl.TargetCache gives it after the
-    first epoch."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    config = load_config(train_ocl.OPTIONS, [os.path.join(root, "configs", name + ".yaml")])
-    config.update(overrides)
-    vae_name = os.path.basename(config["vae_ckpt"])  # its VAE config is named after the VAE's run directory
-    torch.manual_seed(0)
-    vae = msf.build_vae(load_config(pretrain_vae.OPTIONS, [os.path.join(root, "configs", vae_name + ".yaml")]))
-    video = config["method"] == "steve"
-    ocl = models.OCLModel(config, vae, video=video).to(device)
+    `overrides`; config_model); `cached_target`: with the decoder's target computed beforehand, as
+    train_ocl.TargetCache gives it after the first epoch."""
+    config, ocl = config_model(name, device, **overrides)
     side, b = config["resolution"], config["batch_size"]
-    if video:  # clips of num_frames frames with the first frame's boxes (x0, y0, x1, y1 in [0, 1])
+    if ocl.video:  # clips of num_frames frames with the first frame's boxes (x0, y0, x1, y1 in [0, 1])
         corners = torch.rand(b, config["num_slots"], 2, 2, device=device).sort(2).values
         batch = {"video": torch.rand(b, config["num_frames"], 3, side, side, device=device) * 2 - 1,
                  "bbox": corners.flatten(2)[:, None].expand(-1, config["num_frames"], -1, -1)}
@@ -446,9 +450,7 @@ def adam_step(args):
     torch.set_num_threads(1)
     result = {}
     for method in ("mixture", "slate", "slotdiffusion"):
-        config = load_config(train_ocl.OPTIONS, [os.path.join(ROOT, "configs", f"{method}_msf_easy.yaml")])
-        vae_config = os.path.join(ROOT, "configs", os.path.basename(config["vae_ckpt"]) + ".yaml")
-        ocl = models.OCLModel(config, msf.build_vae(load_config(pretrain_vae.OPTIONS, [vae_config])))
+        _, ocl = config_model(f"{method}_msf_easy", torch.device("cpu"))
         trainable = [p for p in ocl.parameters() if p.requires_grad]
         for p in trainable:
             p.grad = torch.randn_like(p)

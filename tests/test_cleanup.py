@@ -15,20 +15,20 @@ from helpers import ROOT, STOPPABLE_STAGE, write_vae_config
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds a run's processes through /proc")
 
 
+def environment_of(pid: int) -> dict:
+    """Process `pid`'s environment as bytes KEY -> VALUE; empty when it ended meanwhile or is not ours to read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return {}
+
+
 def processes_marked(marker: str) -> list:
-    """The processes whose environment carries `marker`: the trainer and every process it started, however far
-    down and whoever their parent is now."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if marker.encode() in f.read().split(b"\0"):
-                    found.append(int(name))
-        except OSError:  # ended meanwhile, or not ours to read
-            pass
-    return found
+    """The processes whose environment carries `marker` (KEY=VALUE): the trainer and every process it started,
+    however far down and whoever their parent is now."""
+    key, value = marker.encode().split(b"=", 1)
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and environment_of(int(name)).get(key) == value]
 
 
 def descendants(pid: int) -> set:
@@ -139,14 +139,6 @@ def test_sigkill_of_a_study_ends_its_running_stages(tmp_path):
         for mark in marks:
             if mark.exists() and mark.read_text() and running(int(mark.read_text())):
                 os.kill(int(mark.read_text()), signal.SIGKILL)
-
-
-def environment_of(pid: int) -> dict:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
-    except OSError:
-        return {}
 
 
 def test_a_killed_torchrun_rank_stops_the_other_in_one_sentence_and_nothing_is_left(tmp_path, shapes_dir):
