@@ -2,7 +2,7 @@
 
     python study.py demo                      # make demo: the binding configuration with VQ vs MSF guidance
     python study.py full [--seeds 0 1 2] [--parts main ablations video] [--steps_scale 1] [--device auto]
-                         [--ablation_seeds ...] [--video_seeds ...] [--jobs 1]
+                         [--ablation_seeds ...] [--video_seeds ...] [--guidances vq grouped msf] [--jobs 1]
 
 `demo` generates `shapes_easy` (large flat-colour objects, 32x32), pretrains a small VQ-VAE and a small MSF VAE side
 by side, trains Slot Attention with the mixture decoder over each one's guidance side by side (the configuration
@@ -15,8 +15,9 @@ that binds on a CPU (`mixture_*_easy.yaml`, `vae_*_easy.yaml`); `--setting multi
 sizes (`shapes --style multisize`, radius 4-40 px at 128, `mixture_*_multisize.yaml`), scored per object size;
 `--setting slate_easy`: SLATE's binding configuration on `shapes_easy` (`slate_*_easy.yaml`; its grouped arm is OGDR);
 `--setting shapes`: SLATE on the multi-scale data (`slate_*_shapes.yaml`, `vae_*_shapes.yaml`).
-  main       VQ, grouped and MSF guidance, every seed (mean ± std), and the VAEs' separability
-             (paper Table 4 form: before / after inter-scale fusion, scale-variant part, final; every scale);
+  main       VQ, grouped and MSF guidance (or those `--guidances` names), every seed (mean ± std), and the VAEs'
+             separability (paper Table 4 form: before / after inter-scale fusion, scale-variant part, final; every
+             scale);
   ablations  paper Table 5 with MSF guidance: no inter-scale fusion, no intra-scale fusion, shared scale-variant
              codebook, N = 2 / 4 scales, guidance scales [1, 2] (SLATE only: the mixture decoder reads one scale)
              and [2];
@@ -284,6 +285,8 @@ class Study:
 # ----------------------------------------------------------------------------------------------------------------
 # Report tables.
 
+GUIDANCES = ("vq", "grouped", "msf")  # the main part's arms, in the tables' order
+GUIDANCE_NAMES = {"vq": "VQ", "grouped": "grouped", "msf": "MSF"}
 METRICS = ("ari", "ari_fg", "miou", "mbo")
 SIZE_COLUMNS = ("mbo_small", "mbo_medium", "mbo_large")  # mBO of objects under 1 %, 1-5 %, 5 % and more of the image
 # The tables add mBO per object size (metrics.mbo_by_size) and where the background went (metrics.background_split).
@@ -458,9 +461,11 @@ def full(args) -> list:
 
     # Every VAE first (they are independent), then every OCL run, then the evaluations and tables.
     vae_specs = {}  # run name -> (config, overrides)
-    if "main" in parts or "ablations" in parts:
-        for guidance in ("vq", "grouped", "msf") if "main" in parts else ("msf",):
-            vae_specs[f"vae_{guidance}"] = (setting["vae"].format(guidance), None)
+    guidances = [g for g in GUIDANCES if g in args.guidances]  # the main part's arms, in the tables' order
+    vae_guidances = [g for g in GUIDANCES if ("main" in parts and g in guidances) or ("ablations" in parts and
+                                                                                        g == "msf")]
+    for guidance in vae_guidances:
+        vae_specs[f"vae_{guidance}"] = (setting["vae"].format(guidance), None)
     if "ablations" in parts:
         for slug, overrides in VAE_ABLATIONS.values():
             vae_specs[f"vae_msf_{slug}"] = (setting["vae"].format("msf"), overrides)
@@ -486,7 +491,7 @@ def full(args) -> list:
         groups[part, label] = runs, evaluation or name
 
     if "main" in parts:
-        for guidance in ("vq", "grouped", "msf"):
+        for guidance in guidances:
             plan("main", guidance, f"{method}_{guidance}", setting["ocl"].format(guidance), f"vae_{guidance}", seeds)
     if "ablations" in parts:
         plan("ablations", "full MSF (reference)", f"{method}_msf", setting["ocl"].format("msf"), "vae_msf",
@@ -507,14 +512,15 @@ def full(args) -> list:
         return study.evaluate(*groups[part, label], final=True)
 
     if "main" in parts:
-        lines += [f"## {method} on `{setting['data']}`: VQ vs grouped vs MSF guidance", ""] + metric_header("guidance")
-        main = {guidance: evaluated("main", guidance) for guidance in ("vq", "grouped", "msf")}
+        names = " vs ".join(GUIDANCE_NAMES[g] for g in guidances)
+        lines += [f"## {method} on `{setting['data']}`: {names} guidance", ""] + metric_header("guidance")
+        main = {guidance: evaluated("main", guidance) for guidance in guidances}
         lines += [mean_std_row(guidance, metrics) for guidance, metrics in main.items()]
-        for guidance in ("msf", "grouped"):
+        for guidance in [g for g in ("msf", "grouped") if g in main and "vq" in main]:
             lines += ["", f"Paired by seed, {guidance} minus VQ (same seed, same data; t-test on the per-seed "
                           f"differences):", ""] + paired_table(main["vq"], main[guidance], seeds,
                                                                METRICS + SIZE_COLUMNS)
-        separability = study.evaluate([vaes[f"vae_{g}"] for g in ("vq", "grouped", "msf")], "separability",
+        separability = study.evaluate([vaes[f"vae_{g}"] for g in guidances], "separability",
                                       ["--separability", "--samples", 200])
         lines += ["", "## Object separability of the guidance (paper Table 4 form)", "",
                   "KMeans on each validation image's guidance vectors (k = its ground-truth segments), 200 images. "
@@ -593,6 +599,9 @@ def main(argv=None) -> None:
                         help="full: OCL seeds of the STEVE runs (default --seeds)")
     parser.add_argument("--parts", nargs="+", default=["main", "ablations", "video"],
                         choices=("main", "ablations", "video"), help="full: which parts to run")
+    parser.add_argument("--guidances", nargs="+", default=list(GUIDANCES), choices=GUIDANCES,
+                        help="full: the main part's guidances (default all three; the paired tables set MSF and "
+                             "grouped against VQ where it is among them)")
     parser.add_argument("--steps_scale", type=ranged(float, "--steps_scale", above=0.0), default=1.0,
                         help="full: multiply every config's steps")
     parser.add_argument("--setting", choices=tuple(SETTINGS), default="easy",

@@ -218,3 +218,38 @@ def test_a_stage_log_still_written_by_an_earlier_study_is_not_reopened(tmp_path)
     text = (logs / "train_a.log").read_text()
     assert text.startswith("what the orphaned stage wrote\n=== ") and "study starts train a\n$ " in text
     assert (tmp_path / "a").read_text() == "ran"
+
+
+def test_the_full_study_runs_and_reports_only_the_guidances_asked_for(tmp_path, monkeypatch):
+    """`--guidances vq msf`: no grouped VAE or model is trained or scored, the tables name VQ and MSF and pair MSF
+    with VQ; the stages are recorded instead of run."""
+    trained, scored = [], []
+
+    def fake_run_all(self, stages):
+        for entry in stages:
+            for script, args, what in entry if isinstance(entry, list) else [entry]:
+                trained.append(what)
+                out = args[args.index("--out_dir") + 1]
+                os.makedirs(out, exist_ok=True)
+                with open(os.path.join(out, "log.jsonl"), "w") as f:
+                    f.write(json.dumps({"step": 10, "val_ari_fg": 60.0, "val_mbo": 30.0, "val_mask_entropy": 50.0})
+                            + "\n")
+
+    def fake_evaluate(self, runs, name, extra=(), final=False):
+        scored.append(name)
+        if name == "separability":
+            return {"runs": []}
+        row = {key: 10.0 for key in study.COLUMNS}
+        return dict({"runs": [row for _ in runs]}, **row, **{key + "_std": 0.0 for key in study.COLUMNS})
+
+    monkeypatch.setattr(study.Study, "run_all", fake_run_all)
+    monkeypatch.setattr(study.Study, "evaluate", fake_evaluate)
+    monkeypatch.setattr(study.Study, "data", lambda self, name: f"Data: `data/{name}`.")
+    study.main(["full", "--setting", "slate_easy", "--parts", "main", "--guidances", "msf", "vq", "--seeds", "0", "1",
+                "--out", str(tmp_path / "study")])
+    assert [what.split()[-1] for what in trained] == ["vae_vq", "vae_msf", "slate_vq_s0", "slate_vq_s1",
+                                                      "slate_msf_s0", "slate_msf_s1"]
+    assert scored == ["slate_vq", "slate_msf", "separability"]
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "## slate on `shapes_easy`: VQ vs MSF guidance" in report
+    assert "Paired by seed, msf minus VQ" in report and "grouped" not in report.split("## When")[0]
