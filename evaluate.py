@@ -28,8 +28,8 @@ from errors import UserError, run_main
 from figures import enlarged, save_figures, slot_rows
 from files import atomic_write, atomic_write_text, strict_json
 from grids import save_labelled_grid, segments_over
-from metrics import (IGNORE, SIZE_GROUPS, ari, mean_percent, objects_by_size, score_batch, segments_at,
-                     separability_batch)
+from metrics import (IGNORE, SIZE_GROUPS, ari, grid_segments, grid_shape, mean_percent, objects_by_size, score_batch,
+                     segmentation_scores, segments_at, separability_batch)
 from runs import describe_environment, progress_bar, read_environment, resolve_checkpoint, step_in_name
 
 # ================================================================================================================
@@ -95,6 +95,9 @@ def evaluate_ocl(model, loader, device, separability_of_guidance: bool = False, 
     for batch in loader:
         scores, _, batch = score_batch(model, batch, device, extended=True)
         truth = batch["segment"].long()
+        for name, segments in baseline_segments(truth.cpu(), model.config["num_slots"]).items():
+            baseline = segmentation_scores(segments.flatten(1), truth.flatten(1).cpu(), extended=True)
+            scores.update({f"baseline_{name}/{key}": value for key, value in baseline.items()})
         scores.update({f"objects_{group}": number for group, number in
                        objects_by_size(truth.flatten(1).cpu()).items()})
         if separability_of_guidance and model.vae is not None and not model.video:
@@ -105,6 +108,15 @@ def evaluate_ocl(model, loader, device, separability_of_guidance: bool = False, 
         bar.update(truth.shape[0])
     bar.close()
     return {name: np.concatenate(values) for name, values in per_sample.items()}
+
+
+def baseline_segments(truth: torch.Tensor, slots: int) -> dict:
+    """Segmentations of the ground truth's shape (B, [T,] H, W) that ignore the images, scored beside each run:
+    the whole image as one segment, and a fixed grid of as many cells as the model has slots (every frame of a
+    video the same grid). A model whose scores do not clear the grid's has found places, not objects."""
+    rows, cols = grid_shape(slots)
+    grid = grid_segments(truth.shape[-2], truth.shape[-1], slots).expand(truth.shape)
+    return {"one_segment": torch.zeros_like(truth), f"grid_{rows}x{cols}": grid}
 
 
 def _segment_counts(truth: torch.Tensor) -> np.ndarray:
@@ -365,6 +377,11 @@ def main(argv=None) -> None:
         else:
             scores = evaluate_ocl(model, loader, d.device, args.separability, f"evaluate {name}")
             for key, values in scores.items():
+                if key.startswith("baseline_"):  # baseline_NAME/metric: the no-model segmentations' scores
+                    baseline, metric = key[len("baseline_"):].split("/")
+                    entry.setdefault("baselines", {}).setdefault(baseline, {})[metric] = (
+                        float(np.nanmean(values)) if metric in PLAIN_MEANS else mean_percent(values))
+                    continue
                 if key.startswith("objects_"):  # how many objects each size group's mBO averages over
                     entry[key] = int(values.sum())
                     continue
@@ -405,6 +422,10 @@ def _report(results: list, compare: bool) -> dict:
             payload.update({f"{k}_std": s for k, (_, s) in stats.items()})
         if len(ocl_runs) == 1:
             payload.update({k: ocl_runs[0][k] for k in keys})
+        baselines = ocl_runs[0].get("baselines", {})  # the first run's split and slot count
+        payload["baselines"] = baselines
+        rows += [[f"no model: {name.replace('_', ' ')}"] + ["–" if values.get(k) is None else f"{values[k]:.2f}"
+                                                              for k in keys] for name, values in baselines.items()]
         lines.append(_format_table(["run"] + keys, rows))
         lines.append("ari, ari_fg, miou, mbo: percent, background counted as a segment (README, 'Evaluation "
                      "protocol'); miou_fg, mbo_fg: background excluded (DINOSAUR's convention); mbo_small / medium / "
@@ -412,7 +433,10 @@ def _report(results: list, compare: bool) -> dict:
                      ", ".join(f"{ocl_runs[0].get('objects_' + g, 0)} {g}" for g in SIZE_GROUPS) +
                      " objects in the first run); bg_iou: the "
                      "background's best IoU with one slot, %; bg_slots: slots holding >= 10 % of the background; "
-                     "mask_entropy: entropy of the soft masks over slots, % of ln(slots), 100 = uniform" +
+                     "mask_entropy: entropy of the soft masks over slots, % of ln(slots), 100 = uniform; no model: "
+                     "the same scores of the whole image as one segment and of a fixed grid of as many cells as the "
+                     "first run has slots, on the same images (a run that does not clear the grid's found places, "
+                     "not objects)" +
                      ("; sep_*: KMeans inter/intra-cluster distance of the scale-1 guidance" if "sep_inter" in keys
                       else ""))
     for run in vae_runs:

@@ -8,6 +8,8 @@ neither needs the other.
   mask_entropy(masks)                        how undecided the soft slot masks are
   background_split(pred, true)               where the background went: its best IoU and the slots sharing it
   mbo_by_size(pred, true, edges)             mBO of small / medium / large objects (area as a share of the image)
+  grid_segments(height, width, cells)        a fixed grid of cells, the same for every image: what a model scores
+                                             by cutting the image into places rather than objects
   separability(vectors, k)                   KMeans inter/intra-cluster distances of guidance vectors (Table 4)
   score_batch(model, batch, device)          every metric of one batch run through an OCL model
 
@@ -253,6 +255,26 @@ def background_split(pred: torch.Tensor, true: torch.Tensor, share: float = 0.1)
     present = area > 0
     return {"bg_iou": torch.where(present, iou.max(1).values, nan),
             "bg_slots": torch.where(present, slots, nan)}
+
+
+def grid_shape(cells: int) -> tuple:
+    """(rows, cols) of the most nearly square grid of exactly `cells` cells, rows <= cols (7 -> 1 x 7)."""
+    if cells < 1:
+        raise ValueError(f"a grid needs at least one cell, got {cells}")
+    rows = max(r for r in range(1, math.isqrt(cells) + 1) if cells % r == 0)
+    return rows, cells // rows
+
+
+def grid_segments(height: int, width: int, cells: int) -> torch.Tensor:
+    """(height, width) int64 ids of a fixed grid (`grid_shape(cells)`, row-major ids), pixel (y, x) in row
+    floor(y * rows / height) and column floor(x * cols / width): a segmentation that knows nothing of the image.
+    Scored like a model's (`segmentation_scores`), with as many cells as the model has slots, it is the bar a model
+    must clear to show it separates objects rather than places: objects spread over the image land in different
+    cells, so on scenes of a few objects a fixed grid's ARIfg is high (evaluate.py reports it beside every run)."""
+    rows, cols = grid_shape(cells)
+    row = torch.arange(height, dtype=torch.int64) * rows // height
+    col = torch.arange(width, dtype=torch.int64) * cols // width
+    return row[:, None] * cols + col[None, :]
 
 
 def mask_entropy(masks: torch.Tensor) -> torch.Tensor:

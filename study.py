@@ -313,6 +313,13 @@ def mean_std_row(label: str, metrics: dict, keys=COLUMNS) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+def baseline_rows(metrics: dict, keys=COLUMNS) -> list:
+    """Table rows of the no-model segmentations evaluate.py scores beside the runs (the whole image as one segment,
+    a fixed grid of as many cells as slots): the bar a run must clear to have found objects, not places."""
+    return [f"| no model: {name.replace('_', ' ')} | " + " | ".join(number(values.get(k)) for k in keys) + " |"
+            for name, values in metrics.get("baselines", {}).items()]
+
+
 def metric_header(first: str, keys=COLUMNS) -> list:
     return [f"| {first} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
 
@@ -430,9 +437,12 @@ def demo(args) -> list:
         lines.append(f"| {run['name']} | {number(run['ari'])} | {number(run['ari_fg'])} | {number(run['miou'])} | "
                      f"{number(run['mbo'])} | {number(run.get('mask_entropy'))} | {number(run['sep_inter'], 3)} | "
                      f"{number(run['sep_intra'], 3)} | {number(ratio(run['sep_inter'], run['sep_intra']))} |")
+    lines += [row + " – | – | – | – |" for row in baseline_rows(metrics, ("ari", "ari_fg", "miou", "mbo"))]
     lines += ["", "Metrics in percent, background counted as a segment (README, 'Evaluation protocol'); mask entropy "
               "in % of ln(slots), 100 = uniform. Separability: KMeans on each image's scale-1 guidance vectors, k = its "
-              "number of ground-truth segments.", "", "## When the slots bound", ""]
+              "number of ground-truth segments. No model: the same images cut into one segment, or into a fixed grid "
+              "of as many cells as slots, which a run must beat to have found objects rather than places.", "",
+              "## When the slots bound", ""]
     lines += binding_table([runs[g] for g in spec["guidance"]])
     lines += ["", f"Figures: {os.path.relpath(os.path.join(study.out, 'eval', name), ROOT)}/ and each run's "
               f"figures/"]
@@ -516,6 +526,7 @@ def full(args) -> list:
         lines += [f"## {method} on `{setting['data']}`: {names} guidance", ""] + metric_header("guidance")
         main = {guidance: evaluated("main", guidance) for guidance in guidances}
         lines += [mean_std_row(guidance, metrics) for guidance, metrics in main.items()]
+        lines += baseline_rows(next(iter(main.values())))
         for guidance in [g for g in ("msf", "grouped") if g in main and "vq" in main]:
             lines += ["", f"Paired by seed, {guidance} minus VQ (same seed, same data; t-test on the per-seed "
                           f"differences):", ""] + paired_table(main["vq"], main[guidance], seeds,

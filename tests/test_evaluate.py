@@ -18,6 +18,7 @@ from errors import UserError
 from helpers import read_jsonl, save_vae, write_ocl_config
 
 pytest.importorskip("sklearn")
+from sklearn.metrics import adjusted_rand_score  # noqa: E402  (after the skip)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,18 @@ def test_one_checkpoint_matches_training_validation(trained, tmp_path, shapes_di
     assert {g: metrics["runs"][0][f"objects_{g}"] for g in expected} == expected
     for group, number in expected.items():
         assert (metrics[f"mbo_{group}"] is None) == (number == 0) or 0 <= metrics[f"mbo_{group}"] <= 100
+    # the no-model rows: write_ocl_config's 4 slots -> a fixed 2 x 2 grid, scored here by sklearn on the quadrants
+    quadrant = (np.arange(32)[:, None] >= 16) * 2 + (np.arange(32)[None, :] >= 16)
+    by_sklearn = []
+    for index in range(len(dataset)):
+        segment = np.asarray(dataset[index]["segment"])
+        keep = (segment != 0) & (segment != 255)
+        if keep.any():
+            by_sklearn.append(adjusted_rand_score(segment[keep], quadrant[keep]))
+    assert set(metrics["baselines"]) == {"one_segment", "grid_2x2"}
+    assert metrics["baselines"]["grid_2x2"]["ari_fg"] == pytest.approx(100 * np.mean(by_sklearn), abs=1e-9)
+    assert metrics["baselines"]["one_segment"]["bg_slots"] == 1 and metrics["baselines"]["one_segment"]["ari"] == 0
+    assert "no model: grid 2x2" in (tmp_path / "eval" / "table.md").read_text()
     figures = [n for n in os.listdir(tmp_path / "eval") if n.endswith(".png")]
     assert figures and (tmp_path / "eval" / "table.md").exists()
 

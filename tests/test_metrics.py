@@ -14,8 +14,8 @@ from scipy.special import gammaln
 from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import adjusted_rand_score
 
-from metrics import (ari, background_split, mask_entropy, mbo, mbo_by_size, mean_percent, miou, objects_by_size,
-                     segments_at, separability, separability_batch)
+from metrics import (ari, background_split, grid_segments, grid_shape, mask_entropy, mbo, mbo_by_size, mean_percent,
+                     miou, objects_by_size, segments_at, separability, separability_batch)
 
 TOL = 1e-6
 
@@ -486,3 +486,36 @@ def test_cluster_labels_follow_the_vectors_and_object_ari_cannot_reward_collapse
         assert result["intra"][0] == pytest.approx(0.0) and result["distinct"][0] == 2
         scores.append(float(ari(torch.as_tensor(labels)[None], truth.reshape(1, 64))[0]))
     assert scores[0] == pytest.approx(1.0) and abs(scores[1]) < 0.1
+
+
+def test_grid_segments_by_hand():
+    assert grid_segments(4, 6, 6).tolist() == [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2],
+                                               [3, 3, 4, 4, 5, 5], [3, 3, 4, 4, 5, 5]]
+    assert grid_segments(3, 3, 1).tolist() == [[0, 0, 0]] * 3
+    assert [grid_shape(k) for k in (1, 4, 6, 7, 8, 12)] == [(1, 1), (2, 2), (2, 3), (1, 7), (2, 4), (3, 4)]
+    with pytest.raises(ValueError, match="at least one cell"):
+        grid_shape(0)
+
+
+@pytest.mark.parametrize("cells", range(1, 13))
+def test_grid_segments_are_the_most_square_grid_of_rectangles(cells):
+    """Against a brute-force search of the factor pairs and a cell-by-cell check of the pixels: exactly `cells`
+    ids, each an axis-aligned rectangle, the rectangles' sides differing by at most one pixel, ids row-major."""
+    height, width = 13, 17
+    grid = grid_segments(height, width, cells).numpy()
+    rows, cols = min(((r, cells // r) for r in range(1, cells + 1) if cells % r == 0 and r <= cells // r),
+                     key=lambda pair: pair[1] - pair[0])
+    assert sorted(np.unique(grid).tolist()) == list(range(cells))
+    heights, widths = set(), set()
+    for cell in range(cells):
+        ys, xs = np.nonzero(grid == cell)
+        box = grid[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        assert (box == cell).all()  # a filled rectangle
+        heights.add(ys.max() - ys.min() + 1), widths.add(xs.max() - xs.min() + 1)
+        assert (ys.min(), xs.min()) == (min(y for y in range(height) if (grid[y] == cell).any()),
+                                        min(x for x in range(width) if (grid[:, x] == cell).any()))
+    assert max(heights) - min(heights) <= 1 and max(widths) - min(widths) <= 1
+    corners = [grid[y, x] for y in sorted({int(np.nonzero(grid[:, 0] == grid[y0, 0])[0][0]) for y0 in range(height)})
+               for x in sorted({int(np.nonzero(grid[0] == grid[0, x0])[0][0]) for x0 in range(width)})]
+    assert corners == list(range(cells))  # the cells' top-left corners, row by row, are ids 0, 1, 2, ...
+    assert len({tuple(row) for row in grid}) == rows and len({tuple(col) for col in grid.T}) == cols

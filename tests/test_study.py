@@ -222,7 +222,7 @@ def test_a_stage_log_still_written_by_an_earlier_study_is_not_reopened(tmp_path)
 
 def test_the_full_study_runs_and_reports_only_the_guidances_asked_for(tmp_path, monkeypatch):
     """`--guidances vq msf`: no grouped VAE or model is trained or scored, the tables name VQ and MSF and pair MSF
-    with VQ; the stages are recorded instead of run."""
+    with VQ, and the no-model rows evaluate.py scored stand beside them; the stages are recorded instead of run."""
     trained, scored = [], []
 
     def fake_run_all(self, stages):
@@ -240,7 +240,8 @@ def test_the_full_study_runs_and_reports_only_the_guidances_asked_for(tmp_path, 
         if name == "separability":
             return {"runs": []}
         row = {key: 10.0 for key in study.COLUMNS}
-        return dict({"runs": [row for _ in runs]}, **row, **{key + "_std": 0.0 for key in study.COLUMNS})
+        return dict({"runs": [row for _ in runs], "baselines": {"grid_2x3": {"ari_fg": 54.3}}}, **row,
+                    **{key + "_std": 0.0 for key in study.COLUMNS})
 
     monkeypatch.setattr(study.Study, "run_all", fake_run_all)
     monkeypatch.setattr(study.Study, "evaluate", fake_evaluate)
@@ -253,3 +254,4 @@ def test_the_full_study_runs_and_reports_only_the_guidances_asked_for(tmp_path, 
     report = (tmp_path / "study" / "report.md").read_text()
     assert "## slate on `shapes_easy`: VQ vs MSF guidance" in report
     assert "Paired by seed, msf minus VQ" in report and "grouped" not in report.split("## When")[0]
+    assert "| no model: grid 2x3 | n/a | 54.3 | n/a |" in report  # the bar beside the runs
