@@ -22,6 +22,12 @@ ADDED_WITH_THE_OLD_BEHAVIOUR_AS_DEFAULT = (
 )
 
 
+def old_defaults(options: dict) -> dict:
+    """{key: default} of the ADDED_WITH_THE_OLD_BEHAVIOUR_AS_DEFAULT keys among `options`: what a checkpoint that
+    lacks one was trained with. The trainers compare a resumed checkpoint's config completed with these."""
+    return {key: options[key].default for key in ADDED_WITH_THE_OLD_BEHAVIOUR_AS_DEFAULT if key in options}
+
+
 def complete_config(config: dict, options: dict, path: str) -> dict:
     """A checkpoint's model config (`options`: msf.VAE_OPTIONS or model.OCL_OPTIONS) completed for today's code:
     keys of ADDED_WITH_THE_OLD_BEHAVIOUR_AS_DEFAULT that it lacks take their defaults; any other missing key is

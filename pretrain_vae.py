@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msf
+from checkpoints import old_defaults
 from config import TRAINING_OPTIONS, load_config, option, save_config, schedule_options
 from data import check_resumed_data, eval_loader, training_loaders
 from devices import autocast
@@ -122,7 +123,7 @@ def warn_collapsed_codebooks(metrics: dict, log, threshold: float = 0.10) -> Non
 def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
     # DDP, the run directory and the checkpoint to resume from (None for a fresh start) with its step.
-    d, log, state, start_step = start_run(config, "vae", MODEL_KEYS)
+    d, log, state, start_step = start_run(config, "vae", MODEL_KEYS, old_defaults(msf.VAE_OPTIONS))
     loader, val, val_path = training_loaders(config, d, start_step)
     check_resumed_data(state, loader.dataset, config)  # the same path may hold regenerated data
     resolution = loader.dataset.resolution  # resolution 0 trains at the stored size

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as models
 import msf
-from checkpoints import complete_config
+from checkpoints import complete_config, old_defaults
 from config import TRAINING_OPTIONS, load_config, option, save_config, schedule_options
 from data import check_resumed_data, eval_loader, training_loaders
 from devices import autocast
@@ -286,7 +286,8 @@ def main(argv=None) -> None:
     config = load_config(OPTIONS, argv, description=__doc__)
     # DDP, the run directory and the checkpoint to resume from (None for a fresh start) with its step; the latent
     # scale is measured, not chosen, so it may differ.
-    d, log, state, start_step = start_run(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"])
+    d, log, state, start_step = start_run(config, "ocl", [k for k in MODEL_KEYS if k != "latent_scale"],
+                                          old_defaults(models.OCL_OPTIONS))
     loader, val, val_path = training_loaders(config, d, start_step)
     check_resumed_data(state, loader.dataset, config)  # the same path may hold regenerated data
     video = loader.dataset.is_video

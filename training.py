@@ -16,9 +16,11 @@ from runs import (TRAINING_ONLY_KEYS, RunLog, check_same_config, claim_run_dir, 
 # ----------------------------------------------------------------------------------------------------------------
 # Resuming a run exactly: the checkpoint to continue from, and every rank's random state.
 
-def resume_state(config: dict, kind: str, model_keys) -> tuple:
+def resume_state(config: dict, kind: str, model_keys, old_defaults: dict = None) -> tuple:
     """(checkpoint dict or None, start step) for `resume`: a path, 'auto' (the latest checkpoint in out_dir if
-    there is one, else a fresh start) or empty. The checkpoint's model keys must match the config."""
+    there is one, else a fresh start) or empty. The checkpoint's model keys must match the config; a key of
+    `old_defaults` that the checkpoint's config lacks (an option added since, checkpoints.old_defaults) counts as
+    that default, which is what the checkpoint was trained with."""
     resume = config["resume"]
     if resume == "auto":
         resume = config["out_dir"] if list_checkpoints(config["out_dir"]) else ""
@@ -28,8 +30,8 @@ def resume_state(config: dict, kind: str, model_keys) -> tuple:
     if any(key not in state for key in TRAINING_ONLY_KEYS):
         raise UserError(f"{state['path']} is an export for evaluation (best.pt) without the optimizer and RNG state "
                         f"that a resume needs; resume from one of the run's ckpt_*.pt files")
-    check_same_config(state["config"], config, model_keys, f"checkpoint {state['path']}")
-    saved = state["config"]
+    saved = {**(old_defaults or {}), **state["config"]}
+    check_same_config(saved, config, model_keys, f"checkpoint {state['path']}")
     changed = [key for key in config if key not in RESUME_FREE_KEYS and key not in config["allow_changed"]
                and key in saved and saved[key] != config[key]]
     if changed:
@@ -91,15 +93,16 @@ def optimizer_step(loss, parameters, optimizer, scaler, clip: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # The trainers' set-up and bookkeeping: small steps each trainer's main calls in its own order.
 
-def start_run(config: dict, kind: str, model_keys) -> tuple:
+def start_run(config: dict, kind: str, model_keys, old_defaults: dict = None) -> tuple:
     """DDP under torchrun (one process per GPU) or one process, deterministic kernels, the run directory claimed and
     locked, its log, and the checkpoint to resume from: (d, log, checkpoint dict or None, start step). Rank 0
-    records the environment in out_dir/environment.json (runs.record_environment)."""
+    records the environment in out_dir/environment.json (runs.record_environment). `old_defaults`: as
+    resume_state."""
     d = setup_distributed(config["device"], config["ddp_timeout_minutes"])
     deterministic_algorithms(d.device)  # bit-identical runs and resumes on multi-threaded CPUs
     claim_run_dir(config, d)  # refuses another run's directory, and locks this one
     log = RunLog(config["out_dir"], d.is_main)
-    state, start_step = resume_state(config, kind, model_keys)
+    state, start_step = resume_state(config, kind, model_keys, old_defaults)
     if d.is_main:
         record_environment(config["out_dir"], d.device, resumed=state is not None)
     return d, log, state, start_step

@@ -125,6 +125,32 @@ def test_resume_with_changed_trajectory_settings_is_refused_unless_allowed(tmp_p
     assert checkpoint_names(tmp_path / "run") == ["ckpt_0000001.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
 
 
+def test_a_checkpoint_written_before_an_option_existed_resumes_with_that_options_old_default(tmp_path, shapes_dir):
+    """A run finished before `video_queries` (OCL) or `vae_norm` (VAE) existed continues under today's code with
+    --resume auto, since its checkpoint was trained with the default each option keeps for the old behaviour; a
+    checkpoint lacking a model key without such a default is still refused."""
+    vae = save_vae(tmp_path / "vae.pt", "msf", 8)
+    ocl = write_ocl_config(tmp_path, shapes_dir, None, name="ocl.yaml", vae_ckpt=vae, steps=2, val_every=2,
+                           val_samples=4, out_dir=str(tmp_path / "ocl"))
+    vae_config = write_vae_config(tmp_path, shapes_dir, steps=2, val_every=2, out_dir=str(tmp_path / "vae_run"))
+    train_ocl.main([ocl])
+    pretrain_vae.main([vae_config])
+    for run, key in ((tmp_path / "ocl", "video_queries"), (tmp_path / "vae_run", "vae_norm")):
+        path = run / "ckpt_0000002.pt"
+        state = torch.load(path, weights_only=True)
+        del state["config"][key]  # as written before the option came
+        torch.save(state, path)
+    train_ocl.main([ocl, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
+    pretrain_vae.main([vae_config, "--resume", "auto", "--steps", "3", "--allow_changed", "steps"])
+    assert checkpoint_names(tmp_path / "ocl")[-1] == "ckpt_0000003.pt"
+    assert checkpoint_names(tmp_path / "vae_run")[-1] == "ckpt_0000003.pt"
+    state = torch.load(tmp_path / "ocl" / "ckpt_0000003.pt", weights_only=True)
+    del state["config"]["num_slots"]  # no old default: what the run was trained with is unknown
+    torch.save(state, tmp_path / "ocl" / "ckpt_0000003.pt")
+    with pytest.raises(UserError, match="was made with num_slots=None but the config says num_slots=4"):
+        train_ocl.main([ocl, "--resume", "auto", "--steps", "4", "--allow_changed", "steps"])
+
+
 def test_a_non_finite_run_writes_no_checkpoint_and_names_the_last_good_one(tmp_path, shapes_dir):
     """lr 1e30: the warm-up's step 0 has lr 0 (ckpt 1 is good); the update of step 1 blows the weights up, and the
     validation after it must not become a checkpoint (nor crash the figure's PCA)."""
