@@ -56,9 +56,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # (training, validation) samples of the synthetic data used by the demo and the study, and how each is generated.
 DATA_SIZES = {"shapes": (2000, 200), "shapes_video": (300, 50), "shapes_easy": (4000, 200),
-              "shapes_multisize": (4000, 200)}
+              "shapes_multisize": (4000, 200), "shapes_video_easy": (4000, 20)}
 DATA_COMMANDS = {"shapes": ["shapes"], "shapes_video": ["shapes_video"], "shapes_easy": ["shapes", "--style", "easy"],
-                 "shapes_multisize": ["shapes", "--style", "multisize"]}
+                 "shapes_multisize": ["shapes", "--style", "multisize"],
+                 "shapes_video_easy": ["shapes_video", "--style", "easy", "--frames", "12"]}
 # Paper Table 5 (upper part) as overrides of the setting's MSF VAE config.
 VAE_ABLATIONS = {  # label: (run name, overrides)
     "no inter-scale fusion": ("nointer", {"inter_scale_fusion": "false"}),
@@ -390,15 +391,16 @@ def demo_summary(metrics: dict, guidance_of: dict) -> dict:
 
 
 # `study.py demo --method M`: each method's binding configuration on `shapes_easy` (configs/M_<guidance>_easy.yaml)
-# with MSF guidance and its baseline's. A method is listed once a configuration of it has bound on the CPU
-# (docs/results.md, "Methods on the CPU").
+# with MSF guidance and its baseline's; STEVE on the easy videos (`data`), guided by the VAEs of `shapes_easy`. A
+# method is listed once a configuration of it has bound on the CPU (docs/results.md, "Methods on the CPU").
 DEMO_METHODS = {
     "mixture": {"guidance": ("vq", "msf"), "title": "Slot Attention + mixture decoder"},
     "slate": {"guidance": ("vq", "msf"), "title": "SLATE"},
     "ogdr": {"guidance": ("grouped", "msf"), "title": "OGDR"},
     "sysbinder": {"guidance": ("vq", "msf"), "title": "SysBinder"},
+    "steve": {"guidance": ("vq", "msf"), "title": "STEVE", "data": "shapes_video_easy"},
 }
-NOT_YET_BOUND = ("steve", "slotdiffusion", "dinosaur")
+NOT_YET_BOUND = ("slotdiffusion", "dinosaur")
 
 
 def demo(args) -> list:
@@ -411,7 +413,9 @@ def demo(args) -> list:
     spec = DEMO_METHODS[method]
     default_out = os.path.join(ROOT, "runs", "demo" if method == "mixture" else f"demo_{method}")
     study = Study(args.out or default_out, args.device, 1.0, log_every=50, jobs=args.jobs)
-    study.data("shapes_easy")
+    data = spec.get("data", "shapes_easy")
+    for name in dict.fromkeys(["shapes_easy", data]):  # the VAEs learn on shapes_easy
+        study.data(name)
     runs, chains = {}, []
     for guidance in spec["guidance"]:  # each guidance's VAE, then the model it guides: two chains side by side
         vae, vae_stage = study.vae_stage(f"vae_{guidance}", f"configs/vae_{guidance}_easy.yaml",
@@ -426,17 +430,19 @@ def demo(args) -> list:
     summary = demo_summary(metrics, {runs[g]: g for g in runs})
     atomic_write_text(os.path.join(study.out, "summary.json"), strict_json(summary, indent=2) + "\n")
     steps = study.steps(f"configs/{method}_msf_easy.yaml", args.ocl_steps)[1]
+    samples = f"{DATA_SIZES[data][1]} {'videos (one score per video)' if data == 'shapes_video_easy' else 'images'}"
     lines = [f"# Demo: {spec['title']} over {' vs '.join(g.upper() for g in spec['guidance'])} guidance on "
-             f"`shapes_easy`", "",
-             f"VAEs {args.vae_steps} steps, {spec['title']} {steps} steps, one seed, 32x32 images of large flat-colour "
-             f"objects, each run's final checkpoint on the validation split of 200 images. docs/results.md has the "
+             f"`{data}`", "",
+             f"VAEs {args.vae_steps} steps, {spec['title']} {steps} steps, one seed, 32x32 frames of large flat-colour "
+             f"objects, each run's final checkpoint on the validation split of {samples}. docs/results.md has the "
              f"binding ladder this configuration comes from and what it means.", "",
              "| guidance | ARI | ARIfg | mIoU | mBO | mask entropy | separability inter ↑ | intra ↓ | inter/intra ↑ |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for run in metrics["runs"]:
+    for run in metrics["runs"]:  # a video run has no separability (it is measured on images)
+        inter, intra = run.get("sep_inter"), run.get("sep_intra")
         lines.append(f"| {run['name']} | {number(run['ari'])} | {number(run['ari_fg'])} | {number(run['miou'])} | "
-                     f"{number(run['mbo'])} | {number(run.get('mask_entropy'))} | {number(run['sep_inter'], 3)} | "
-                     f"{number(run['sep_intra'], 3)} | {number(ratio(run['sep_inter'], run['sep_intra']))} |")
+                     f"{number(run['mbo'])} | {number(run.get('mask_entropy'))} | {number(inter, 3)} | "
+                     f"{number(intra, 3)} | {number(ratio(inter, intra))} |")
     lines += [row + " – | – | – | – |" for row in baseline_rows(metrics, ("ari", "ari_fg", "miou", "mbo"))]
     lines += ["", "Metrics in percent, background counted as a segment (README, 'Evaluation protocol'); mask entropy "
               "in % of ln(slots), 100 = uniform. Separability: KMeans on each image's scale-1 guidance vectors, k = its "

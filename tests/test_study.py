@@ -159,13 +159,15 @@ def test_each_demo_has_its_configs_and_they_name_the_demos_vaes(method):
         vae = load_config(pretrain_vae.OPTIONS, [os.path.join(ROOT, "configs", f"vae_{guidance}_easy.yaml")])
         ocl = load_config(train_ocl.OPTIONS, [os.path.join(ROOT, "configs", f"{method}_{guidance}_easy.yaml")])
         assert ocl["method"] == method and ocl["guidance"] == vae["quantizer"] == guidance
-        assert ocl["vae_ckpt"] == vae["out_dir"] and ocl["data_dir"] == vae["data_dir"] == "data/shapes_easy"
+        assert ocl["vae_ckpt"] == vae["out_dir"] and vae["data_dir"] == "data/shapes_easy"
+        data = study.DEMO_METHODS[method].get("data", "shapes_easy")  # STEVE: the easy videos the demo generates
+        assert ocl["data_dir"] == f"data/{data}" and data in study.DATA_SIZES and data in study.DATA_COMMANDS
 
 
 def test_a_demo_of_a_method_that_has_not_bound_says_so(tmp_path):
     with pytest.raises(SystemExit) as stop:
-        study.main(["demo", "--method", "steve", "--out", str(tmp_path / "demo")])
-    assert "no configuration of steve has bound on the CPU yet" in str(stop.value)
+        study.main(["demo", "--method", "slotdiffusion", "--out", str(tmp_path / "demo")])
+    assert "no configuration of slotdiffusion has bound on the CPU yet" in str(stop.value)
     assert not os.path.exists(tmp_path / "demo")  # refused before anything is generated
 
 
