@@ -37,7 +37,7 @@ def complete_config(config: dict, options: dict, path: str) -> dict:
     if refused:
         raise UserError(f"{path} was written by an older version: its config lacks {refused[0]!r}; retrain, or add "
                         f"it to the checkpoint's config with the value it was trained with")
-    return {**config, **{key: options[key].default for key in missing}}
+    return {**old_defaults(options), **config}  # every key it lacks now has an old default
 
 
 def load_for_evaluation(path: str, device):

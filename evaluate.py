@@ -95,11 +95,11 @@ def evaluate_ocl(model, loader, device, separability_of_guidance: bool = False, 
     for batch in loader:
         scores, _, batch = score_batch(model, batch, device, extended=True)
         truth = batch["segment"].long()
+        flat_truth = truth.flatten(1).cpu()
         for name, segments in baseline_segments(truth.cpu(), model.config["num_slots"]).items():
-            baseline = segmentation_scores(segments.flatten(1), truth.flatten(1).cpu(), extended=True)
+            baseline = segmentation_scores(segments.flatten(1), flat_truth, extended=True)
             scores.update({f"baseline_{name}/{key}": value for key, value in baseline.items()})
-        scores.update({f"objects_{group}": number for group, number in
-                       objects_by_size(truth.flatten(1).cpu()).items()})
+        scores.update({f"objects_{group}": number for group, number in objects_by_size(flat_truth).items()})
         if separability_of_guidance and model.vae is not None and not model.video:
             vectors = model.guidance(batch["image"])["vectors"][0]
             scores.update(_guidance_separability(vectors, truth))

@@ -515,7 +515,8 @@ def test_grid_segments_are_the_most_square_grid_of_rectangles(cells):
         assert (ys.min(), xs.min()) == (min(y for y in range(height) if (grid[y] == cell).any()),
                                         min(x for x in range(width) if (grid[:, x] == cell).any()))
     assert max(heights) - min(heights) <= 1 and max(widths) - min(widths) <= 1
-    corners = [grid[y, x] for y in sorted({int(np.nonzero(grid[:, 0] == grid[y0, 0])[0][0]) for y0 in range(height)})
-               for x in sorted({int(np.nonzero(grid[0] == grid[0, x0])[0][0]) for x0 in range(width)})]
+    row_starts = [y for y in range(height) if y == 0 or (grid[y] != grid[y - 1]).any()]
+    col_starts = [x for x in range(width) if x == 0 or (grid[:, x] != grid[:, x - 1]).any()]
+    corners = [grid[y, x] for y in row_starts for x in col_starts]
     assert corners == list(range(cells))  # the cells' top-left corners, row by row, are ids 0, 1, 2, ...
     assert len({tuple(row) for row in grid}) == rows and len({tuple(col) for col in grid.T}) == cols
